@@ -1,0 +1,307 @@
+"""The policy-gradient math of online RL: advantages, KL estimators, the clipped loss and its aggregation.
+
+Everything here is a pure function on tensors (spec: ../shared/spec/algorithms.md). Shapes:
+- `rewards [B]`: one scalar rule reward per completion; rows are grouped, prompt i's G samples are rows
+  i*G .. i*G+G-1.
+- per-token tensors `[B, C]` in the completion layout (column j = completion token j): `logp` (current
+  policy, with grad), `logp_old` (the policy that sampled), `logp_ref` (frozen reference), `mask` (float,
+  1 on completion tokens, EOS included).
+
+Algorithms and where they come from:
+- GRPO (DeepSeekMath, arXiv 2402.03300): advantage `A_i = (R_i - mean_g R) / (std_g R + eps)`, the same for
+  every token of completion i; PPO-clip surrogate; KL to the reference in the loss (k3 estimator).
+- Dr. GRPO (Liu et al., "Understanding R1-Zero-Like Training", arXiv 2503.20783): drop the std
+  (`A_i = R_i - mean_g R`) and divide the summed token loss by a constant instead of each length.
+- RLOO (REINFORCE Leave-One-Out): baseline is the mean of the OTHER G-1 rewards of the group.
+- REINFORCE++ (arXiv 2501.03262): the KL goes into a per-token reward, returns are whitened over the whole
+  batch (no per-prompt baseline); "REINFORCE++-baseline" subtracts the group mean of R first.
+- KL estimators k1 / k2 / k3 (John Schulman, "Approximating KL Divergence", 2020), with
+  `log_ratio = logp - logp_ref` and samples from the current policy: k1 = log_ratio (unbiased, can be < 0),
+  k2 = log_ratio^2 / 2 (low variance, biased), k3 = exp(-log_ratio) + log_ratio - 1 (unbiased for the
+  KL VALUE and always >= 0; its gradient is not the KL gradient).
+
+Choices where peer implementations differ (each one is a named constant or argument here):
+1. Group std: `STD_UNBIASED = True` divides by G-1 (torch's default, what `tensor.std()` gives); the
+   population std (÷G) is smaller by sqrt((G-1)/G), so |A| is larger. Flip the constant to compare.
+2. Epsilons: `eps=1e-6` added to the group std in `group_advantages` (a zero-variance group then gets
+   A = 0 exactly, since R - mean = 0); `eps=1e-8` added to the variance inside `masked_whiten`'s rsqrt.
+3. KL clamp: REINFORCE++'s per-token KL reward clamps `logp_old - logp_ref` to +-`kl_clamp` = 10 before
+   scaling. `kl_estimate` itself does NOT clamp (some peers clamp k3 to [-10, 10]); a huge k3 shows a
+   policy that drifted far from the reference, and we would rather see it in the logs.
+4. Whitening variance: `masked_whiten` uses the POPULATION variance over all valid tokens (÷N, N = token
+   count; with thousands of tokens the ÷(N-1) difference is negligible), statistics global over ranks.
+5. Where R goes in REINFORCE++: on the LAST completion token of each row (last position where mask == 1,
+   normally the EOS), added to that token's KL reward.
+6. Discount: `gamma = 1.0` (spec) for REINFORCE++ returns; the loop supports any gamma.
+7. Aggregation (`aggregate`, spec "Aggregation over tokens"):
+   "seq-mean" (original GRPO: mean over each completion's tokens, then mean over completions),
+   "token-mean" (DAPO: one mean over every token of the batch),
+   "constant" (Dr. GRPO: token sum / (n_seqs * max_len), with max_len the generation budget).
+   All three divide by WHOLE-batch counts, so micro-batch losses simply add up (exact gradient accumulation).
+8. Entropy bonus: `- entropy_coef * entropy` per token, aggregated like the rest of the loss.
+"""
+import torch
+import torch.distributed as dist
+
+# Group std convention for GRPO advantages: True = unbiased (÷(G-1)), False = population (÷G).
+STD_UNBIASED = True
+
+ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo")
+KL_KINDS = ("k1", "k2", "k3")
+AGGREGATION_MODES = ("seq-mean", "token-mean", "constant")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _check_same_shape(**tensors):
+    """Raise ValueError unless every named tensor has the shape of the first one."""
+    names = list(tensors)
+    first = tensors[names[0]]
+    for name in names[1:]:
+        if tensors[name].shape != first.shape:
+            raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, "
+                             f"expected {tuple(first.shape)} like {names[0]}")
+
+
+def _rewards_as_groups(rewards, group_size):
+    """Check `rewards [B]` and view them as `[B // G, G]`."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {group_size}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(f"batch of {rewards.numel()} rewards is not divisible by group_size={group_size}; "
+                         f"rows must be whole groups (prompt i's samples are rows i*G..i*G+G-1)")
+    return rewards.view(-1, group_size)  # [n_groups, G]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Group-relative advantages (GRPO, Dr. GRPO, RLOO)
+
+
+def group_advantages(rewards, group_size, estimator="grpo", eps=1e-6):
+    """One advantage per completion from the rewards of its group.
+
+    grpo:   (R - mean_g) / (std_g + eps), std per STD_UNBIASED
+    drgrpo: R - mean_g
+    rloo:   R - mean of the other G-1 rewards of the group  (= G/(G-1) * (R - mean_g))
+    """
+    grouped = _rewards_as_groups(rewards, group_size).float()  # [n_groups, G]
+    mean = grouped.mean(dim=1, keepdim=True)  # [n_groups, 1]
+    if estimator == "grpo":
+        std = grouped.std(dim=1, keepdim=True, unbiased=STD_UNBIASED)  # [n_groups, 1]
+        advantages = (grouped - mean) / (std + eps)
+    elif estimator == "drgrpo":
+        advantages = grouped - mean
+    elif estimator == "rloo":
+        mean_of_others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # [n_groups, G]
+        advantages = grouped - mean_of_others
+    else:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {ADVANTAGE_ESTIMATORS}")
+    return advantages.reshape(-1)  # [B]
+
+
+def zero_variance_fraction(rewards, group_size):
+    """Share of groups whose G rewards are all equal: they give zero advantage, hence no learning signal."""
+    grouped = _rewards_as_groups(rewards, group_size)  # [n_groups, G]
+    all_equal = (grouped == grouped[:, :1]).all(dim=1)  # [n_groups]
+    return all_equal.float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KL estimators (Schulman's k1 / k2 / k3)
+
+
+def kl_estimate(logp, logp_ref, kind="k3"):
+    """Per-token estimate of KL(policy || reference) from log-probs of tokens sampled by the policy. [B, C]"""
+    _check_same_shape(logp=logp, logp_ref=logp_ref)
+    log_ratio = logp - logp_ref  # [B, C]  log pi(x) / pi_ref(x)
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
+    if kind == "k3":
+        return torch.exp(-log_ratio) + log_ratio - 1  # = exp(logp_ref - logp) - (logp_ref - logp) - 1 >= 0
+    raise ValueError(f"unknown KL estimator kind {kind!r}; expected one of {KL_KINDS}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whitening (global across ranks)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / sqrt(var + eps) with mean and POPULATION variance over positions where mask == 1.
+
+    With torch.distributed initialised, the token count, sum and sum of squares are all-reduced first, so
+    every rank whitens with the statistics of the global batch. Returns zeros where mask == 0. [B, C]
+    """
+    _check_same_shape(x=x, mask=mask)
+    mask = mask.to(x.dtype)
+    # Sums in float64: var = E[x^2] - E[x]^2 loses digits in float32 when the mean is large.
+    sums = torch.stack([mask.sum(), (x * mask).sum(), (x * x * mask).sum()]).double()  # [3]
+    if dist.is_available() and dist.is_initialized():
+        sums = sums.detach()
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    count, total, total_sq = sums
+    if count <= 0:
+        raise ValueError("masked_whiten: mask selects no positions (no valid tokens in the whole batch)")
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp(min=0.0)
+    whitened = (x - mean.to(x.dtype)) * torch.rsqrt(var + eps).to(x.dtype)  # [B, C]
+    return whitened * mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# REINFORCE++ (and REINFORCE++-baseline)
+
+
+def _last_valid_index(mask):
+    """Column of the last position where mask == 1, per row. [B] (long)"""
+    columns = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # [B, C]
+    last = torch.where(mask > 0, columns, torch.full_like(columns, -1)).amax(dim=1)  # [B]
+    empty_rows = (last < 0).nonzero().flatten().tolist()
+    if empty_rows:
+        raise ValueError(f"rows {empty_rows} have no completion tokens (mask all 0): nowhere to put the reward")
+    return last
+
+
+def reinforce_pp_returns(rewards, logp_old, logp_ref, mask, kl_coef, group_size=None, gamma=1.0,
+                         kl_clamp=10.0):
+    """Discounted returns G_t = sum_{s>=t} gamma^(s-t) r_s of REINFORCE++'s token rewards, before whitening.
+
+    r_t = -kl_coef * clamp(logp_old_t - logp_ref_t, -kl_clamp, kl_clamp) on every completion token,
+    plus the sequence reward R on the last completion token (R minus its group mean when group_size is given:
+    REINFORCE++-baseline). No gradient flows through. Zero on masked positions. [B, C]
+    """
+    _check_same_shape(logp_old=logp_old, logp_ref=logp_ref, mask=mask)
+    if rewards.shape != (logp_old.shape[0],):
+        raise ValueError(f"rewards must have shape [B] = ({logp_old.shape[0]},), got {tuple(rewards.shape)}")
+    with torch.no_grad():
+        mask = mask.float()
+        seq_rewards = rewards.float()  # [B]
+        if group_size is not None:
+            grouped = _rewards_as_groups(seq_rewards, group_size)  # [n_groups, G]
+            seq_rewards = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)  # [B]
+
+        kl = (logp_old.float() - logp_ref.float()).clamp(-kl_clamp, kl_clamp)  # [B, C]  k1, clamped
+        token_rewards = -kl_coef * kl * mask  # [B, C]
+        last = _last_valid_index(mask)  # [B]
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        token_rewards[rows, last] += seq_rewards
+
+        returns = torch.zeros_like(token_rewards)  # [B, C]
+        running = torch.zeros_like(seq_rewards)  # [B]
+        for t in reversed(range(token_rewards.shape[1])):
+            running = token_rewards[:, t] + gamma * running
+            returns[:, t] = running
+        return returns * mask
+
+
+def reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, kl_coef, group_size=None, gamma=1.0,
+                            kl_clamp=10.0):
+    """REINFORCE++ advantages: the returns of `reinforce_pp_returns` whitened over every valid token of the
+    batch (all ranks). Zero on masked positions. [B, C]"""
+    returns = reinforce_pp_returns(rewards, logp_old, logp_ref, mask, kl_coef, group_size, gamma, kl_clamp)
+    return masked_whiten(returns, mask.float())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PPO-clip surrogate, aggregation, full loss
+
+
+def clipped_surrogate(logp, logp_old, advantages, clip_low=0.2, clip_high=0.2):
+    """Per-token PPO-clip loss -min(rho*A, clip(rho, 1-clip_low, 1+clip_high)*A), rho = exp(logp - logp_old).
+
+    `advantages` is `[B]` (one per completion, broadcast over tokens) or `[B, C]`. logp_old and advantages
+    are constants (detached). Returns (loss_tok [B, C], clipped [B, C] bool: the clipped branch was the
+    smaller one, i.e. this token gets no gradient).
+    """
+    _check_same_shape(logp=logp, logp_old=logp_old)
+    if not (0.0 <= clip_low < 1.0) or clip_high < 0.0:
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, "
+                         f"clip_high={clip_high}")
+    advantages = advantages.detach()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)  # [B, 1], broadcast over tokens
+    if advantages.shape[0] != logp.shape[0] or advantages.shape[1] not in (1, logp.shape[1]):
+        raise ValueError(f"advantages must be [B] or [B, C] for logp of shape {tuple(logp.shape)}, "
+                         f"got {tuple(advantages.shape)}")
+    ratio = torch.exp(logp - logp_old.detach())  # [B, C]
+    unclipped_objective = ratio * advantages  # [B, C]
+    clipped_objective = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages  # [B, C]
+    loss_tok = -torch.minimum(unclipped_objective, clipped_objective)  # [B, C]
+    clipped = clipped_objective < unclipped_objective  # [B, C]
+    return loss_tok, clipped
+
+
+def aggregate(loss_tok, mask, mode, n_seqs, n_tokens, max_len):
+    """Reduce a per-token loss [B, C] to a scalar; n_seqs, n_tokens are totals over the WHOLE batch.
+
+    seq-mean:   sum_b (sum_t loss*mask / sum_t mask) / n_seqs   (original GRPO)
+    token-mean: sum loss*mask / n_tokens                        (DAPO)
+    constant:   sum loss*mask / (n_seqs * max_len)              (Dr. GRPO)
+    Because the denominators are global, summing aggregate() over micro-batches gives aggregate() of the
+    full batch. Rows without tokens contribute 0.
+    """
+    _check_same_shape(loss_tok=loss_tok, mask=mask)
+    mask = mask.to(loss_tok.dtype)
+    masked_loss = loss_tok * mask  # [B, C]
+    if mode == "seq-mean":
+        if n_seqs <= 0:
+            raise ValueError(f"aggregate(seq-mean): n_seqs must be > 0, got {n_seqs}")
+        tokens_per_seq = mask.sum(dim=1).clamp(min=1.0)  # [B]  clamp: an empty row gives 0, not 0/0
+        return (masked_loss.sum(dim=1) / tokens_per_seq).sum() / n_seqs
+    if mode == "token-mean":
+        if n_tokens <= 0:
+            raise ValueError(f"aggregate(token-mean): n_tokens must be > 0, got {n_tokens}")
+        return masked_loss.sum() / n_tokens
+    if mode == "constant":
+        if n_seqs <= 0 or max_len <= 0:
+            raise ValueError(f"aggregate(constant): n_seqs and max_len must be > 0, got {n_seqs}, {max_len}")
+        return masked_loss.sum() / (n_seqs * max_len)
+    raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {AGGREGATION_MODES}")
+
+
+def _masked_mean(x, mask):
+    """Mean of x over positions where mask == 1, as a python float (0.0 if there are none)."""
+    mask = mask.to(x.dtype)
+    return ((x * mask).sum() / mask.sum().clamp(min=1.0)).item()
+
+
+def policy_loss(logp, logp_old, logp_ref, advantages, mask, *, clip_low=0.2, clip_high=0.2, kl_coef=0.0,
+                kl_kind="k3", entropy=None, entropy_coef=0.0, mode, n_seqs, n_tokens, max_len):
+    """The full per-token loss `surrogate + kl_coef * KL - entropy_coef * entropy`, aggregated by `mode`.
+
+    kl_coef = 0 means no KL term in the loss (REINFORCE++ puts the KL into the reward); logp_ref may then
+    be None. Returns (loss scalar, stats) where stats holds python floats, token means over THIS
+    micro-batch: "kl" (when logp_ref is given), "clip_frac", "ratio_mean", "entropy" (when given).
+    """
+    _check_same_shape(logp=logp, logp_old=logp_old, mask=mask)
+    mask = mask.to(logp.dtype)
+    loss_tok, clipped = clipped_surrogate(logp, logp_old, advantages, clip_low, clip_high)  # [B, C]
+
+    stats = {}
+    if logp_ref is not None:
+        kl = kl_estimate(logp, logp_ref.detach(), kl_kind)  # [B, C]
+        stats["kl"] = _masked_mean(kl.detach(), mask)
+        if kl_coef != 0.0:
+            loss_tok = loss_tok + kl_coef * kl
+    elif kl_coef != 0.0:
+        raise ValueError(f"policy_loss: kl_coef={kl_coef} needs logp_ref, got None")
+
+    if entropy is not None:
+        _check_same_shape(logp=logp, entropy=entropy)
+        stats["entropy"] = _masked_mean(entropy.detach(), mask)
+        if entropy_coef != 0.0:
+            loss_tok = loss_tok - entropy_coef * entropy
+    elif entropy_coef != 0.0:
+        raise ValueError(f"policy_loss: entropy_coef={entropy_coef} needs the per-token entropy, got None")
+
+    with torch.no_grad():
+        stats["clip_frac"] = _masked_mean(clipped.to(logp.dtype), mask)
+        stats["ratio_mean"] = _masked_mean(torch.exp(logp - logp_old), mask)
+
+    loss = aggregate(loss_tok, mask, mode, n_seqs, n_tokens, max_len)
+    return loss, stats

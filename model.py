@@ -1,0 +1,339 @@
+"""Models for mini-logic-rl: loading a causal LM, building a tiny one, and per-token log-probs.
+
+Every algorithm in this project (GRPO, REINFORCE++, OREO; see ../shared/spec/algorithms.md) needs one number
+per generated token: the log-probability the policy gives to that token, `logp [B, C]`, computed from logits
+divided by the sampling temperature so that it matches what the sampler drew from. This file provides:
+
+1. Device helpers: `pick_device`, `pick_dtype`, `attention_implementation`.
+2. Loading: `load_tokenizer`, `load_model` (the policy), `load_reference` (a frozen copy for the KL term).
+   Paths are Hugging Face hub names or local folders saved with `save_pretrained`.
+3. The tiny model for CPU experiments (../shared/research/cpu_learnability.md): a word-level tokenizer
+   (`build_word_tokenizer`) and a small Qwen2 built from a config (`build_tiny`), saved as an ordinary HF
+   folder so that the rest of the code cannot tell it from a real checkpoint.
+4. `token_logprobs`: log-probs (and entropies) of the completion tokens, computed chunk by chunk so that the
+   full float32 `[B, L, V]` log-softmax is never materialised (V = 152k for Qwen2.5).
+5. Saving: `save_hf` writes a bf16 safetensors HF folder that vLLM or `load_model` can read back.
+
+Layout (NOTES.md): a batch is `prompt_ids [B, P]` (LEFT-padded) followed by `completion_ids [B, C]`
+(RIGHT-padded); position ids are always `(attention_mask.cumsum(-1) - 1).clamp(min=0)`, in generation and
+training alike, so left padding never changes a log-prob.
+"""
+import copy
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+EXTRA_FILE = "mini_logic_rl.json"  # what save_hf writes `extra` to (run config, step, scores...)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")  # what build_word_tokenizer saves as
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Device helpers
+# ----------------------------------------------------------------------------------------------------------
+
+def pick_device() -> torch.device:
+    """The first GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device) -> torch.dtype:
+    """bf16 on a GPU (what Logic-RL trains in); fp32 on the CPU, where bf16 matmuls are slow and inexact."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def attention_implementation(device) -> str:
+    """"flash_attention_2" when the flash-attn package imports and the device is a GPU, else "sdpa"."""
+    if torch.device(device).type != "cuda":
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "flash_attention_2"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Loading
+# ----------------------------------------------------------------------------------------------------------
+
+def saved_tokenizer_class(path):
+    """The `tokenizer_class` named in a local folder's tokenizer_config.json, or None."""
+    config_file = Path(path) / "tokenizer_config.json"
+    if not config_file.is_file():
+        return None
+    return json.loads(config_file.read_text()).get("tokenizer_class")
+
+
+def load_tokenizer(path):
+    """The tokenizer saved with a model (hub name or local folder), set up for left-padded batches.
+
+    Prompts are left-padded so that every row's last prompt token sits in the same column and generation can
+    append to all rows at once. Models without a pad token (many base models) pad with EOS; the attention mask
+    hides the padding either way.
+    """
+    if Path(path).is_dir() and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+        # Checked here because AutoTokenizer would quietly fall back to an empty tokenizer of the config's type.
+        raise ValueError(f"{path!s} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    # A generic tokenizer (the tiny model's word tokenizer) is loaded with the generic class: transformers 5
+    # AutoTokenizer would pick the class registered for the config's model type (Qwen2Tokenizer), which swaps
+    # in a byte-level pre-tokenizer and decoder and so would split words differently.
+    tokenizer_class = PreTrainedTokenizerFast if saved_tokenizer_class(path) in GENERIC_TOKENIZERS else AutoTokenizer
+    try:
+        tokenizer = tokenizer_class.from_pretrained(str(path))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"no tokenizer could be loaded from {path!s}: {error}") from error
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer in {path!s} has neither a pad token nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path, device, dtype=None, gradient_checkpointing=False):
+    """The policy: a causal LM from a hub name or a local folder, on `device`, in train mode.
+
+    dtype defaults to `pick_dtype(device)`. Gradient checkpointing recomputes each decoder layer's activations
+    in the backward pass instead of storing them (about one extra forward of compute for a large cut in
+    activation memory); it is incompatible with the KV cache, so the cache is switched off in the config
+    (the sampler switches it back on while generating).
+    """
+    dtype = dtype or pick_dtype(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, attn_implementation=attention_implementation(device)
+    )
+    model.to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    return model
+
+
+def load_reference(path, device, dtype=None):
+    """A frozen copy of the starting policy, used for the KL penalty: no gradients, eval mode."""
+    model = load_model(path, device, dtype=dtype)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The tiny model: a word-level tokenizer and a small Qwen2 built from a config
+# ----------------------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>"]  # ids 0, 1, 2; dropped by decode(skip_special_tokens=True)
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]  # ids 3..6; ordinary tokens, kept by decode
+WORD_PATTERN = r"\w+|[^\w\s]+"  # a run of word characters, or a run of punctuation
+
+
+def word_pre_tokenizer():
+    """Split on whitespace, then split each piece into words and punctuation runs ("knave?" -> knave, ?)."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated"),
+    ])
+
+
+def corpus_words(texts) -> list[str]:
+    """Every distinct pre-token of `texts` (tags and special tokens excluded), sorted."""
+    split_out_tags = re.compile("|".join(re.escape(token) for token in TAG_TOKENS + SPECIAL_TOKENS))
+    pre_tokenizer = word_pre_tokenizer()
+    words = set()
+    for text in texts:
+        for piece in split_out_tags.split(text):
+            words.update(word for word, _span in pre_tokenizer.pre_tokenize_str(piece))
+    return sorted(words)
+
+
+def build_word_tokenizer(texts) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose vocabulary is every word and punctuation run in `texts`.
+
+    Ids: `<pad>` 0, `<unk>` 1, `<eos>` 2 (special: decode(skip_special_tokens=True) drops them), then the tags
+    `<think> </think> <answer> </answer>` (added tokens, so they are matched even when glued to other text as
+    in "knave?\\n<think>", but NOT special, so decoding keeps them), then the words in sorted order so the
+    same texts always give the same ids. Whitespace is not a token: decoding joins tokens with single spaces
+    ("Zoey is a knight.\\n<think>" decodes to "Zoey is a knight . <think>"). Unknown words map to `<unk>`.
+    """
+    if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+        raise ValueError("build_word_tokenizer expects a list of strings, got " + type(texts).__name__)
+    words = corpus_words(texts)
+    if not words:
+        raise ValueError("build_word_tokenizer: the texts contain no words to build a vocabulary from")
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + TAG_TOKENS + words)}
+
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = word_pre_tokenizer()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
+    backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in TAG_TOKENS])
+    # No decoder is set: without one, the tokenizers library joins the decoded tokens with single spaces.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,  # keep "knight ." as is; no English-specific space removal
+    )
+
+
+def build_tiny(out_dir, texts, hidden=128, layers=4, heads=4, kv_heads=4, ffn=512, max_positions=1024,
+               tie_embeddings=True, seed=0):
+    """Build a small randomly initialised Qwen2 and its word tokenizer, save both to `out_dir`, return it.
+
+    The defaults are the ~1M-parameter model of ../shared/research/cpu_learnability.md. The weights depend only
+    on `seed` (the caller's random state is left untouched), so the same arguments give the same folder.
+    `load_model(out_dir, ...)` then loads it like any Hugging Face checkpoint. Nothing is downloaded.
+    """
+    if hidden % heads != 0:
+        raise ValueError(f"build_tiny: hidden={hidden} must be a multiple of heads={heads}")
+    if heads % kv_heads != 0:
+        raise ValueError(f"build_tiny: heads={heads} must be a multiple of kv_heads={kv_heads}")
+    tokenizer = build_word_tokenizer(texts)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=ffn,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Per-token log-probs of a completion
+# ----------------------------------------------------------------------------------------------------------
+
+def position_ids_from_mask(attention_mask):
+    """Positions that skip left padding: 0, 1, 2, ... from each row's first real token (pads get 0). [B, L]"""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def chunk_logprobs(hidden, targets, lm_head, temperature, with_entropy):
+    """Log-prob of `targets` (and entropy) for one chunk of N rows: hidden [N, H], targets [N] -> [N] (, [N])."""
+    logits = lm_head(hidden).float() / temperature  # [N, V]
+    logp_all = torch.log_softmax(logits, dim=-1)  # [N, V]
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N]
+    if not with_entropy:
+        return (logp,)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N]
+    return logp, entropy
+
+
+def token_logprobs(model, input_ids, attention_mask, n_prompt, temperature=1.0, with_entropy=False,
+                   chunk_size=1024):
+    """Log-probs `[B, C]` of the completion tokens under `model` at `temperature` (and entropies `[B, C]`).
+
+    input_ids / attention_mask [B, L] hold the left-padded prompt in the first `n_prompt` columns and the
+    right-padded completion in the other C = L - n_prompt. The hidden state at column t predicts token t + 1,
+    so columns n_prompt - 1 .. L - 2 predict the completion tokens n_prompt .. L - 1. Values at padded
+    completion positions are meaningless; callers multiply by the completion mask.
+
+    Memory: the LM head is where a naive implementation runs out of memory. With Qwen2.5's V = 152k, a float32
+    log-softmax over every position of a batch is B * L * V * 4 bytes, e.g. 8 sequences of 4,096 tokens take
+    20 GB, and autograd keeps it for the backward pass. Here only the C completion positions go through the
+    head (the prompt's logits are never computed), and they go through it `chunk_size` rows of the flattened
+    [B * C] positions at a time: per chunk, bf16 logits -> float32 / temperature -> log_softmax -> gather the
+    one needed value. When gradients are on, each chunk runs under activation checkpointing, so autograd
+    keeps only the chunk's hidden states [chunk, H] and recomputes that chunk's logits during backward; the
+    peak is a few [chunk_size, V] float32 tensors (1024 x 152k x 4 bytes = 0.6 GB each) whatever B and L are.
+    """
+    batch, length = input_ids.shape
+    if not 1 <= n_prompt < length:
+        raise ValueError(f"token_logprobs: n_prompt={n_prompt} must leave at least one prompt and one completion "
+                         f"column in the {length} columns of input_ids")
+    if chunk_size < 1:
+        raise ValueError(f"token_logprobs: chunk_size must be positive, got {chunk_size}")
+    n_completion = length - n_prompt
+
+    hidden = model.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state  # [B, L, H]
+    hidden = hidden[:, n_prompt - 1 : length - 1].reshape(batch * n_completion, -1)  # [B*C, H]
+    targets = input_ids[:, n_prompt:].reshape(batch * n_completion)  # [B*C]
+
+    use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
+    pieces = []  # one tuple (logp [N],) or (logp [N], entropy [N]) per chunk
+    for start in range(0, batch * n_completion, chunk_size):
+        rows = slice(start, start + chunk_size)
+        if use_checkpoint:
+            piece = checkpoint(chunk_logprobs, hidden[rows], targets[rows], model.lm_head, temperature,
+                               with_entropy, use_reentrant=False)
+        else:
+            piece = chunk_logprobs(hidden[rows], targets[rows], model.lm_head, temperature, with_entropy)
+        pieces.append(piece)
+
+    logp = torch.cat([piece[0] for piece in pieces]).view(batch, n_completion)  # [B, C]
+    if not with_entropy:
+        return logp
+    entropy = torch.cat([piece[1] for piece in pieces]).view(batch, n_completion)  # [B, C]
+    return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Sharding with FSDP2 (a later task)
+# ----------------------------------------------------------------------------------------------------------
+# `fully_shard` wrapping goes here: each decoder layer, then the root, with
+# MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) and optional CPU offload
+# (../shared/spec/algorithms.md, "FSDP2"). Points to respect when writing it:
+# - token_logprobs calls `model.model(...)` and `model.lm_head(...)` directly, not `model(...)`, so the root
+#   module's forward hooks (which gather the embedding, final norm and LM head) do not fire on their own;
+#   those parameters must be gathered some other way (e.g. their own FSDP units, or an explicit unshard).
+# - save_hf below expects plain tensors; under FSDP2 the state dict holds DTensors that must be gathered with
+#   `.full_tensor()` one parameter at a time, on every rank in the same order.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Saving and counting
+# ----------------------------------------------------------------------------------------------------------
+
+def save_hf(model, tokenizer, out_dir, extra=None):
+    """Save `model` as a bf16 safetensors Hugging Face folder (+ tokenizer, + `extra` as mini_logic_rl.json).
+
+    The weights are cast to bf16 on the way out (the training copy stays as it is) and the config says
+    `dtype: bfloat16`, so vLLM and `load_model` read the folder like any released checkpoint.
+    """
+    out_dir = Path(out_dir)
+    bf16_by_storage = {}  # tied weights (embedding = LM head) share storage: cast once so they stay tied
+    state = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in bf16_by_storage:
+            bf16_by_storage[key] = tensor.detach().to(torch.bfloat16)
+        state[name] = bf16_by_storage[key]
+    live_dtype = model.config.dtype
+    model.save_pretrained(out_dir, state_dict=state)
+    model.config.dtype = live_dtype  # save_pretrained overwrote it with the live weights' dtype...
+    config = copy.deepcopy(model.config)
+    config.dtype = torch.bfloat16  # ...so write the config again with the dtype of the saved weights
+    config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if extra is not None:
+        (out_dir / EXTRA_FILE).write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def count_parameters(model, trainable_only=False) -> int:
+    """Number of parameters (tied weights counted once), optionally only those that require a gradient."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

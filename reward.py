@@ -1,0 +1,219 @@
+"""The Logic-RL rule reward: score one completion against a Knights-and-Knaves solution.
+
+Logic-RL (arXiv 2502.14768) trains with no reward model at all. A completion earns two rule-based scores,
+implemented here exactly as ../shared/spec/logic_rl.md §3 describes them:
+
+1. Format. The assistant turn, *including the `<think>` that the prompt pre-fills*, must contain each of
+   `<think>`, `</think>`, `<answer>`, `</answer>` exactly once (literal, case-sensitive), in that order.
+   +1 if so, -1 otherwise. Nothing else is checked: an empty think block passes, and so does text between
+   `</think>` and `<answer>` or after `</answer>`.
+2. Answer, only when the format passed (a failed format gets -2 without parsing anything). The text between
+   the answer tags, stripped:
+   - empty                                                                  -> -2
+   - the number of substrings "knight" plus "knave" in the lowercased text is not the number of people
+     (so "knights" and "knightly" count as role words)                      -> -2
+   - some person has no match for `\\b<Name>\\s+is\\s+a\\s+(knight|knave)\\b` (case-insensitive, name
+     regex-escaped, first match wins)                                       -> -2
+   - every person's role is right                                           -> +2
+   - some person's role is wrong                                            -> -1.5
+
+The total is format + answer, so only four values ever occur:
+
+    total   format  answer   meaning
+     3       +1      +2      correct
+    -0.5     +1     -1.5     parsed, some role wrong
+    -1       +1     -2       format fine, answer unparseable
+    -3       -1     -2       format broken
+
+"Accuracy" is the share of completions scoring 3.
+
+Deliberately not copied from the original code: it decodes prompt + response together and splits the text on
+the first "Assistant:" it finds, so a model that writes "Assistant:" in its reasoning gets a broken score.
+Here the caller passes the completion itself ("<think>" + generated text) and nothing is split.
+
+Besides the strict reward, each `Score` carries `lenient_correct`, for analysis only (never a training
+reward): it is True when the answer rules above give +2 to the text between the LAST `<answer>` and the
+first `</answer>` after it (to the end of the completion when that `</answer>` is missing), or to the whole
+completion when it has no `<answer>` at all, whatever the format rule says. It tells "the model knew the
+answer but broke the format" apart from "the model got it wrong". Strictly correct implies leniently correct.
+"""
+import re
+from dataclasses import dataclass
+
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")  # required once each, in this order
+ROLES = ("knight", "knave")
+
+FORMAT_OK = 1.0
+FORMAT_BROKEN = -1.0
+ANSWER_RIGHT = 2.0
+ANSWER_WRONG = -1.5
+ANSWER_UNPARSEABLE = -2.0
+MAX_TOTAL = FORMAT_OK + ANSWER_RIGHT  # 3.0
+
+
+@dataclass(frozen=True)
+class Score:
+    total: float  # format + answer: one of 3, -0.5, -1, -3
+    format: float  # +1 or -1
+    answer: float  # +2, -1.5 or -2
+    correct: bool  # total == 3: the strict training reward's notion of "right"
+    lenient_correct: bool  # answer right whatever the format (see module docstring); analysis only
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ground truth: {name: "knight" | "knave"}
+# ---------------------------------------------------------------------------------------------------------
+
+# One line of a record's `solution_text_format`, e.g. "(2) Oliver is a knave". The role is captured loosely
+# so that a wrong role word gets its own error message.
+SOLUTION_LINE = re.compile(r"\((\d+)\)\s+(.+?)\s+is\s+a\s+(\S+)")
+
+
+def parse_solution(solution) -> dict[str, str]:
+    """Turn any accepted solution form into {name: "knight" | "knave"}, in the people's order.
+
+    Accepted: a record's `solution_text_format` string ("(1) Zoey is a knight\\n(2) Oliver is a knave"),
+    a dict {name: "knight" | "knave"}, or a dict {name: bool} (True = knight).
+    Raises ValueError for anything else: a bad solution is a caller bug, not something to score.
+    """
+    if isinstance(solution, str):
+        return roles_from_text(solution)
+    if isinstance(solution, dict):
+        return roles_from_dict(solution)
+    raise ValueError(
+        f"solution must be a solution_text_format string or a dict of roles, got {type(solution).__name__}"
+    )
+
+
+def roles_from_text(text: str) -> dict[str, str]:
+    """Parse "(1) Zoey is a knight\\n(2) Oliver is a knave": one "(k) Name is a knight/knave" per line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("solution text is empty; expected lines like '(1) Zoey is a knight'")
+    roles = {}
+    for k, line in enumerate(lines, start=1):
+        match = SOLUTION_LINE.fullmatch(line)
+        if match is None:
+            raise ValueError(f"solution line {k} {line!r} is not of the form '({k}) Name is a knight/knave'")
+        number, name, role = match.groups()
+        if int(number) != k:
+            raise ValueError(f"solution line {k} {line!r} is numbered ({number}); expected ({k})")
+        add_role(roles, name, role, where=f"solution line {k} {line!r}")
+    return roles
+
+
+def roles_from_dict(solution: dict) -> dict[str, str]:
+    """Check {name: "knight" | "knave" | bool} and return it with bools turned into role words."""
+    if not solution:
+        raise ValueError("solution dict is empty; expected {name: 'knight' | 'knave' | bool}")
+    roles = {}
+    for name, value in solution.items():
+        if isinstance(value, bool):
+            value = "knight" if value else "knave"
+        add_role(roles, name, value, where=f"solution entry {name!r}")
+    return roles
+
+
+def add_role(roles: dict[str, str], name, role, where: str) -> None:
+    """Validate one (name, role) pair and add it to `roles`; `where` says which input it came from."""
+    if not isinstance(name, str) or not re.match(r"\w", name) or name != name.strip():
+        # The answer regex anchors the name with \b, which needs a word character to start the name.
+        raise ValueError(f"{where}: name {name!r} must be a string starting with a letter or digit")
+    if role not in ROLES:
+        raise ValueError(f"{where}: role {role!r} must be 'knight' or 'knave'")
+    if name.lower() in (known.lower() for known in roles):  # answers are matched case-insensitively
+        raise ValueError(f"{where}: name {name!r} appears twice")
+    roles[name] = role
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The two rules
+# ---------------------------------------------------------------------------------------------------------
+
+
+def format_score(completion: str) -> float:
+    """+1 if each tag occurs exactly once and they come in the order of TAGS, else -1."""
+    if any(completion.count(tag) != 1 for tag in TAGS):
+        return FORMAT_BROKEN
+    positions = [completion.index(tag) for tag in TAGS]
+    in_order = all(a < b for a, b in zip(positions, positions[1:]))
+    return FORMAT_OK if in_order else FORMAT_BROKEN
+
+
+def answer_text(completion: str) -> str:
+    """The text between `<answer>` and `</answer>`; only meaningful once format_score passed."""
+    start = completion.index("<answer>") + len("<answer>")
+    end = completion.index("</answer>", start)
+    return completion[start:end]
+
+
+def claimed_role(answer: str, name: str) -> str | None:
+    """The role ("knight" / "knave") of the answer's first "<Name> is a <role>" for `name`; None if none."""
+    pattern = rf"\b{re.escape(name)}\s+is\s+a\s+(knight|knave)\b"
+    match = re.search(pattern, answer, flags=re.IGNORECASE)
+    return match.group(1).lower() if match else None
+
+
+def answer_score(answer: str, roles: dict[str, str]) -> float:
+    """+2 if every role is right, -1.5 if parsed but some role is wrong, -2 if the answer cannot be parsed."""
+    answer = answer.strip()
+    if not answer:  # the spec's first rule; the count rule below would also catch it, as there is >= 1 person
+        return ANSWER_UNPARSEABLE
+    lowered = answer.lower()
+    n_role_words = lowered.count("knight") + lowered.count("knave")
+    if n_role_words != len(roles):
+        return ANSWER_UNPARSEABLE
+    claimed = {name: claimed_role(answer, name) for name in roles}
+    if None in claimed.values():
+        return ANSWER_UNPARSEABLE
+    return ANSWER_RIGHT if claimed == roles else ANSWER_WRONG
+
+
+def lenient_answer_text(completion: str) -> str:
+    """After the LAST `<answer>` up to the next `</answer>` (or the end); the whole text if no `<answer>`."""
+    start = completion.rfind("<answer>")
+    if start == -1:
+        return completion
+    start += len("<answer>")
+    end = completion.find("</answer>", start)
+    return completion[start:] if end == -1 else completion[start:end]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------------------
+
+
+def score(completion: str, solution) -> Score:
+    """Score one assistant turn. `completion` must include the pre-filled "<think>": "<think>" + generated."""
+    roles = parse_solution(solution)
+    if not isinstance(completion, str):
+        raise ValueError(f"completion must be a string, got {type(completion).__name__}")
+    format_ = format_score(completion)
+    answer = answer_score(answer_text(completion), roles) if format_ == FORMAT_OK else ANSWER_UNPARSEABLE
+    total = format_ + answer
+    lenient = answer_score(lenient_answer_text(completion), roles) == ANSWER_RIGHT
+    correct = total == MAX_TOTAL
+    return Score(total=total, format=format_, answer=answer, correct=correct, lenient_correct=lenient)
+
+
+def score_batch(completions: list[str], solutions: list) -> list[Score]:
+    """score() for each (completion, solution) pair; the two lists must have the same length."""
+    if len(completions) != len(solutions):
+        raise ValueError(f"score_batch got {len(completions)} completions but {len(solutions)} solutions")
+    return [score(completion, solution) for completion, solution in zip(completions, solutions)]
+
+
+def summarize(scores: list[Score]) -> dict[str, float]:
+    """Batch statistics for logging: "reward" (mean total), mean "format" and "answer", and three shares."""
+    if not scores:
+        raise ValueError("summarize needs at least one Score")
+    n = len(scores)
+    return {
+        "reward": sum(s.total for s in scores) / n,
+        "format": sum(s.format for s in scores) / n,
+        "answer": sum(s.answer for s in scores) / n,
+        "accuracy": sum(s.correct for s in scores) / n,  # share scoring 3
+        "format_rate": sum(s.format == FORMAT_OK for s in scores) / n,
+        "lenient_accuracy": sum(s.lenient_correct for s in scores) / n,
+    }

@@ -1,0 +1,260 @@
+"""Tests for model.py: device helpers, the word tokenizer, the tiny model, token_logprobs, save_hf."""
+import json
+import sys
+import types
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import model as M
+
+TEXTS = [
+    'Zoey says, "Oliver is a knave." Oliver says, "Zoey is a knight and Oliver is a knave."',
+    "So who is a knight and who is a knave?\n<think>",
+    "We know Zoey is a knight.",
+    "try Zoey knight Oliver knave : Zoey knight says Oliver knave T = T ok ; </think>",
+    "<answer> (1) Zoey is a knight\n(2) Oliver is a knave </answer>",
+]
+SIZES = dict(hidden=32, layers=2, heads=4, kv_heads=2, ffn=64, max_positions=128)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return M.build_tiny(tmp_path_factory.mktemp("tiny"), TEXTS, **SIZES)
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    return M.load_model(tiny_dir, "cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return M.build_word_tokenizer(TEXTS)
+
+
+def left_padded_batch(tok, prompts, completions):
+    """Left-padded prompts + right-padded completions, as a rollout lays them out. -> ids, mask, n_prompt"""
+    prompt = tok(prompts, padding=True, padding_side="left", return_tensors="pt")
+    completion = tok(completions, padding=True, padding_side="right", return_tensors="pt")
+    ids = torch.cat([prompt["input_ids"], completion["input_ids"]], dim=1)
+    mask = torch.cat([prompt["attention_mask"], completion["attention_mask"]], dim=1)
+    return ids, mask, prompt["input_ids"].shape[1]
+
+
+def naive_logprobs(model, ids, mask, n_prompt, temperature):
+    """The obvious implementation: full forward, full float32 log-softmax over [B, L, V], gather."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=M.position_ids_from_mask(mask)).logits
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)[:, n_prompt - 1 : -1]  # [B, C, V]
+    logp = logp_all.gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+PROMPTS = ["Zoey says, \"Oliver is a knave.\"\n<think>", "Oliver is a knight ?\n<think>"]
+COMPLETIONS = ["try Zoey knight Oliver knave : ok ; </think> <answer> (1) Zoey is a knight </answer>", "try Oliver"]
+
+
+# ---- device helpers ---------------------------------------------------------------------------------------
+
+def test_attention_implementation_is_sdpa_on_cpu():
+    assert M.attention_implementation("cpu") == "sdpa"
+
+
+def test_attention_implementation_uses_flash_attn_only_on_cuda_when_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    assert M.attention_implementation("cuda") == "flash_attention_2"
+    assert M.attention_implementation("cpu") == "sdpa"
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # None in sys.modules makes the import fail
+    assert M.attention_implementation("cuda") == "sdpa"
+
+
+def test_pick_dtype_is_bf16_on_cuda_fp32_on_cpu():
+    assert M.pick_dtype("cpu") == torch.float32
+    assert M.pick_dtype(torch.device("cuda", 0)) == torch.bfloat16
+
+
+# ---- word tokenizer -----------------------------------------------------------------------------------------
+
+def test_tags_are_single_tokens_even_when_glued(tok):
+    tokens = tok.convert_ids_to_tokens(tok("knave?\n<think>try</think><answer>(1)</answer>")["input_ids"])
+    assert tokens == ["knave", "?", "<think>", "try", "</think>", "<answer>", "(", "1", ")", "</answer>"]
+
+
+def test_decode_joins_tokens_with_spaces_and_keeps_tags(tok):
+    ids = tok("Zoey is a knight.\n<think> try")["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "Zoey is a knight . <think> try"
+
+
+def test_decode_drops_pad_and_eos(tok):
+    ids = [tok.pad_token_id, tok.pad_token_id] + tok("<answer> Zoey </answer>")["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(ids, skip_special_tokens=True) == "<answer> Zoey </answer>"
+
+
+def test_unknown_words_map_to_unk(tok):
+    ids = tok("Zoey is a dragon")["input_ids"]
+    assert ids[-1] == tok.unk_token_id
+    assert tok.unk_token_id not in ids[:-1]
+
+
+def test_vocabulary_does_not_depend_on_text_order():
+    assert M.build_word_tokenizer(TEXTS).get_vocab() == M.build_word_tokenizer(TEXTS[::-1]).get_vocab()
+
+
+def test_special_and_tag_ids_come_first(tok):
+    assert [tok.pad_token_id, tok.unk_token_id, tok.eos_token_id] == [0, 1, 2]
+    assert tok.convert_tokens_to_ids(M.TAG_TOKENS) == [3, 4, 5, 6]
+
+
+def test_build_word_tokenizer_rejects_a_bare_string():
+    with pytest.raises(ValueError, match="list of strings"):
+        M.build_word_tokenizer("Zoey is a knight")
+
+
+def test_loaded_tiny_tokenizer_matches_the_built_one(tiny_dir, tok):
+    loaded = M.load_tokenizer(tiny_dir)
+    text = 'Zoey says, "Oliver is a knave."\n<think> try'
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+    assert loaded.padding_side == "left"
+    assert loaded.pad_token == "<pad>" and loaded.eos_token == "<eos>"
+
+
+def test_load_tokenizer_without_tokenizer_names_the_folder(tmp_path, tiny_dir):
+    (tmp_path / "config.json").write_text((tiny_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match=str(tmp_path)):
+        M.load_tokenizer(tmp_path)
+
+
+# ---- tiny model ---------------------------------------------------------------------------------------------
+
+def test_build_tiny_same_seed_gives_same_weights(tmp_path, tiny_dir):
+    again = M.load_model(M.build_tiny(tmp_path, TEXTS, **SIZES), "cpu")
+    first = M.load_model(tiny_dir, "cpu")
+    for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_build_tiny_other_seed_gives_other_weights(tmp_path, tiny_dir):
+    other = M.load_model(M.build_tiny(tmp_path, TEXTS, seed=1, **SIZES), "cpu")
+    first = M.load_model(tiny_dir, "cpu")
+    assert not torch.equal(first.model.layers[0].mlp.up_proj.weight, other.model.layers[0].mlp.up_proj.weight)
+
+
+def test_build_tiny_reloads_with_the_saved_weights(tiny_dir):
+    loaded = M.load_model(tiny_dir, "cpu").state_dict()
+    with safe_open(tiny_dir / "model.safetensors", "pt") as saved:
+        for name in saved.keys():
+            assert torch.equal(saved.get_tensor(name), loaded[name]), name
+
+
+def test_build_tiny_has_the_requested_sizes(tiny, tok):
+    config = tiny.config
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (32, 2, 64)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2)
+    assert config.vocab_size == len(tok)
+    assert tiny.lm_head.weight is tiny.model.embed_tokens.weight
+    assert config.eos_token_id == tok.eos_token_id
+
+
+def test_build_tiny_rejects_heads_that_do_not_divide_hidden(tmp_path):
+    with pytest.raises(ValueError, match="heads"):
+        M.build_tiny(tmp_path, TEXTS, hidden=30, heads=4)
+
+
+def test_count_parameters_counts_tied_embeddings_once(tmp_path, tiny):
+    untied = M.load_model(M.build_tiny(tmp_path, TEXTS, tie_embeddings=False, **SIZES), "cpu")
+    vocab, hidden = tiny.lm_head.weight.shape
+    assert M.count_parameters(untied) - M.count_parameters(tiny) == vocab * hidden
+    tiny.model.requires_grad_(False)
+    assert M.count_parameters(tiny, trainable_only=True) == 0
+
+
+def test_load_model_gradient_checkpointing_turns_off_the_cache(tiny_dir):
+    model = M.load_model(tiny_dir, "cpu", gradient_checkpointing=True)
+    assert model.is_gradient_checkpointing and model.config.use_cache is False
+    assert model.training
+
+
+def test_load_reference_is_frozen_and_in_eval_mode(tiny_dir):
+    reference = M.load_reference(tiny_dir, "cpu")
+    assert not reference.training
+    assert not any(p.requires_grad for p in reference.parameters())
+
+
+# ---- token_logprobs -----------------------------------------------------------------------------------------
+
+def test_position_ids_skip_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+    assert M.position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
+
+
+def test_token_logprobs_match_naive_full_log_softmax(tiny, tok):
+    ids, mask, n_prompt = left_padded_batch(tok, PROMPTS, COMPLETIONS)
+    logp, entropy = M.token_logprobs(tiny, ids, mask, n_prompt, temperature=0.7, with_entropy=True)
+    naive_logp, naive_entropy = naive_logprobs(tiny, ids, mask, n_prompt, temperature=0.7)
+    assert logp.shape == (2, ids.shape[1] - n_prompt)
+    torch.testing.assert_close(logp, naive_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, naive_entropy, atol=1e-5, rtol=0)
+
+
+def test_token_logprobs_small_chunks_equal_one_big_chunk(tiny, tok):
+    ids, mask, n_prompt = left_padded_batch(tok, PROMPTS, COMPLETIONS)
+    big = M.token_logprobs(tiny, ids, mask, n_prompt, with_entropy=True, chunk_size=1024)
+    small = M.token_logprobs(tiny, ids, mask, n_prompt, with_entropy=True, chunk_size=3)
+    torch.testing.assert_close(small[0], big[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(small[1], big[1], atol=1e-6, rtol=0)
+
+
+def test_left_padding_does_not_change_a_rows_logprobs(tiny, tok):
+    short_prompt, completion = "Oliver is a knight ?\n<think>", "try Oliver knave ;"
+    alone_ids, alone_mask, alone_n = left_padded_batch(tok, [short_prompt], [completion])
+    batch_ids, batch_mask, batch_n = left_padded_batch(tok, [PROMPTS[0], short_prompt], [COMPLETIONS[0], completion])
+    assert batch_n > alone_n  # the short prompt really is padded in the batch
+    alone = M.token_logprobs(tiny, alone_ids, alone_mask, alone_n)[0]
+    in_batch = M.token_logprobs(tiny, batch_ids, batch_mask, batch_n)[1, : alone.shape[0]]
+    torch.testing.assert_close(in_batch, alone, atol=1e-5, rtol=0)
+
+
+def test_token_logprobs_gradients_equal_naive_gradients(tiny, tok):
+    ids, mask, n_prompt = left_padded_batch(tok, PROMPTS, COMPLETIONS)
+    weights = torch.rand(2, ids.shape[1] - n_prompt)
+    logp, entropy = M.token_logprobs(tiny, ids, mask, n_prompt, temperature=0.7, with_entropy=True, chunk_size=5)
+    (weights * (logp + entropy)).sum().backward()
+    grads = [p.grad.clone() for p in tiny.parameters()]
+    tiny.zero_grad()
+    naive_logp, naive_entropy = naive_logprobs(tiny, ids, mask, n_prompt, temperature=0.7)
+    (weights * (naive_logp + naive_entropy)).sum().backward()
+    assert grads[0].abs().sum() > 0
+    for grad, p in zip(grads, tiny.parameters()):
+        torch.testing.assert_close(grad, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_token_logprobs_rejects_a_prompt_length_outside_the_sequence(tiny, tok):
+    ids, mask, _ = left_padded_batch(tok, PROMPTS, COMPLETIONS)
+    with pytest.raises(ValueError, match="n_prompt"):
+        M.token_logprobs(tiny, ids, mask, 0)
+    with pytest.raises(ValueError, match="n_prompt"):
+        M.token_logprobs(tiny, ids, mask, ids.shape[1])
+
+
+# ---- save_hf ------------------------------------------------------------------------------------------------
+
+def test_save_hf_writes_bf16_safetensors_and_extra(tmp_path, tiny, tok):
+    M.save_hf(tiny, tok, tmp_path, extra={"step": 7, "accuracy": 0.5})
+    with safe_open(tmp_path / "model.safetensors", "pt") as saved:
+        assert {saved.get_tensor(name).dtype for name in saved.keys()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / M.EXTRA_FILE).read_text()) == {"step": 7, "accuracy": 0.5}
+    assert M.load_tokenizer(tmp_path)("Zoey <think>")["input_ids"] == tok("Zoey <think>")["input_ids"]
+    assert tiny.dtype == torch.float32  # the live model is not cast
+
+
+def test_save_hf_reloads_to_trained_weights_up_to_bf16_rounding(tmp_path, tiny, tok):
+    with torch.no_grad():  # stand-in for training: move every weight away from its initial value
+        for p in tiny.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    M.save_hf(tiny, tok, tmp_path)
+    reloaded = M.load_model(tmp_path, "cpu", dtype=torch.float32).state_dict()
+    for name, trained in tiny.state_dict().items():
+        assert torch.equal(reloaded[name], trained.to(torch.bfloat16).float()), name

@@ -1,0 +1,194 @@
+"""Tests for rollout.py: the Rollout layout and HFSampler, above all that its log-probs equal the trainer's."""
+import pytest
+import torch
+
+import model as M
+import rollout as R
+
+TEXTS = [
+    'Zoey says, "Oliver is a knave." Oliver says, "Zoey is a knight and Oliver is a knave."',
+    "So who is a knight and who is a knave?\n<think>",
+    "try Zoey knight Oliver knave : Zoey knight says Oliver knave T = T ok ; </think>",
+    "<answer> (1) Zoey is a knight\n(2) Oliver is a knave </answer>",
+]
+PROMPTS = ['Zoey says, "Oliver is a knave." So who is a knight and who is a knave?\n<think>', "Oliver says\n<think>"]
+EOS_BIAS = 2.5  # makes EOS likely enough (~1 in 3 at temperature 1) that sampled rows end at different lengths
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return M.build_tiny(tmp_path_factory.mktemp("tiny"), TEXTS, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64,
+                        max_positions=128)
+
+
+@pytest.fixture
+def tok(tiny_dir):
+    return M.load_tokenizer(tiny_dir)
+
+
+@pytest.fixture
+def tiny(tiny_dir, tok):
+    """The tiny model (fp32) with a bias on the EOS logit, so that generation actually stops sometimes."""
+    model = M.load_model(tiny_dir, "cpu", dtype=torch.float32)
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    head = torch.nn.Linear(hidden, vocab, bias=True)
+    head.weight = model.lm_head.weight  # keep the (tied) weight; only add a bias
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = EOS_BIAS
+    model.lm_head = head
+    return model
+
+
+def sample(tiny, tok, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return R.HFSampler(tiny, tok).generate(PROMPTS, **{"n": 4, "max_new_tokens": 12, **kwargs})
+
+
+def test_mask_through_first_eos():
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0]])
+    assert R.mask_through_first_eos(ids, eos_id=2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_rollout_concatenates_prompt_and_completion():
+    rollout = R.Rollout(
+        prompt_ids=torch.tensor([[0, 9]]), prompt_mask=torch.tensor([[0, 1]]),
+        completion_ids=torch.tensor([[8, 2, 0]]), completion_mask=torch.tensor([[1.0, 1.0, 0.0]]),
+        sampler_logprobs=torch.zeros(1, 3), completions=["x"],
+    )
+    assert rollout.input_ids().tolist() == [[0, 9, 8, 2, 0]]
+    assert rollout.attention_mask().tolist() == [[0, 1, 1, 1, 0]]
+    assert rollout.attention_mask().dtype == torch.long
+
+
+def test_shapes_and_dtypes(tiny, tok):
+    rollout = sample(tiny, tok)
+    batch, n_prompt = rollout.prompt_ids.shape
+    assert batch == len(PROMPTS) * 4 and rollout.prompt_mask.shape == (batch, n_prompt)
+    n_completion = rollout.completion_ids.shape[1]
+    assert 1 <= n_completion <= 12
+    assert rollout.completion_mask.shape == rollout.sampler_logprobs.shape == (batch, n_completion)
+    assert rollout.completion_mask.dtype == torch.float32 and rollout.completion_ids.dtype == torch.long
+    assert rollout.input_ids().shape == rollout.attention_mask().shape == (batch, n_prompt + n_completion)
+    assert len(rollout.completions) == batch
+    assert rollout.completion_mask.sum(1).max() == n_completion  # trimmed to the longest row
+
+
+def test_rows_are_grouped_by_prompt(tiny, tok):
+    rollout = sample(tiny, tok, n=3)
+    expected = tok(PROMPTS, padding=True, return_tensors="pt")
+    assert torch.equal(rollout.prompt_ids, expected["input_ids"].repeat_interleave(3, dim=0))
+    assert torch.equal(rollout.prompt_mask, expected["attention_mask"].repeat_interleave(3, dim=0))
+    assert rollout.prompt_mask[-1, 0] == 0  # the short prompt is left-padded
+
+
+def test_mask_covers_tokens_through_eos_and_pads_after(tiny, tok):
+    rollout = sample(tiny, tok)
+    lengths = rollout.completion_mask.sum(1).long()
+    eos_rows = 0
+    for ids, mask, length in zip(rollout.completion_ids, rollout.completion_mask, lengths):
+        assert mask[:length].eq(1).all() and mask[length:].eq(0).all()
+        assert ids[length:].eq(tok.pad_token_id).all()
+        assert tok.eos_token_id not in ids[: length - 1].tolist()  # no EOS before the end
+        eos_rows += int(ids[length - 1] == tok.eos_token_id)
+    assert eos_rows > 0 and lengths.min() < lengths.max()  # some rows stopped early, at different lengths
+
+
+def test_sampler_logprobs_are_zero_where_masked(tiny, tok):
+    rollout = sample(tiny, tok)
+    assert rollout.sampler_logprobs[rollout.completion_mask == 0].eq(0).all()
+    assert rollout.sampler_logprobs[rollout.completion_mask == 1].lt(0).all()
+
+
+def test_completions_decode_without_pad_or_eos(tiny, tok):
+    rollout = sample(tiny, tok)
+    for text, ids, mask in zip(rollout.completions, rollout.completion_ids, rollout.completion_mask):
+        kept = [t for t in tok.convert_ids_to_tokens(ids[mask.bool()].tolist()) if t not in tok.all_special_tokens]
+        assert text.split() == kept  # tags, words and punctuation stay; only pad/EOS/unk go
+        assert "<eos>" not in text and "<pad>" not in text
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_equal_teacher_forced_logprobs(tiny, tok, temperature):
+    rollout = sample(tiny, tok, temperature=temperature)
+    n_prompt = rollout.prompt_ids.shape[1]
+    with torch.no_grad():
+        trainer = M.token_logprobs(tiny, rollout.input_ids(), rollout.attention_mask(), n_prompt,
+                                   temperature=temperature)
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(rollout.sampler_logprobs[mask], trainer[mask], atol=1e-5, rtol=0)
+
+
+def test_greedy_is_deterministic_and_scored_at_temperature_one(tiny, tok):
+    first = sample(tiny, tok, seed=0, temperature=0.0)
+    second = sample(tiny, tok, seed=1, temperature=0.0)
+    assert torch.equal(first.completion_ids, second.completion_ids)
+    with torch.no_grad():
+        trainer = M.token_logprobs(tiny, first.input_ids(), first.attention_mask(), first.prompt_ids.shape[1])
+    mask = first.completion_mask.bool()
+    torch.testing.assert_close(first.sampler_logprobs[mask], trainer[mask], atol=1e-5, rtol=0)
+
+
+def test_model_generation_defaults_do_not_leak_in(tiny, tok):
+    # A checkpoint's generation_config.json may carry top-k, penalties or suppressed tokens; none may apply.
+    only_allowed = tok.convert_tokens_to_ids("knave")
+    poisoned = tiny.generation_config
+    poisoned.suppress_tokens = [i for i in range(len(tok)) if i != only_allowed]
+    poisoned.repetition_penalty = 100.0
+    poisoned.top_k = 1
+    greedy = sample(tiny, tok, temperature=0.0, max_new_tokens=8)
+    with torch.no_grad():
+        logits = tiny(input_ids=greedy.input_ids(), attention_mask=greedy.attention_mask(),
+                      position_ids=M.position_ids_from_mask(greedy.attention_mask())).logits
+    n_prompt = greedy.prompt_ids.shape[1]
+    argmax = logits[:, n_prompt - 1 : -1].argmax(-1)  # [B, C] what plain greedy decoding must pick
+    mask = greedy.completion_mask.bool()
+    assert torch.equal(greedy.completion_ids[mask], argmax[mask])
+    sampled = sample(tiny, tok, temperature=1.0, n=8)
+    assert len(set(sampled.completions[:8])) > 1  # a leaked top_k=1 would make all 8 samples identical
+    assert tiny.generation_config is poisoned  # the model's own config is back in place
+
+
+def test_sampling_uses_the_whole_vocabulary_not_a_top_k(tmp_path):
+    # generate's global default would be top_k=50; with 100 extra words some draws must fall outside the top 50.
+    big_dir = M.build_tiny(tmp_path, TEXTS + [" ".join(f"w{i}" for i in range(100))], hidden=32, layers=1,
+                           heads=4, kv_heads=2, ffn=64, max_positions=128)
+    big, big_tok = M.load_model(big_dir, "cpu"), M.load_tokenizer(big_dir)
+    rollout = sample(big, big_tok, n=4, max_new_tokens=12)
+    with torch.no_grad():
+        logits = big(input_ids=rollout.input_ids(), attention_mask=rollout.attention_mask(),
+                     position_ids=M.position_ids_from_mask(rollout.attention_mask())).logits
+    n_prompt = rollout.prompt_ids.shape[1]
+    step_logits = logits[:, n_prompt - 1 : -1]  # [B, C, V]
+    drawn = step_logits.gather(-1, rollout.completion_ids[..., None])  # [B, C, 1]
+    rank = (step_logits > drawn).sum(-1)  # [B, C] 0 = the most likely token
+    assert rank[rollout.completion_mask.bool()].max() >= 50
+
+
+def test_generate_restores_mode_and_cache_setting(tiny, tok):
+    tiny.train()
+    tiny.config.use_cache = False
+    sample(tiny, tok)
+    assert tiny.training and tiny.config.use_cache is False
+
+
+def test_sampler_sees_updated_weights(tiny, tok):
+    sampler = R.HFSampler(tiny, tok)
+    with torch.no_grad():  # an optimizer step, in place, on the shared module
+        for p in tiny.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sampler.sync_weights(tiny)
+    torch.manual_seed(0)
+    rollout = sampler.generate(PROMPTS, n=2, max_new_tokens=8)
+    with torch.no_grad():
+        trainer = M.token_logprobs(tiny, rollout.input_ids(), rollout.attention_mask(), rollout.prompt_ids.shape[1])
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(rollout.sampler_logprobs[mask], trainer[mask], atol=1e-5, rtol=0)
+
+
+def test_generate_rejects_bad_arguments(tiny, tok):
+    sampler = R.HFSampler(tiny, tok)
+    with pytest.raises(ValueError, match="list of prompt strings"):
+        sampler.generate("Zoey says\n<think>")
+    with pytest.raises(ValueError, match="temperature"):
+        sampler.generate(PROMPTS, temperature=-1.0)

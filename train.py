@@ -1,0 +1,436 @@
+"""train.py — Logic-RL in one file: sample puzzles, roll out, score, compute advantages, update the policy.
+
+    python train.py                       # CPU: the tiny-model story (warm-up checkpoint -> GRPO), ~15 min
+    python train.py --ALGO=reinforce++ --LR=1e-5 --STEPS=50      # any CAPS constant below, from the command line
+
+The loop (Logic-RL, arXiv 2502.14768; algorithms in ../shared/spec/algorithms.md):
+  1. take PROMPTS_PER_STEP puzzles, write them as prompts ending in the pre-filled "<think>"   (kk_data.py)
+  2. sample GROUP_SIZE completions of each                                                      (rollout.py)
+  3. score each with the strict format + answer rule reward                                     (reward.py)
+  4. turn rewards into advantages: GRPO / Dr. GRPO / RLOO per group, or REINFORCE++ per token   (grpo.py)
+  5. one AdamW step on the clipped policy loss (+ k3 KL to the frozen reference), in micro-batches
+  6. every EVAL_EVERY steps: greedy accuracy per puzzle size on held-out puzzles                 (eval.py)
+ALGO="sft" runs the same loop with supervised next-token loss on the generator's reasoning traces: the
+paper's SFT baseline and the tiny model's warm-up. Every run writes OUT_DIR/metrics.jsonl (a row per step),
+checkpoints (HF folders in bf16 + a trainer state for exact resume), summary.json and curves.png.
+"""
+import ast
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import eval as kk_eval
+import grpo
+import kk_data
+import model as kk_model
+from reward import score_batch, summarize
+from rollout import HFSampler
+
+# ----------------------------------------------------------------------------------------------------------
+# Constants. With a GPU the defaults are the paper's recipe (REINFORCE++ with k3 KL in the loss, lr 4e-7,
+# 8 prompts x 8 samples, temperature 0.7, KL 0.001, Qwen2.5-7B-Instruct-1M); on CPU they are the tiny story.
+ON_GPU = torch.cuda.is_available()
+MODEL = "Qwen/Qwen2.5-7B-Instruct-1M" if ON_GPU else "tiny"  # hub name, local HF folder, or "tiny"
+TEMPLATE = "qwen-instruct" if ON_GPU else "tiny"  # prompt template (kk_data.TEMPLATES)
+WARMUP_CHECKPOINT = "" if ON_GPU else "assets/tiny-warmup"  # start RL from this folder ("" = SFT_STEPS first)
+ALGO = "reinforce++" if ON_GPU else "grpo"  # grpo | drgrpo | rloo | reinforce++ | reinforce++-baseline | sft
+SAMPLER = "hf"  # hf (transformers generate)
+PEOPLE = "3-7" if ON_GPU else "2-3"  # puzzle sizes, "a-b" or "a,b,c"
+TRAIN_PER_SIZE = 900 if ON_GPU else 3000  # generated training puzzles per size (2 people has only ~400)
+TEST_PER_SIZE = 100 if ON_GPU else 200  # held-out puzzles per size
+SFT_STEPS = 0 if ON_GPU else 400  # supervised warm-up steps before RL (used when WARMUP_CHECKPOINT is "")
+SFT_STYLE = "cot" if ON_GPU else "trace"  # what SFT imitates: kk_data.sft_completion style
+SFT_BATCH = 32
+SFT_LR = 1e-5 if ON_GPU else 1e-3
+STEPS = 3600 if ON_GPU else 60  # optimizer steps of ALGO
+PROMPTS_PER_STEP = 8 if ON_GPU else 4
+GROUP_SIZE = 8  # completions sampled per prompt
+MICRO_BATCH = 4 if ON_GPU else 32  # sequences per forward/backward; must divide the batch
+LR = 4e-7 if ON_GPU else 5e-5
+WARMUP_LR_STEPS = 0  # linear learning-rate warm-up, then constant (Logic-RL: constant)
+WEIGHT_DECAY = 0.01
+ADAM_BETAS = (0.9, 0.999)
+GRAD_CLIP = 1.0
+CLIP_LOW, CLIP_HIGH = 0.2, 0.2  # PPO ratio clip range [1 - CLIP_LOW, 1 + CLIP_HIGH]
+KL_COEF = 0.001
+KL_KIND = "k3"  # k1 | k2 | k3 estimator of KL(policy || reference)
+KL_IN = "loss"  # "loss" (GRPO, Logic-RL paper) or "reward" (classic REINFORCE++: k1 folded into token rewards)
+AGGREGATION = "seq-mean"  # seq-mean (GRPO) | token-mean (DAPO) | constant (Dr. GRPO)
+ENTROPY_COEF = 0.001 if ON_GPU else 0.0
+TEMPERATURE = 0.7 if ON_GPU else 1.0  # rollout temperature; log-probs use the same temperature
+TOP_P = 1.0
+MAX_NEW_TOKENS = 4096 if ON_GPU else 400
+GRADIENT_CHECKPOINTING = ON_GPU
+EVAL_EVERY = 100 if ON_GPU else 20  # steps between held-out evaluations (and at the end)
+SAVE_EVERY = 100 if ON_GPU else 20  # steps between resumable checkpoints
+OUT_DIR = "runs/default"
+SEED = 1234
+RESUME = False  # continue from OUT_DIR/checkpoints/trainer_state.pt if it exists
+TINY_SIZES = dict(hidden=128, layers=4, heads=4, kv_heads=4, ffn=512)  # the 1M-parameter CPU model
+
+GROUP_ALGOS = ("grpo", "drgrpo", "rloo")
+ALGOS = GROUP_ALGOS + ("reinforce++", "reinforce++-baseline", "sft")
+CONSTANTS = [name for name in list(globals()) if name.isupper() and name not in ("ON_GPU", "GROUP_ALGOS", "ALGOS")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: --NAME=value overrides a constant; values are Python literals (strings may be bare).
+def parse_overrides(argv):
+    for arg in argv:
+        name, sep, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not sep:
+            sys.exit(f"error: arguments look like --NAME=value, got {arg!r}")
+        if name not in CONSTANTS:
+            sys.exit(f"error: unknown constant {name!r}; the constants are: {', '.join(CONSTANTS)}")
+        old = globals()[name]
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare string such as --ALGO=grpo
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(old):
+            sys.exit(f"error: --{name} expects a {type(old).__name__} like {old!r}, got {text!r}")
+        globals()[name] = value
+
+
+def parse_sizes(text):
+    if "-" in text:
+        lo, hi = text.split("-")
+        return list(range(int(lo), int(hi) + 1))
+    return [int(s) for s in text.split(",")]
+
+
+def check_constants():
+    """Fail before any work, naming the constant to change."""
+    def need(ok, message):
+        if not ok:
+            sys.exit(f"error: {message}")
+    need(ALGO in ALGOS, f"ALGO={ALGO!r} is unknown; choose one of {ALGOS}")
+    need(SAMPLER in ("hf",), f"SAMPLER={SAMPLER!r} is unknown; choose 'hf'")
+    need(TEMPLATE in kk_data.TEMPLATES, f"TEMPLATE={TEMPLATE!r} is unknown; choose one of {kk_data.TEMPLATES}")
+    need(KL_KIND in ("k1", "k2", "k3"), f"KL_KIND={KL_KIND!r}: choose k1, k2 or k3")
+    need(KL_IN in ("loss", "reward"), f"KL_IN={KL_IN!r}: choose 'loss' or 'reward'")
+    need(KL_IN == "loss" or ALGO.startswith("reinforce++"), "KL_IN='reward' is only defined for REINFORCE++ ALGOs")
+    need(AGGREGATION in ("seq-mean", "token-mean", "constant"), f"AGGREGATION={AGGREGATION!r} is unknown")
+    need(all(2 <= n <= 8 for n in parse_sizes(PEOPLE)), f"PEOPLE={PEOPLE!r}: sizes must lie in 2..8")
+    rollout_batch = PROMPTS_PER_STEP * GROUP_SIZE
+    need(rollout_batch % MICRO_BATCH == 0,
+         f"MICRO_BATCH={MICRO_BATCH} must divide PROMPTS_PER_STEP*GROUP_SIZE={rollout_batch}")
+    need(SFT_BATCH % MICRO_BATCH == 0, f"MICRO_BATCH={MICRO_BATCH} must divide SFT_BATCH={SFT_BATCH}")
+    need(GROUP_SIZE >= 2 or ALGO not in GROUP_ALGOS, f"GROUP_SIZE={GROUP_SIZE}: group baselines need >= 2")
+    need(STEPS >= 0 and SFT_STEPS >= 0 and LR > 0 and SFT_LR > 0, "STEPS, SFT_STEPS >= 0 and LR, SFT_LR > 0")
+    need(TEMPERATURE > 0, f"TEMPERATURE={TEMPERATURE} must be > 0 for sampling (greedy is for evaluation)")
+    need(EVAL_EVERY > 0 and SAVE_EVERY > 0, "EVAL_EVERY and SAVE_EVERY must be > 0")
+    need(not WARMUP_CHECKPOINT or Path(WARMUP_CHECKPOINT).is_dir(),
+         f"WARMUP_CHECKPOINT={WARMUP_CHECKPOINT!r} is not a folder (use '' to run SFT_STEPS of warm-up instead)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and models.
+def make_datasets():
+    """{size: [records]} for training and for held-out testing; disjoint, deterministic from SEED."""
+    return kk_data.make_splits(parse_sizes(PEOPLE), TRAIN_PER_SIZE, TEST_PER_SIZE, SEED)
+
+
+def initial_model_path(out_dir):
+    """MODEL, or for "tiny" a freshly built (seeded, so reproducible) 1M-parameter Qwen2 folder."""
+    if MODEL != "tiny":
+        return MODEL
+    path = Path(out_dir) / "checkpoints" / "initial"
+    if not (path / "config.json").exists():
+        kk_model.build_tiny(path, kk_data.corpus_text(), seed=SEED, **TINY_SIZES)
+    return str(path)
+
+
+def batches_of(records_by_size, rng, count):
+    """`count` training records drawn uniformly over sizes, then over the records of that size."""
+    sizes = sorted(records_by_size)
+    return [rng.choice(records_by_size[rng.choice(sizes)]) for _ in range(count)]
+
+
+def micro_batches(total):
+    step = min(MICRO_BATCH, total)
+    return [slice(i, i + step) for i in range(0, total, step)]
+
+
+def make_optimizer(policy, lr):
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY)
+    warmup = max(1, WARMUP_LR_STEPS)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    return optimizer, scheduler
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One supervised step: next-token loss on prompt -> reasoning trace + answer, token mean over the batch.
+def sft_step(policy, tokenizer, optimizer, scheduler, records):
+    prompts = [kk_data.make_prompt(r, TEMPLATE, tokenizer) for r in records]
+    targets = [kk_data.sft_completion(r, SFT_STYLE) + tokenizer.eos_token for r in records]
+    prompt = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tokenizer.padding_side = "right"
+    target = tokenizer(targets, return_tensors="pt", padding=True, add_special_tokens=False)
+    tokenizer.padding_side = "left"
+    input_ids = torch.cat([prompt.input_ids, target.input_ids], 1).to(policy.device)  # [B, P + C]
+    attention = torch.cat([prompt.attention_mask, target.attention_mask], 1).to(policy.device)
+    mask = target.attention_mask.float().to(policy.device)  # [B, C]
+    n_prompt, n_tokens = prompt.input_ids.shape[1], mask.sum()
+    total = 0.0
+    for mb in micro_batches(len(records)):
+        logp = kk_model.token_logprobs(policy, input_ids[mb], attention[mb], n_prompt)  # [b, C]
+        loss = -(logp * mask[mb]).sum() / n_tokens
+        loss.backward()
+        total += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), GRAD_CLIP).item()
+    optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+    return {"sft_loss": total, "grad_norm": grad_norm, "completion_length": mask.sum(-1).mean().item()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One RL step: roll out, score, advantages, clipped policy loss with KL, one optimizer step.
+def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records):
+    timer = Timer()
+    prompts = [kk_data.make_prompt(r, TEMPLATE, tokenizer) for r in records]
+    rollout = sampler.generate(prompts, n=GROUP_SIZE, temperature=TEMPERATURE, top_p=TOP_P,
+                               max_new_tokens=MAX_NEW_TOKENS)
+    timer.lap("generate")
+    solutions = [r["solution_text_format"] for r in records for _ in range(GROUP_SIZE)]
+    scores = score_batch(["<think>" + c for c in rollout.completions], solutions)
+    rewards = torch.tensor([s.total for s in scores], dtype=torch.float32, device=policy.device)  # [B]
+    timer.lap("score")
+
+    input_ids, attention = rollout.input_ids().to(policy.device), rollout.attention_mask().to(policy.device)
+    mask = rollout.completion_mask.to(policy.device)  # [B, C]
+    n_prompt, batch = rollout.prompt_ids.shape[1], len(rewards)
+    # logp_old: the trainer's own recomputation, not the sampler's numbers. Both should agree (we log the gap as
+    # sampler_logprob_diff), but the trainer's are what the ratio must equal 1 against at the first update.
+    with torch.no_grad():
+        logp_old = torch.cat([kk_model.token_logprobs(policy, input_ids[mb], attention[mb], n_prompt, TEMPERATURE)
+                              for mb in micro_batches(batch)])  # [B, C]
+        logp_ref = torch.cat([kk_model.token_logprobs(reference, input_ids[mb], attention[mb], n_prompt,
+                                                      TEMPERATURE) for mb in micro_batches(batch)])  # [B, C]
+    sampler_diff = ((logp_old - rollout.sampler_logprobs.to(policy.device)).abs() * mask).sum() / mask.sum()
+    timer.lap("logprobs")
+
+    if ALGO in GROUP_ALGOS:
+        advantages = grpo.group_advantages(rewards, GROUP_SIZE, ALGO)[:, None].expand_as(mask)  # [B, C]
+    else:
+        kl_reward_coef = KL_COEF if KL_IN == "reward" else 0.0
+        baseline_group = GROUP_SIZE if ALGO == "reinforce++-baseline" else None
+        advantages = grpo.reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, kl_reward_coef, baseline_group)
+
+    stats_sum = {}
+    n_tokens = mask.sum()
+    for mb in micro_batches(batch):
+        logp, entropy = kk_model.token_logprobs(policy, input_ids[mb], attention[mb], n_prompt, TEMPERATURE,
+                                                with_entropy=True)
+        loss, stats = grpo.policy_loss(
+            logp, logp_old[mb], logp_ref[mb], advantages[mb], mask[mb], clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
+            kl_coef=KL_COEF if KL_IN == "loss" else 0.0, kl_kind=KL_KIND, entropy=entropy,
+            entropy_coef=ENTROPY_COEF, mode=AGGREGATION, n_seqs=batch, n_tokens=n_tokens, max_len=MAX_NEW_TOKENS)
+        loss.backward()
+        share = mask[mb].sum().item() / n_tokens.item()  # token-weighted average of per-micro-batch stats
+        for key, value in stats.items():
+            stats_sum[key] = stats_sum.get(key, 0.0) + value * share
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), GRAD_CLIP).item()
+    optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+    sampler.sync_weights(policy)
+    timer.lap("update")
+
+    metrics = {f"reward_{k}" if k in ("format", "answer") else k: v for k, v in summarize(scores).items()}
+    metrics.update(stats_sum, grad_norm=grad_norm, sampler_logprob_diff=sampler_diff.item(),
+                   completion_length=mask.sum(-1).mean().item(),
+                   zero_variance_groups=grpo.zero_variance_fraction(rewards, GROUP_SIZE),
+                   sampled_tokens_per_s=n_tokens.item() / timer.seconds["generate"])
+    metrics.update({f"seconds_{k}": v for k, v in timer.seconds.items()})
+    return metrics
+
+
+class Timer:
+    def __init__(self):
+        self.start, self.seconds = time.perf_counter(), {}
+
+    def lap(self, name):
+        now = time.perf_counter()
+        self.seconds[name] = now - self.start
+        self.start = now
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: HF folders (bf16) for people and eval.py; trainer_state.pt (fp32 weights, optimizer, scheduler,
+# RNG states, step) for an exact resume.
+def save_hf_checkpoint(policy, tokenizer, out_dir, name, stage, step):
+    path = Path(out_dir) / "checkpoints" / name
+    kk_model.save_hf(policy, tokenizer, path, extra={"template": TEMPLATE, "stage": stage, "step": step,
+                                                     "algo": ALGO if stage == "rl" else "sft"})
+    return path
+
+
+def save_trainer_state(out_dir, stage, step, policy, optimizer, scheduler, data_rng, summary):
+    path = Path(out_dir) / "checkpoints" / "trainer_state.pt"
+    state = {"stage": stage, "step": step, "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "data_rng": data_rng.getstate(),
+             "torch_rng": torch.get_rng_state(), "summary": summary}
+    torch.save(state, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)  # atomic: a kill mid-save leaves the previous state intact
+
+
+def load_trainer_state(out_dir):
+    path = Path(out_dir) / "checkpoints" / "trainer_state.pt"
+    return torch.load(path, weights_only=False) if path.exists() else None
+
+
+def restore(state, policy, optimizer, scheduler, data_rng):
+    policy.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    data_rng.setstate(state["data_rng"])
+    torch.set_rng_state(state["torch_rng"])
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per row; on resume, rows after the checkpoint are dropped."""
+
+    def __init__(self, out_dir, keep_until=None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        rows = self.path.read_text().splitlines() if self.path.exists() and keep_until is not None else []
+        kept = [r for r in rows if r.strip() and json.loads(r)["global_step"] <= keep_until]
+        self.path.write_text("".join(r + "\n" for r in kept))
+
+    def write(self, row):
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A stage is a loop of optimizer steps of one kind ("sft" or "rl"), with evaluation and checkpoints.
+def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, log, summary, step_offset,
+              resume_state=None):
+    lr = SFT_LR if stage == "sft" else LR
+    optimizer, scheduler = make_optimizer(policy, lr)
+    data_rng = random.Random(f"{SEED}-{stage}")
+    first = 0
+    if resume_state is not None:
+        restore(resume_state, policy, optimizer, scheduler, data_rng)
+        first = resume_state["step"]
+        sampler.sync_weights(policy)
+    bar = tqdm(range(first, steps), desc=stage, initial=first, total=steps, dynamic_ncols=True)
+    for step in bar:
+        start = time.perf_counter()
+        if stage == "sft":
+            metrics = sft_step(policy, tokenizer, optimizer, scheduler, batches_of(train, data_rng, SFT_BATCH))
+        else:
+            records = batches_of(train, data_rng, PROMPTS_PER_STEP)
+            metrics = rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records)
+        metrics.update(kind="train", stage=stage, step=step + 1, global_step=step_offset + step + 1,
+                       lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start)
+        log.write(metrics)
+        bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("sft_loss", "reward", "accuracy", "completion_length")
+                         if k in metrics})
+        if (step + 1) % EVAL_EVERY == 0 or step + 1 == steps:
+            result = evaluate(sampler, tokenizer, test)
+            log.write({"kind": "eval", "stage": stage, "step": step + 1, "global_step": step_offset + step + 1,
+                       **result})
+            tqdm.write(f"[{stage} {step + 1}] held-out accuracy {fmt(result['accuracy'])} "
+                       f"format {fmt(result['format_rate'])}")
+        if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
+            save_trainer_state(log.path.parent, stage, step + 1, policy, optimizer, scheduler, data_rng, summary)
+    return step_offset + steps
+
+
+def evaluate(sampler, tokenizer, test):
+    return kk_eval.evaluate(sampler, test, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
+
+
+def fmt(per_size):
+    return " ".join(f"{n}p={x:.2f}" for n, x in sorted(per_size.items()))
+
+
+def load_policy_and_reference(path, device):
+    policy = kk_model.load_model(path, device, gradient_checkpointing=GRADIENT_CHECKPOINTING)
+    reference = kk_model.load_reference(path, device)
+    return policy, reference
+
+
+def main():
+    parse_overrides(sys.argv[1:])
+    check_constants()
+    random.seed(SEED), torch.manual_seed(SEED)
+    out = Path(OUT_DIR)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    state = load_trainer_state(out) if RESUME else None
+    if RESUME and state is None:
+        print(f"RESUME: no trainer state in {out}/checkpoints yet; starting from scratch")
+    (out / "config.json").write_text(json.dumps({k: globals()[k] for k in CONSTANTS}, indent=1))
+    device = kk_model.pick_device()
+    began = time.perf_counter() - (state["summary"].get("seconds", 0.0) if state else 0.0)
+    train, test = make_datasets()
+    print(f"data: {sum(map(len, train.values()))} training puzzles, {sum(map(len, test.values()))} held-out, "
+          f"sizes {sorted(train)}; device {device}")
+
+    # Stage 0: the starting model, evaluated once.
+    start_path = initial_model_path(out)
+    tokenizer = kk_model.load_tokenizer(start_path)
+    summary = state["summary"] if state else {}
+    log = MetricsLog(out, keep_until=state_global_step(state))
+    if "initial" not in summary:
+        policy = kk_model.load_model(start_path, device)
+        summary["initial"] = evaluate(HFSampler(policy, tokenizer), tokenizer, test)
+        print(f"initial model: accuracy {fmt(summary['initial']['accuracy'])}")
+        del policy
+
+    # Stage 1: supervised warm-up (or ALGO="sft"), unless a warm-up checkpoint is given.
+    sft_steps = STEPS if ALGO == "sft" else (0 if WARMUP_CHECKPOINT else SFT_STEPS)
+    warmup_path = out / "checkpoints" / "warmup"
+    offset = 0
+    if sft_steps and not (state and state["stage"] == "rl"):
+        policy = kk_model.load_model(start_path, device, gradient_checkpointing=GRADIENT_CHECKPOINTING)
+        sampler = HFSampler(policy, tokenizer)
+        offset = run_stage("sft", sft_steps, policy, None, sampler, tokenizer, train, test, log, summary, 0,
+                           resume_state=state)
+        state = None
+        save_hf_checkpoint(policy, tokenizer, out, "warmup" if ALGO != "sft" else "final", "sft", sft_steps)
+        del policy, sampler
+    elif WARMUP_CHECKPOINT and not warmup_path.exists():
+        shutil.copytree(WARMUP_CHECKPOINT, warmup_path)
+    elif sft_steps:
+        offset = sft_steps
+
+    # Stage 2: RL from the warm-up checkpoint; the frozen reference is that same checkpoint.
+    if ALGO != "sft":
+        rl_start = warmup_path if warmup_path.exists() else start_path
+        policy, reference = load_policy_and_reference(str(rl_start), device)
+        sampler = HFSampler(policy, tokenizer)
+        if "warmup" not in summary:
+            summary["warmup"] = evaluate(sampler, tokenizer, test)
+            print(f"warm-up model: accuracy {fmt(summary['warmup']['accuracy'])}")
+        run_stage("rl", STEPS, policy, reference, sampler, tokenizer, train, test, log, summary, offset,
+                  resume_state=state)
+        save_hf_checkpoint(policy, tokenizer, out, "final", "rl", STEPS)
+
+    final = [json.loads(r) for r in log.path.read_text().splitlines() if '"eval"' in r]
+    summary["final"] = {k: final[-1][k] for k in ("accuracy", "format_rate", "lenient_accuracy", "mean_length")}
+    summary["seconds"] = time.perf_counter() - began
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    kk_eval.plot_run(out)
+    print(kk_eval.markdown_table({stage: summary[stage] for stage in ("initial", "warmup", "final")
+                                  if stage in summary}))
+    print(f"done in {summary['seconds'] / 60:.1f} min; outputs in {out}/")
+
+
+def state_global_step(state):
+    if state is None:
+        return None
+    rl_offset = (0 if WARMUP_CHECKPOINT else SFT_STEPS) if state["stage"] == "rl" else 0
+    return rl_offset + state["step"]
+
+
+if __name__ == "__main__":
+    main()
