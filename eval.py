@@ -1,86 +1,494 @@
-"""eval.py — the one way to measure a model on Knights-and-Knaves puzzles, and pictures of a run.
+"""eval.py — the one way to measure a model on Knights-and-Knaves puzzles, and the curves of a training run.
 
-Accuracy follows Logic-RL (arXiv 2502.14768; ../shared/spec/logic_rl.md §3): a completion is correct when the
-strict rule reward scores it 3 (format right AND every role right), under greedy decoding, with the same
-prompt template the model was trained with. Per puzzle size we also report the format rate, a lenient
-accuracy (answer right whatever the format; analysis only) and the mean completion length in tokens.
+What is measured (Logic-RL, arXiv 2502.14768; ../shared/spec/logic_rl.md §3 and the results table of §4).
+For every test puzzle the model completes the prompt (kk_data.make_prompt, which ends in the pre-filled
+"<think>"), and reward.score grades "<think>" + completion with the strict rule reward used in training.
+Per puzzle size:
 
-    evaluate(sampler, records_by_size, template, tokenizer)  -> {"accuracy": {n: x}, ...}
-    plot_run(run_dir)                                         -> run_dir/curves.png from metrics.jsonl
+    accuracy          share of completions scoring 3 (format right AND every role right): the paper's table
+    format_rate       share with each of <think> </think> <answer> </answer> once, in that order
+    lenient_accuracy  share whose answer is right whatever the format (analysis only, never a reward)
+    mean_length       mean number of generated tokens, the EOS included
+    pass_at_k         only with --samples k > 1: chance that at least one of k samples is right
+
+Decoding is greedy unless --samples / --temperature say otherwise. With k samples per puzzle, "accuracy" is
+the mean over all samples (which is pass@1).
+
+Why one script: users of the original project saw one checkpoint score anywhere from 0.14 to 0.62 depending
+on which script measured it (other prompts, other scorers, other sampling settings). Here everything that moves
+the number is fixed, and recorded in the "settings" of --out:
+- the prompt is the one the model was trained with: train.py writes its template into mini_logic_rl.json
+  beside the weights; a folder without that file (a released model) gets "qwen-instruct"; --template overrides;
+- the scorer is reward.score, the function the trainer rewards with;
+- the puzzles are official benchmark files (--data DIR holding people{n}_num{k}.jsonl, the K&K test split's
+  naming) or a generated split: kk_data.generate(n, per_size, seed). With train.py's SEED (the default here)
+  those are the first puzzles of train.py's held-out split (make_splits puts the first TEST_PER_SIZE generated
+  puzzles in the test split), so keep --per-size <= TEST_PER_SIZE to stay clear of the training puzzles.
+
+The numbers come in two steps so that they can be checked: score_completions keeps one row per completion
+(text, length, score breakdown; --completions writes them) and summarize_completions turns those rows, and
+nothing else, into the table numbers.
+
+    python eval.py runs/x/checkpoints/final Qwen/Qwen2.5-7B-Instruct-1M    # one table, a row per model
+    python eval.py MODEL --data data/kk/test --out results.json --completions completions.jsonl
+    python eval.py MODEL --samples 8 --temperature 0.7                      # mean accuracy and pass@8
+    python eval.py --plot runs/x                                            # writes runs/x/curves.png
+
+train.py uses evaluate(sampler, records_by_size, template, tokenizer, max_new_tokens=...),
+markdown_table(rows) and plot_run(run_dir).
 """
+import argparse
 import json
+import math
+import re
+import sys
 from pathlib import Path
 
-from kk_data import make_prompt
-from reward import score_batch
+import torch
+import transformers
+from tqdm import tqdm
 
-EVAL_BATCH = 100  # prompts generated together
+import kk_data
+import model as kk_model
+import rollout
+from reward import FORMAT_OK, score
+
+DEFAULT_TEMPLATE = "qwen-instruct"  # for model folders that do not say which template they were trained with
+DEFAULT_SEED = 1234  # train.py's SEED: the generated split is then train.py's held-out split
+DEFAULT_PER_SIZE = 100  # test puzzles per size, as in the paper's table
+DEFAULT_MAX_NEW_TOKENS = 4096  # the paper's response budget; a longer answer is cut and so scores as broken
+EVAL_BATCH = 100  # completions generated together (prompts x samples)
+DATA_FILE = re.compile(r"people(\d+)_num(\d+)\.jsonl")  # the K&K benchmark's file names
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # "Qwen/Qwen2.5-7B-Instruct-1M"
+METRIC_TITLES = {"accuracy": "accuracy (strict reward = 3)", "format_rate": "format rate",
+                 "lenient_accuracy": "lenient accuracy (answer right, any format)",
+                 "mean_length": "mean completion length (tokens)"}
 
 
-def evaluate(sampler, records_by_size, template, tokenizer=None, max_new_tokens=512, temperature=0.0):
-    """Greedy (temperature 0) accuracy, format rate, lenient accuracy and mean length per puzzle size."""
-    result = {"accuracy": {}, "format_rate": {}, "lenient_accuracy": {}, "mean_length": {}}
+# ----------------------------------------------------------------------------------------------------------
+# 1. pass@k: the chance that at least one of k samples is right, estimated from n >= k samples.
+def pass_at_k(n, c, k):
+    """Unbiased pass@k of one puzzle with n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
+
+    C(n-c, k) / C(n, k) is the chance that k samples drawn without replacement from the n are all wrong
+    (Chen et al. 2021, arXiv 2107.03374). Averaged over puzzles it estimates pass@k with less variance than
+    drawing exactly k samples per puzzle. When fewer than k samples are wrong, C(n-c, k) = 0 and pass@k = 1.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Test puzzles: {size: [records]}, generated or read from benchmark-format files.
+def generated_split(sizes, per_size, seed=DEFAULT_SEED):
+    """{n: the first per_size puzzles of kk_data.generate(n, ., seed)}: train.py's held-out puzzles for that seed."""
+    return {n: kk_data.generate(n, per_size, seed) for n in sizes}
+
+
+def find_test_files(data_dir):
+    """{n: path} of the people{n}_num{k}.jsonl files in a folder (other files are ignored)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ValueError(f"{data_dir}: no such folder")
+    files = {}
+    for path in sorted(data_dir.iterdir()):
+        match = DATA_FILE.fullmatch(path.name)
+        if match is None:
+            continue
+        n = int(match.group(1))
+        if n in files:
+            raise ValueError(f"{data_dir}: two files for {n} people ({files[n].name} and {path.name})")
+        files[n] = path
+    if not files:
+        raise ValueError(f"{data_dir}: no test files named people{{n}}_num{{k}}.jsonl")
+    return files
+
+
+def load_test_file(path, n_people):
+    """The records of one benchmark-format file, checked to have n_people people; errors name path:line."""
+    records = kk_data.load_jsonl(path)  # validates every row, naming path:line
+    with open(path, encoding="utf-8") as file:
+        line_numbers = [i for i, line in enumerate(file, start=1) if line.strip()]  # a record per non-blank line
+    for record, line_number in zip(records, line_numbers):
+        if len(record["names"]) != n_people:
+            raise ValueError(f"{path}:{line_number}: a puzzle with {len(record['names'])} people in a file "
+                             f"named for {n_people}")
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def load_test_dir(data_dir, sizes=None, per_size=None):
+    """{n: records} from a folder of people{n}_num{k}.jsonl files: every size found, or only `sizes`;
+    the first `per_size` records of each file, or all of them."""
+    files = find_test_files(data_dir)
+    sizes = sorted(files) if sizes is None else sizes
+    missing = [n for n in sizes if n not in files]
+    if missing:
+        raise ValueError(f"{data_dir}: no people{{n}}_num{{k}}.jsonl file for n = {missing}")
+    return {n: load_test_file(files[n], n)[:per_size] for n in sizes}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Generate and score: one row per completion, the only thing the table numbers are computed from.
+def score_completions(sampler, records_by_size, template, tokenizer=None, samples=1, temperature=0.0, top_p=1.0,
+                      max_new_tokens=DEFAULT_MAX_NEW_TOKENS, batch_size=EVAL_BATCH, progress=False,
+                      desc="completions"):
+    """`samples` completions of every puzzle, each scored; returns one dict per completion:
+
+        size, record (position in records_by_size[size]), sample (0..samples-1),
+        completion (the scored text: "<think>" + generated), length (generated tokens, EOS included),
+        total, format, answer, correct, lenient_correct (reward.Score's fields)
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if samples > 1 and temperature == 0:
+        raise ValueError(f"{samples} samples per puzzle need a temperature > 0 (greedy gives identical copies)")
+    prompts_per_call = max(1, batch_size // samples)
+    total = samples * sum(len(records) for records in records_by_size.values())
+    bar = tqdm(total=total, desc=desc, unit="seq", disable=not progress, dynamic_ncols=True)
+    rows = []
     for size, records in sorted(records_by_size.items()):
-        scores, lengths = [], []
-        for start in range(0, len(records), EVAL_BATCH):
-            batch = records[start:start + EVAL_BATCH]
-            prompts = [make_prompt(r, template, tokenizer) for r in batch]
-            rollout = sampler.generate(prompts, n=1, temperature=temperature, max_new_tokens=max_new_tokens)
-            completions = ["<think>" + c for c in rollout.completions]
-            scores += score_batch(completions, [r["solution_text_format"] for r in batch])
-            lengths += rollout.completion_mask.sum(-1).tolist()
-        n = len(scores)
-        result["accuracy"][size] = sum(s.correct for s in scores) / n
-        result["format_rate"][size] = sum(s.format == 1 for s in scores) / n
-        result["lenient_accuracy"][size] = sum(s.lenient_correct for s in scores) / n
-        result["mean_length"][size] = sum(lengths) / n
+        for start in range(0, len(records), prompts_per_call):
+            batch = records[start:start + prompts_per_call]
+            prompts = [kk_data.make_prompt(record, template, tokenizer) for record in batch]
+            out = sampler.generate(prompts, n=samples, temperature=temperature, top_p=top_p,
+                                   max_new_tokens=max_new_tokens)  # rows i*samples .. belong to prompts[i]
+            lengths = out.completion_mask.sum(-1).long().tolist()  # [B]
+            for row, (text, length) in enumerate(zip(out.completions, lengths)):
+                record = batch[row // samples]
+                completion = "<think>" + text  # the pre-filled "<think>" is part of what the format rule checks
+                s = score(completion, record["solution_text_format"])
+                rows.append({"size": size, "record": start + row // samples, "sample": row % samples,
+                             "completion": completion, "length": length, "total": s.total, "format": s.format,
+                             "answer": s.answer, "correct": s.correct, "lenient_correct": s.lenient_correct})
+            bar.update(len(out.completions))
+    bar.close()
+    return rows
+
+
+def summarize_completions(rows, k=None):
+    """The table numbers from per-completion rows (as score_completions returns): {metric: {size: value}}.
+
+    accuracy, format_rate, lenient_accuracy: shares over all completions of a size; mean_length: the mean of
+    their "length"; pass_at_k (only when k is given): pass_at_k(n, c, k) of each puzzle (n its samples, c the
+    correct ones), averaged over the size's puzzles.
+    """
+    if not rows:
+        raise ValueError("no completions to summarize")
+    by_size = {}
+    for row in rows:
+        by_size.setdefault(row["size"], []).append(row)
+    result = {"accuracy": {}, "format_rate": {}, "lenient_accuracy": {}, "mean_length": {}}
+    if k is not None:
+        result["pass_at_k"] = {}
+    for size, group in sorted(by_size.items()):
+        count = len(group)
+        result["accuracy"][size] = sum(row["correct"] for row in group) / count
+        result["format_rate"][size] = sum(row["format"] == FORMAT_OK for row in group) / count
+        result["lenient_accuracy"][size] = sum(row["lenient_correct"] for row in group) / count
+        result["mean_length"][size] = sum(row["length"] for row in group) / count
+        if k is not None:
+            correct_by_puzzle = {}
+            for row in group:
+                correct_by_puzzle.setdefault(row["record"], []).append(row["correct"])
+            result["pass_at_k"][size] = (sum(pass_at_k(len(c), sum(c), k) for c in correct_by_puzzle.values())
+                                         / len(correct_by_puzzle))
     return result
 
 
-def markdown_table(rows):
-    """rows: {label: {"accuracy": {size: x}}} -> a markdown table shaped like the paper's (sizes as columns)."""
-    sizes = sorted({int(s) for r in rows.values() for s in r["accuracy"]})
+def evaluate(sampler, records_by_size, template, tokenizer=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+             temperature=0.0, samples=1, top_p=1.0, batch_size=EVAL_BATCH, progress=False):
+    """{metric: {size: value}} for one sampler, greedy by default; with samples > 1 also pass_at_k (k = samples)."""
+    rows = score_completions(sampler, records_by_size, template, tokenizer, samples=samples,
+                             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, progress=progress)
+    return summarize_completions(rows, k=samples if samples > 1 else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Models: check the name, find the template it was trained with, load a sampler.
+def check_model_name(name):
+    """Fail before any work unless `name` is a local HF model folder or looks like a hub name ("org/model")."""
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{name}: no config.json here, so not a Hugging Face model folder")
+        return
+    if path.exists():
+        raise ValueError(f"{name}: a file, not a model folder")
+    looks_local = name.startswith((".", "/", "~")) or Path(path.parts[0]).is_dir()  # e.g. runs/x/checkpoints/y
+    if looks_local or not HUB_NAME.fullmatch(name):
+        raise ValueError(f"{name}: no such model folder (and not a hub name like Qwen/Qwen2.5-7B-Instruct-1M)")
+
+
+def read_template(model_name, override=None):
+    """(template, where it came from): --template, else the "template" train.py saved in mini_logic_rl.json,
+    else "qwen-instruct"."""
+    if override is not None:
+        return override, "--template"
+    extra_file = Path(model_name) / kk_model.EXTRA_FILE
+    if not extra_file.is_file():
+        return DEFAULT_TEMPLATE, "default"
+    try:
+        extra = json.loads(extra_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{extra_file}: not valid JSON ({error})") from None
+    template = extra.get("template") if isinstance(extra, dict) else None
+    if template is None:
+        return DEFAULT_TEMPLATE, "default"
+    if template not in kk_data.TEMPLATES:
+        raise ValueError(f"{extra_file}: unknown template {template!r}; known: {kk_data.TEMPLATES}")
+    return template, str(extra_file)
+
+
+def load_sampler(kind, model_name, device):
+    """(sampler, tokenizer) for one model: "hf" = rollout.HFSampler on the model loaded in eval mode, or
+    "vllm" = rollout.make_sampler("vllm", model_name, tokenizer) once rollout.py has it."""
+    tokenizer = kk_model.load_tokenizer(model_name)  # a ValueError naming the folder when it holds none
+    if kind == "vllm":
+        if not hasattr(rollout, "make_sampler"):
+            raise ValueError("--sampler vllm: rollout.py has no make_sampler yet; use --sampler hf")
+        return rollout.make_sampler("vllm", model_name, tokenizer), tokenizer
+    try:
+        policy = kk_model.load_model(model_name, device)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{model_name}: the model could not be loaded ({first_line(error)})") from None
+    policy.eval()
+    return rollout.HFSampler(policy, tokenizer), tokenizer
+
+
+def first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. The table: a row per model, a column per puzzle size, like the paper's.
+def markdown_table(rows, metric="accuracy", digits=2):
+    """rows: {label: {metric: {size: x}}} -> markdown with sizes as columns; "-" where a model lacks a size."""
+    sizes = sorted({int(s) for r in rows.values() for s in r.get(metric, {})})
     lines = ["| model | " + " | ".join(str(s) for s in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
     for label, r in rows.items():
-        acc = {int(k): v for k, v in r["accuracy"].items()}
-        lines.append(f"| {label} | " + " | ".join(f"{acc[s]:.2f}" if s in acc else "-" for s in sizes) + " |")
+        values = {int(size): x for size, x in r.get(metric, {}).items()}
+        cells = [f"{values[s]:.{digits}f}" if s in values else "-" for s in sizes]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 6. Curves of a run from its metrics.jsonl (train.py writes a "train" row per step, an "eval" row per eval).
+PANELS = [  # (title, keys of train rows drawn as lines, key of eval rows drawn per puzzle size or None)
+    ("reward (train samples)", ("reward", "reward_format", "reward_answer"), None),
+    ("accuracy", ("accuracy",), "accuracy"),
+    ("mean completion length (tokens)", ("completion_length",), None),
+    ("KL to the reference", ("kl",), None),
+    ("entropy", ("entropy",), None),
+    ("SFT loss", ("sft_loss",), None),
+]
+
+
 def read_metrics(run_dir):
+    """The rows of run_dir/metrics.jsonl; a row that is not a JSON object raises ValueError naming file:line."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics log (is {run_dir} a train.py output folder?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not path.is_file():
+        raise ValueError(f"{path}: no metrics log here (is {run_dir} a train.py output folder?)")
+    rows = []
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{line_number}: invalid JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def curves(rows):
+    """[(panel title, [(label, [(step, value), ...], marker)])] for the PANELS that have data; others skipped."""
+    train = [r for r in rows if r.get("kind") == "train" and "global_step" in r]
+    evals = [r for r in rows if r.get("kind") == "eval" and "global_step" in r]
+    panels = []
+    for title, train_keys, eval_key in PANELS:
+        lines = []
+        for key in train_keys:
+            points = [(r["global_step"], r[key]) for r in train if r.get(key) is not None]
+            if points:
+                lines.append((f"{key} (train)" if eval_key else key, points, ""))
+        if eval_key is not None:
+            sizes = sorted({size for r in evals for size in r.get(eval_key) or {}}, key=int)
+            for size in sizes:
+                points = [(r["global_step"], r[eval_key][size]) for r in evals if size in (r.get(eval_key) or {})]
+                lines.append((f"held-out, {size} people (greedy)", points, "o"))
+        if lines:
+            panels.append((title, lines))
+    return panels
 
 
 def plot_run(run_dir, out_name="curves.png"):
-    """Draw reward, accuracy and completion length per step from run_dir/metrics.jsonl (needs matplotlib)."""
+    """Draw the curves of run_dir/metrics.jsonl into run_dir/out_name and return its path (None without
+    matplotlib, which is optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no curves drawn")
+        print("matplotlib is not installed (pip install matplotlib): no curves drawn")
         return None
-    rows = read_metrics(run_dir)
-    train = [r for r in rows if r.get("kind") == "train"]
-    evals = [r for r in rows if r.get("kind") == "eval"]
-    panels = [("reward", "reward"), ("accuracy", "accuracy"), ("completion_length", "mean completion length")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (key, title) in zip(axes, panels):
-        pts = [(r["global_step"], r[key]) for r in train if key in r]
-        if pts:
-            ax.plot(*zip(*pts), lw=1, label="train (sampled)")
-        if key == "accuracy":
-            for size in sorted({s for r in evals for s in r["accuracy"]}, key=int):
-                pts = [(r["global_step"], r["accuracy"][size]) for r in evals]
-                ax.plot(*zip(*pts), marker="o", label=f"held-out, {size} people (greedy)")
-        ax.set_title(title)
+    panels = curves(read_metrics(run_dir))
+    if not panels:
+        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'}: no train or eval rows with data to plot")
+    columns = min(3, len(panels))
+    n_rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(4.5 * columns, 3.4 * n_rows), squeeze=False)
+    for ax, (title, lines) in zip(axes.flat, panels):
+        for label, points, marker in lines:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker=marker or None, markersize=3, lw=1, label=label)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     out = Path(run_dir) / out_name
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Command line.
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("models", nargs="*", metavar="MODEL",
+                        help="local HF folder (e.g. runs/x/checkpoints/final) or hub name")
+    parser.add_argument("--plot", metavar="RUN_DIR", help="draw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl")
+    parser.add_argument("--data", metavar="DIR", help="folder of people{n}_num{k}.jsonl test files "
+                                                      "(default: a generated split)")
+    parser.add_argument("--people", help='puzzle sizes, "a-b" or "a,b,c" (default: 2-8, or every file of --data)')
+    parser.add_argument("--per-size", type=int, help=f"puzzles per size (default: {DEFAULT_PER_SIZE} generated, "
+                                                     "or every record of --data)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="generated split and sampling seed")
+    parser.add_argument("--template", choices=kk_data.TEMPLATES,
+                        help=f"prompt template (default: from mini_logic_rl.json, else {DEFAULT_TEMPLATE})")
+    parser.add_argument("--samples", type=int, default=1, help="completions per puzzle (pass@k with k = samples)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--batch-size", type=int, default=EVAL_BATCH, help="completions generated together")
+    parser.add_argument("--sampler", choices=("hf", "vllm"), default="hf")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the first GPU if any)")
+    parser.add_argument("--out", metavar="FILE", help="write the numbers and settings as JSON")
+    parser.add_argument("--completions", metavar="FILE", help="write every scored completion as JSONL")
+    args = parser.parse_args(argv)
+    if args.plot and args.models:
+        parser.error("--plot RUN_DIR takes no MODEL")
+    if not args.plot and not args.models:
+        parser.error("give at least one MODEL (or --plot RUN_DIR)")
+    if len(set(args.models)) != len(args.models):
+        parser.error("a MODEL is given twice")
+    per_size = 1 if args.per_size is None else args.per_size
+    if min(args.samples, args.max_new_tokens, args.batch_size, per_size) < 1:
+        parser.error("--samples, --max-new-tokens, --batch-size and --per-size must be >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.samples > 1 and args.temperature == 0:
+        parser.error(f"--samples {args.samples} needs --temperature > 0 (greedy gives {args.samples} identical "
+                     "completions)")
+    if args.people is not None:
+        try:
+            args.people = kk_data.parse_sizes(args.people)
+        except ValueError:
+            parser.error(f'--people {args.people!r}: write sizes as "a-b" or "a,b,c"')
+    return args
+
+
+def load_test_set(args):
+    """({size: records}, settings describing them) as the command line asks."""
+    if args.data:
+        records_by_size = load_test_dir(args.data, args.people, args.per_size)
+        return records_by_size, {"data": str(args.data), "puzzles": {n: len(r) for n, r in records_by_size.items()}}
+    sizes = args.people or list(kk_data.SIZES)
+    per_size = args.per_size or DEFAULT_PER_SIZE
+    records_by_size = generated_split(sizes, per_size, args.seed)
+    return records_by_size, {"data": f"generated (kk_data.generate, seed {args.seed})",
+                             "puzzles": {n: len(r) for n, r in records_by_size.items()}}
+
+
+def evaluate_models(args):
+    """Score every model on one test set; returns ({model: numbers + settings}, every completion row)."""
+    records_by_size, data_settings = load_test_set(args)
+    for name in args.models:  # all names checked before the first (possibly long) evaluation starts
+        check_model_name(name)
+    templates = {name: read_template(name, args.template) for name in args.models}
+    device = torch.device(args.device) if args.device else kk_model.pick_device()
+    transformers.utils.logging.disable_progress_bar()  # one bar per model is enough
+    results, all_rows = {}, []
+    for name in args.models:
+        sampler, tokenizer = load_sampler(args.sampler, name, device)
+        template, template_source = templates[name]
+        print(f"{name}: template {template!r} (from {template_source})", file=sys.stderr)
+        torch.manual_seed(args.seed)  # the same sampling noise for every model
+        rows = score_completions(sampler, records_by_size, template, tokenizer, samples=args.samples,
+                                 temperature=args.temperature, top_p=args.top_p,
+                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True,
+                                 desc=name)
+        k = args.samples if args.samples > 1 else None
+        settings = {"model": name, "template": template, "template_from": template_source,
+                    "scorer": "reward.score (strict)", "sampler": args.sampler, "device": str(device),
+                    "dtype": str(kk_model.pick_dtype(device)), "samples": args.samples, "pass_at_k_k": k,
+                    "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                    "batch_size": args.batch_size, "seed": args.seed, **data_settings}
+        results[name] = {**summarize_completions(rows, k), "settings": settings}
+        all_rows += [{"model": name, **row} for row in rows]
+        del sampler
+    return results, all_rows
+
+
+def print_tables(results):
+    for metric, title in METRIC_TITLES.items():
+        print(f"\n{title}\n\n{markdown_table(results, metric, digits=0 if metric == 'mean_length' else 2)}")
+    if any("pass_at_k" in r for r in results.values()):
+        k = next(r["settings"]["pass_at_k_k"] for r in results.values())
+        print(f"\npass@{k}\n\n{markdown_table(results, 'pass_at_k')}")
+
+
+def write_outputs(args, results, rows):
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        print(f"\nwrote {args.out}")
+    if args.completions:
+        Path(args.completions).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.completions, "w", encoding="utf-8") as file:
+            file.writelines(json.dumps(row) + "\n" for row in rows)
+        print(f"wrote {args.completions} ({len(rows)} completions)")
+
+
+def main(argv=None):
+    """Exit status: 0 done, 2 bad input (a one-line message on stderr naming what is wrong)."""
+    args = parse_args(argv)
+    try:
+        if args.plot:
+            out = plot_run(args.plot)
+            if out is None:
+                return 2
+            print(f"wrote {out}")
+            return 0
+        results, rows = evaluate_models(args)
+    except (ValueError, OSError) as error:
+        print(f"error: {first_line(error)}", file=sys.stderr)
+        return 2
+    print_tables(results)
+    write_outputs(args, results, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

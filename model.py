@@ -12,18 +12,30 @@ divided by the sampling temperature so that it matches what the sampler drew fro
    folder so that the rest of the code cannot tell it from a real checkpoint.
 4. `token_logprobs`: log-probs (and entropies) of the completion tokens, computed chunk by chunk so that the
    full float32 `[B, L, V]` log-softmax is never materialised (V = 152k for Qwen2.5).
-5. Saving: `save_hf` writes a bf16 safetensors HF folder that vLLM or `load_model` can read back.
+5. Several processes (torchrun) with FSDP2: `init_distributed`, `shard_model` / `load_sharded`, gathering full
+   weights one parameter at a time (`iter_full_state`, `copy_full_weights` for the sampler's unsharded copy),
+   and sharded checkpoints (`save_sharded_state` / `load_sharded_state`, torch.distributed.checkpoint).
+6. Saving: `save_hf` writes a bf16 safetensors HF folder that vLLM or `load_model` can read back (from a
+   sharded model too: every rank gathers, rank 0 writes).
 
 Layout (NOTES.md): a batch is `prompt_ids [B, P]` (LEFT-padded) followed by `completion_ids [B, C]`
 (RIGHT-padded); position ids are always `(attention_mask.cumsum(-1) - 1).clamp(min=0)`, in generation and
 training alike, so left padding never changes a log-prob.
 """
+import collections
 import copy
+import datetime
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -96,17 +108,18 @@ def load_tokenizer(path):
     return tokenizer
 
 
-def load_model(path, device, dtype=None, gradient_checkpointing=False):
+def load_model(path, device, dtype=None, gradient_checkpointing=False, attn_implementation=None):
     """The policy: a causal LM from a hub name or a local folder, on `device`, in train mode.
 
-    dtype defaults to `pick_dtype(device)`. Gradient checkpointing recomputes each decoder layer's activations
-    in the backward pass instead of storing them (about one extra forward of compute for a large cut in
-    activation memory); it is incompatible with the KV cache, so the cache is switched off in the config
-    (the sampler switches it back on while generating).
+    dtype defaults to `pick_dtype(device)`, attn_implementation to `attention_implementation(device)` (given
+    explicitly by load_sharded, which loads on the CPU a model that will run on a GPU). Gradient checkpointing
+    recomputes each decoder layer's activations in the backward pass instead of storing them (about one extra
+    forward of compute for a large cut in activation memory); it is incompatible with the KV cache, so the
+    cache is switched off in the config (the sampler switches it back on while generating).
     """
     dtype = dtype or pick_dtype(device)
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, attn_implementation=attention_implementation(device)
+        str(path), dtype=dtype, attn_implementation=attn_implementation or attention_implementation(device)
     )
     model.to(device)
     if gradient_checkpointing:
@@ -292,16 +305,157 @@ def token_logprobs(model, input_ids, attention_mask, n_prompt, temperature=1.0, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Sharding with FSDP2 (a later task)
+# 5. Several processes: torchrun and FSDP2 (../shared/spec/algorithms.md, "FSDP2")
 # ----------------------------------------------------------------------------------------------------------
-# `fully_shard` wrapping goes here: each decoder layer, then the root, with
-# MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) and optional CPU offload
-# (../shared/spec/algorithms.md, "FSDP2"). Points to respect when writing it:
-# - token_logprobs calls `model.model(...)` and `model.lm_head(...)` directly, not `model(...)`, so the root
-#   module's forward hooks (which gather the embedding, final norm and LM head) do not fire on their own;
-#   those parameters must be gathered some other way (e.g. their own FSDP units, or an explicit unshard).
-# - save_hf below expects plain tensors; under FSDP2 the state dict holds DTensors that must be gathered with
-#   `.full_tensor()` one parameter at a time, on every rank in the same order.
+# `torchrun --nproc_per_node N train.py` starts N copies of the program ("ranks", one per GPU) and tells each
+# its RANK, LOCAL_RANK and WORLD_SIZE in environment variables. FSDP2 (`fully_shard`) cuts every parameter
+# along dim 0 into N shards: each rank stores, updates and keeps Adam state for 1/N of the model. Before a
+# sharded unit runs, its full weights are all-gathered; after it ran they are freed again; in backward each
+# unit's gradients are reduce-scattered, so every rank ends up with the gradient of its own shard.
+
+DISTRIBUTED_TIMEOUT = datetime.timedelta(hours=1)  # a rank may wait this long at a collective while others
+                                                   # are still generating or evaluating
+MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)  # GPU default
+
+
+def init_distributed():
+    """Join torchrun's process group and return (rank, world_size); NCCL with one GPU per rank, gloo on CPU.
+
+    Without torchrun (WORLD_SIZE unset) nothing happens and the answer is (0, 1): one process, nothing sharded.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this rank's own GPU
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=DISTRIBUTED_TIMEOUT)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_sum(tensor):
+    """`tensor` summed over all ranks (a copy; the tensor itself without a process group)."""
+    if not dist.is_initialized():
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total
+
+
+def barrier():
+    """Wait until every rank got here (nothing to wait for without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_sharded(model) -> bool:
+    """True when `model`'s parameters are FSDP shards (DTensors) rather than plain tensors."""
+    return isinstance(next(model.parameters()), DTensor)
+
+
+def shard_model(model, mixed_precision=None, cpu_offload=False):
+    """Shard a Hugging Face causal LM (Qwen2 layout: model.model.layers, embed_tokens, norm; lm_head) in place.
+
+    The units, each all-gathered as a whole when it runs:
+      1. every decoder layer, one unit each (so at most one layer's full weights are live at a time);
+      2. the input embedding together with the LM head, one unit: tied weights (embedding = LM head) are one
+         parameter and must live in one unit; gathered for the first matmul and again for the last;
+      3. the decoder `model.model` (what is left: the final norm), the ROOT unit.
+    The root is the decoder, not the whole CausalLM, because token_logprobs never calls `model(...)`: it calls
+    `model.model(...)` and then `model.lm_head(...)` chunk by chunk. FSDP's hooks fire on a module's own call,
+    so each module that is called on its own must belong to a unit whose hooks are on that very module; FSDP2
+    accepts a grouped unit (2.) whose modules run at different times, as in this chunked loss.
+
+    mixed_precision (default: on a GPU): fp32 master weights stay sharded; each unit computes in bf16 and the
+    gradients are reduced in fp32 (MIXED_PRECISION). cpu_offload: sharded parameters, gradients and optimizer
+    state live in host RAM (`CPUOffloadPolicy`; pinned memory needs a GPU) and AdamW steps on the CPU.
+    Activation checkpointing is load_model's `gradient_checkpointing=True` (Hugging Face recomputes each decoder
+    layer in backward; FSDP re-gathers the layer for the recomputation).
+    Gradients are SUMMED over ranks, not averaged: train.py divides every rank's loss by whole-batch totals
+    (tokens, sequences of all ranks), so the sum is exactly the gradient of the global batch.
+    """
+    if mixed_precision is None:
+        mixed_precision = torch.cuda.is_available()
+    options = {}
+    if mixed_precision:
+        options["mp_policy"] = MIXED_PRECISION
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    for layer in model.model.layers:
+        fully_shard(layer, **options)
+    fully_shard([model.model.embed_tokens, model.lm_head], **options)
+    fully_shard(model.model, **options)
+    for unit in [*model.model.layers, model.model.embed_tokens, model.model]:
+        unit.set_gradient_divide_factor(1.0)  # sum, not mean (see above),
+        unit.set_force_sum_reduction_for_comms(True)  # with a plain SUM (gloo has no pre-multiplied sum)
+    return model
+
+
+def load_sharded(path, device, dtype=None, gradient_checkpointing=False, cpu_offload=False, frozen=False):
+    """load_model for FSDP: every rank reads the weights into host RAM, then keeps and moves to `device` only
+    its own shards. The policy keeps fp32 master weights (dtype=torch.float32; bf16 compute on a GPU comes from
+    mixed precision); the frozen reference (`frozen=True`) can be stored in `pick_dtype(device)`."""
+    model = load_model(path, "cpu", dtype=dtype or pick_dtype(device), gradient_checkpointing=gradient_checkpointing,
+                       attn_implementation=attention_implementation(device))
+    if frozen:
+        model.requires_grad_(False)
+        model.eval()
+    return shard_model(model, cpu_offload=cpu_offload)
+
+
+def full_tensor(tensor):
+    """The whole tensor behind a possibly sharded one (an all-gather, on every rank, for a DTensor)."""
+    tensor = tensor.detach()
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if tensor.device.type == "cpu" and tensor.device_mesh.device_type != "cpu":
+        tensor = tensor.to(tensor.device_mesh.device_type)  # a CPU-offloaded shard: NCCL gathers GPU tensors
+    return tensor.full_tensor()
+
+
+def iter_full_state(model):
+    """Yield (name, full tensor) for every entry of model.state_dict(), gathering one parameter at a time.
+
+    For a sharded model this is a sequence of collectives: EVERY rank must run the loop to its end, and the
+    order (state_dict order) is the same everywhere. Peak extra memory: one full parameter. The names are
+    the Hugging Face names (FSDP keeps them); tied names get the same tensor object. A plain model yields its
+    own (detached) tensors.
+    """
+    state = model.state_dict(keep_vars=True)  # the parameters themselves: tied names share one object
+    uses_left = collections.Counter(id(tensor) for tensor in state.values())
+    gathered = {}  # a tied parameter's full tensor, kept until its last name has been yielded
+    for name, tensor in state.items():
+        key = id(tensor)
+        if key not in gathered:
+            gathered[key] = full_tensor(tensor)
+        uses_left[key] -= 1
+        yield name, gathered[key] if uses_left[key] else gathered.pop(key)
+
+
+@torch.no_grad()
+def copy_full_weights(sharded, plain):
+    """Copy the weights of the sharded policy into an unsharded copy of it (e.g. the sampler's), cast to its
+    dtype, one parameter at a time. A collective: every rank calls it."""
+    targets = plain.state_dict()
+    for name, tensor in iter_full_state(sharded):
+        if name not in targets or targets[name].shape != tensor.shape:
+            raise ValueError(f"copy_full_weights: {name} {tuple(tensor.shape)} has no counterpart of that shape "
+                             f"in the unsharded model")
+        targets[name].copy_(tensor)
+
+
+def save_sharded_state(folder, model, optimizer):
+    """Each rank writes its shards of the model and of the optimizer state to `folder` (torch.distributed.
+    checkpoint: one file per rank plus shared metadata). Reload with load_sharded_state on the same world size."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+
+
+def load_sharded_state(folder, model, optimizer):
+    """Load what save_sharded_state wrote into a sharded model and its optimizer, in place, on every rank."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,24 +467,31 @@ def save_hf(model, tokenizer, out_dir, extra=None):
 
     The weights are cast to bf16 on the way out (the training copy stays as it is) and the config says
     `dtype: bfloat16`, so vLLM and `load_model` read the folder like any released checkpoint.
+    A sharded model: EVERY rank must call this (the weights are gathered one parameter at a time); rank 0
+    writes the folder and the others wait for it at a barrier.
     """
     out_dir = Path(out_dir)
-    bf16_by_storage = {}  # tied weights (embedding = LM head) share storage: cast once so they stay tied
+    sharded = is_sharded(model)
+    writer = not sharded or dist.get_rank() == 0
+    # Tied weights (embedding = LM head) are one parameter under two names: cast it once so they stay tied.
+    first_name = {}  # id of a parameter -> the first name it appears under
+    alias = {name: first_name.setdefault(id(p), name) for name, p in model.state_dict(keep_vars=True).items()}
     state = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key not in bf16_by_storage:
-            bf16_by_storage[key] = tensor.detach().to(torch.bfloat16)
-        state[name] = bf16_by_storage[key]
-    live_dtype = model.config.dtype
-    model.save_pretrained(out_dir, state_dict=state)
-    model.config.dtype = live_dtype  # save_pretrained overwrote it with the live weights' dtype...
-    config = copy.deepcopy(model.config)
-    config.dtype = torch.bfloat16  # ...so write the config again with the dtype of the saved weights
-    config.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    if extra is not None:
-        (out_dir / EXTRA_FILE).write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+    for name, tensor in iter_full_state(model):
+        if writer:  # (the other ranks only take part in the all-gathers)
+            state[name] = state[alias[name]] if alias[name] != name else tensor.to("cpu", torch.bfloat16)
+    if writer:
+        live_dtype = model.config.dtype
+        model.save_pretrained(out_dir, state_dict=state)
+        model.config.dtype = live_dtype  # save_pretrained overwrote it with the live weights' dtype...
+        config = copy.deepcopy(model.config)
+        config.dtype = torch.bfloat16  # ...so write the config again with the dtype of the saved weights
+        config.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        if extra is not None:
+            (out_dir / EXTRA_FILE).write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+    if sharded:
+        dist.barrier()  # nobody reads the folder before rank 0 has finished writing it
     return out_dir
 
 

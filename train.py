@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import transformers
 from tqdm import tqdm
 
 import eval as kk_eval
@@ -50,12 +52,14 @@ SFT_STEPS = 0 if ON_GPU else 400  # supervised warm-up steps before RL (used whe
 SFT_STYLE = "cot" if ON_GPU else "trace"  # what SFT imitates: kk_data.sft_completion style
 SFT_BATCH = 32
 SFT_LR = 1e-5 if ON_GPU else 1e-3
+SFT_SCHEDULE = "cosine"  # learning-rate schedule of supervised steps: constant | cosine (to 10%)
 STEPS = 3600 if ON_GPU else 60  # optimizer steps of ALGO
 PROMPTS_PER_STEP = 8 if ON_GPU else 4
 GROUP_SIZE = 8  # completions sampled per prompt
 MICRO_BATCH = 4 if ON_GPU else 32  # sequences per forward/backward; must divide the batch
 LR = 4e-7 if ON_GPU else 5e-5
-WARMUP_LR_STEPS = 0  # linear learning-rate warm-up, then constant (Logic-RL: constant)
+LR_SCHEDULE = "constant"  # learning-rate schedule of RL steps: constant (Logic-RL) | cosine (to 10%)
+WARMUP_LR_STEPS = 0  # linear learning-rate warm-up steps before the schedule
 WEIGHT_DECAY = 0.01
 ADAM_BETAS = (0.9, 0.999)
 GRAD_CLIP = 1.0
@@ -69,16 +73,20 @@ TEMPERATURE = 0.7 if ON_GPU else 1.0  # rollout temperature; log-probs use the s
 TOP_P = 1.0
 MAX_NEW_TOKENS = 4096 if ON_GPU else 400
 GRADIENT_CHECKPOINTING = ON_GPU
+CPU_OFFLOAD = False  # under torchrun (FSDP2): sharded weights, grads and Adam state in host RAM
 EVAL_EVERY = 100 if ON_GPU else 20  # steps between held-out evaluations (and at the end)
 SAVE_EVERY = 100 if ON_GPU else 20  # steps between resumable checkpoints
 OUT_DIR = "runs/default"
 SEED = 1234
 RESUME = False  # continue from OUT_DIR/checkpoints/trainer_state.pt if it exists
+CPU_THREADS = 1  # torch threads on CPU: on a busy 2-core machine 2 threads made tiny matmuls ~20x slower
 TINY_SIZES = dict(hidden=128, layers=4, heads=4, kv_heads=4, ffn=512)  # the 1M-parameter CPU model
 
 GROUP_ALGOS = ("grpo", "drgrpo", "rloo")
 ALGOS = GROUP_ALGOS + ("reinforce++", "reinforce++-baseline", "sft")
 CONSTANTS = [name for name in list(globals()) if name.isupper() and name not in ("ON_GPU", "GROUP_ALGOS", "ALGOS")]
+RANK, WORLD = 0, 1  # this process and how many there are: main() asks torchrun (kk_model.init_distributed)
+DEVICE = kk_model.pick_device()  # where batches go (under torchrun "cuda" is this rank's own GPU)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,17 +128,21 @@ def check_constants():
     need(KL_KIND in ("k1", "k2", "k3"), f"KL_KIND={KL_KIND!r}: choose k1, k2 or k3")
     need(KL_IN in ("loss", "reward"), f"KL_IN={KL_IN!r}: choose 'loss' or 'reward'")
     need(KL_IN == "loss" or ALGO.startswith("reinforce++"), "KL_IN='reward' is only defined for REINFORCE++ ALGOs")
+    need(LR_SCHEDULE in ("constant", "cosine") and SFT_SCHEDULE in ("constant", "cosine"),
+         "LR_SCHEDULE and SFT_SCHEDULE must be 'constant' or 'cosine'")
     need(AGGREGATION in ("seq-mean", "token-mean", "constant"), f"AGGREGATION={AGGREGATION!r} is unknown")
     need(all(2 <= n <= 8 for n in parse_sizes(PEOPLE)), f"PEOPLE={PEOPLE!r}: sizes must lie in 2..8")
-    rollout_batch = PROMPTS_PER_STEP * GROUP_SIZE
-    need(rollout_batch % MICRO_BATCH == 0,
-         f"MICRO_BATCH={MICRO_BATCH} must divide PROMPTS_PER_STEP*GROUP_SIZE={rollout_batch}")
-    need(SFT_BATCH % MICRO_BATCH == 0, f"MICRO_BATCH={MICRO_BATCH} must divide SFT_BATCH={SFT_BATCH}")
+    need(PROMPTS_PER_STEP % WORLD == 0 and SFT_BATCH % WORLD == 0 and TEST_PER_SIZE >= WORLD,
+         f"PROMPTS_PER_STEP={PROMPTS_PER_STEP} and SFT_BATCH={SFT_BATCH} must be divisible by, and TEST_PER_SIZE="
+         f"{TEST_PER_SIZE} at least, the number of torchrun processes WORLD_SIZE={WORLD}")
+    rows = (PROMPTS_PER_STEP * GROUP_SIZE // WORLD, SFT_BATCH // WORLD)  # sequences per process and step
+    need(all(n % min(MICRO_BATCH, n) == 0 for n in rows), f"MICRO_BATCH={MICRO_BATCH} must divide (or exceed) "
+         f"each process's PROMPTS_PER_STEP*GROUP_SIZE and SFT_BATCH shares {rows}")
     need(GROUP_SIZE >= 2 or ALGO not in GROUP_ALGOS, f"GROUP_SIZE={GROUP_SIZE}: group baselines need >= 2")
     need(STEPS >= 0 and SFT_STEPS >= 0 and LR > 0 and SFT_LR > 0, "STEPS, SFT_STEPS >= 0 and LR, SFT_LR > 0")
     need(TEMPERATURE > 0, f"TEMPERATURE={TEMPERATURE} must be > 0 for sampling (greedy is for evaluation)")
     need(EVAL_EVERY > 0 and SAVE_EVERY > 0, "EVAL_EVERY and SAVE_EVERY must be > 0")
-    need(not WARMUP_CHECKPOINT or Path(WARMUP_CHECKPOINT).is_dir(),
+    need(ALGO == "sft" or not WARMUP_CHECKPOINT or Path(WARMUP_CHECKPOINT).is_dir(),
          f"WARMUP_CHECKPOINT={WARMUP_CHECKPOINT!r} is not a folder (use '' to run SFT_STEPS of warm-up instead)")
 
 
@@ -146,15 +158,17 @@ def initial_model_path(out_dir):
     if MODEL != "tiny":
         return MODEL
     path = Path(out_dir) / "checkpoints" / "initial"
-    if not (path / "config.json").exists():
+    if RANK == 0 and not (path / "config.json").exists():
         kk_model.build_tiny(path, kk_data.corpus_text(), seed=SEED, **TINY_SIZES)
+    kk_model.barrier()
     return str(path)
 
 
 def batches_of(records_by_size, rng, count):
-    """`count` training records drawn uniformly over sizes, then over the records of that size."""
-    sizes = sorted(records_by_size)
-    return [rng.choice(records_by_size[rng.choice(sizes)]) for _ in range(count)]
+    """`count` training records of one puzzle size (drawn uniformly over sizes): one size per batch keeps the
+    padding, and so the wasted compute, small."""
+    size = rng.choice(sorted(records_by_size))
+    return [rng.choice(records_by_size[size]) for _ in range(count)]
 
 
 def micro_batches(total):
@@ -162,10 +176,19 @@ def micro_batches(total):
     return [slice(i, i + step) for i in range(0, total, step)]
 
 
-def make_optimizer(policy, lr):
+def lr_factor(step, total, schedule):
+    """Multiplier of the base learning rate at optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    if step < WARMUP_LR_STEPS:
+        return (step + 1) / WARMUP_LR_STEPS
+    if schedule == "constant":
+        return 1.0
+    progress = (step - WARMUP_LR_STEPS) / max(1, total - WARMUP_LR_STEPS)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine from 1 down to 0.1
+
+
+def make_optimizer(policy, lr, total_steps, schedule):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY)
-    warmup = max(1, WARMUP_LR_STEPS)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, schedule))
     return optimizer, scheduler
 
 
@@ -178,10 +201,10 @@ def sft_step(policy, tokenizer, optimizer, scheduler, records):
     tokenizer.padding_side = "right"
     target = tokenizer(targets, return_tensors="pt", padding=True, add_special_tokens=False)
     tokenizer.padding_side = "left"
-    input_ids = torch.cat([prompt.input_ids, target.input_ids], 1).to(policy.device)  # [B, P + C]
-    attention = torch.cat([prompt.attention_mask, target.attention_mask], 1).to(policy.device)
-    mask = target.attention_mask.float().to(policy.device)  # [B, C]
-    n_prompt, n_tokens = prompt.input_ids.shape[1], mask.sum()
+    input_ids = torch.cat([prompt.input_ids, target.input_ids], 1).to(DEVICE)  # [B, P + C]
+    attention = torch.cat([prompt.attention_mask, target.attention_mask], 1).to(DEVICE)
+    mask = target.attention_mask.float().to(DEVICE)  # [B, C]
+    n_prompt, n_tokens = prompt.input_ids.shape[1], kk_model.all_reduce_sum(mask.sum())  # of ALL ranks' rows
     total = 0.0
     for mb in micro_batches(len(records)):
         logp = kk_model.token_logprobs(policy, input_ids[mb], attention[mb], n_prompt)  # [b, C]
@@ -190,6 +213,7 @@ def sft_step(policy, tokenizer, optimizer, scheduler, records):
         total += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), GRAD_CLIP).item()
     optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+    total *= WORLD  # this rank's share of the whole batch's loss; the mean over ranks is then the whole loss
     return {"sft_loss": total, "grad_norm": grad_norm, "completion_length": mask.sum(-1).mean().item()}
 
 
@@ -203,11 +227,11 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     timer.lap("generate")
     solutions = [r["solution_text_format"] for r in records for _ in range(GROUP_SIZE)]
     scores = score_batch(["<think>" + c for c in rollout.completions], solutions)
-    rewards = torch.tensor([s.total for s in scores], dtype=torch.float32, device=policy.device)  # [B]
+    rewards = torch.tensor([s.total for s in scores], dtype=torch.float32, device=DEVICE)  # [B]
     timer.lap("score")
 
-    input_ids, attention = rollout.input_ids().to(policy.device), rollout.attention_mask().to(policy.device)
-    mask = rollout.completion_mask.to(policy.device)  # [B, C]
+    input_ids, attention = rollout.input_ids().to(DEVICE), rollout.attention_mask().to(DEVICE)
+    mask = rollout.completion_mask.to(DEVICE)  # [B, C]
     n_prompt, batch = rollout.prompt_ids.shape[1], len(rewards)
     # logp_old: the trainer's own recomputation, not the sampler's numbers. Both should agree (we log the gap as
     # sampler_logprob_diff), but the trainer's are what the ratio must equal 1 against at the first update.
@@ -216,7 +240,7 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
                               for mb in micro_batches(batch)])  # [B, C]
         logp_ref = torch.cat([kk_model.token_logprobs(reference, input_ids[mb], attention[mb], n_prompt,
                                                       TEMPERATURE) for mb in micro_batches(batch)])  # [B, C]
-    sampler_diff = ((logp_old - rollout.sampler_logprobs.to(policy.device)).abs() * mask).sum() / mask.sum()
+    sampler_diff = ((logp_old - rollout.sampler_logprobs.to(DEVICE)).abs() * mask).sum() / mask.sum()
     timer.lap("logprobs")
 
     if ALGO in GROUP_ALGOS:
@@ -227,21 +251,22 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
         advantages = grpo.reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, kl_reward_coef, baseline_group)
 
     stats_sum = {}
-    n_tokens = mask.sum()
+    n_tokens, n_tokens_all = mask.sum(), kk_model.all_reduce_sum(mask.sum())  # the loss's: of ALL ranks' rows
     for mb in micro_batches(batch):
         logp, entropy = kk_model.token_logprobs(policy, input_ids[mb], attention[mb], n_prompt, TEMPERATURE,
                                                 with_entropy=True)
         loss, stats = grpo.policy_loss(
             logp, logp_old[mb], logp_ref[mb], advantages[mb], mask[mb], clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
             kl_coef=KL_COEF if KL_IN == "loss" else 0.0, kl_kind=KL_KIND, entropy=entropy,
-            entropy_coef=ENTROPY_COEF, mode=AGGREGATION, n_seqs=batch, n_tokens=n_tokens, max_len=MAX_NEW_TOKENS)
+            entropy_coef=ENTROPY_COEF, mode=AGGREGATION, n_seqs=batch * WORLD, n_tokens=n_tokens_all,
+            max_len=MAX_NEW_TOKENS)
         loss.backward()
         share = mask[mb].sum().item() / n_tokens.item()  # token-weighted average of per-micro-batch stats
         for key, value in stats.items():
             stats_sum[key] = stats_sum.get(key, 0.0) + value * share
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), GRAD_CLIP).item()
     optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
-    sampler.sync_weights(policy)
+    sync_sampler(sampler, policy)
     timer.lap("update")
 
     metrics = {f"reward_{k}" if k in ("format", "answer") else k: v for k, v in summarize(scores).items()}
@@ -275,24 +300,48 @@ def save_hf_checkpoint(policy, tokenizer, out_dir, name, stage, step):
 
 def save_trainer_state(out_dir, stage, step, policy, optimizer, scheduler, data_rng, summary):
     path = Path(out_dir) / "checkpoints" / "trainer_state.pt"
-    state = {"stage": stage, "step": step, "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "data_rng": data_rng.getstate(),
-             "torch_rng": torch.get_rng_state(), "summary": summary}
-    torch.save(state, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)  # atomic: a kill mid-save leaves the previous state intact
+    state = {"stage": stage, "step": step, "scheduler": scheduler.state_dict(), "data_rng": data_rng.getstate(),
+             "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if ON_GPU else None,
+             "summary": summary}
+    if WORLD > 1:  # shards of weights and Adam state (torch.distributed.checkpoint) + this rank's RNG states;
+        folder = path.parent / f"sharded_{stage}_{step}"  # trainer_state.pt then points at the complete folder
+        kk_model.save_sharded_state(folder, policy, optimizer)
+        torch.save(state, folder / f"rank{RANK}.pt")
+        kk_model.barrier()
+        previous = load_trainer_state(out_dir) if RANK == 0 else None
+        state = {"folder": folder.name, "world_size": WORLD}
+    else:
+        state.update(model=policy.state_dict(), optimizer=optimizer.state_dict())
+    if RANK == 0:
+        torch.save(state, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)  # atomic: a kill mid-save leaves the previous state intact
+    if WORLD > 1 and previous and previous["folder"] != folder:
+        shutil.rmtree(previous["folder"], ignore_errors=True)
 
 
 def load_trainer_state(out_dir):
     path = Path(out_dir) / "checkpoints" / "trainer_state.pt"
-    return torch.load(path, weights_only=False) if path.exists() else None
+    state = torch.load(path, weights_only=False) if path.exists() else None
+    if state is not None and state.get("world_size", 1) != WORLD:
+        sys.exit(f"error: RESUME: {path} was written by {state.get('world_size', 1)} process(es), this run has "
+                 f"{WORLD}; resume with the same torchrun --nproc_per_node (and nodes)")
+    if state is not None and "folder" in state:  # written under torchrun: this rank's own part
+        folder = path.parent / state["folder"]
+        state = {**torch.load(folder / f"rank{RANK}.pt", weights_only=False), "folder": folder}
+    return state
 
 
 def restore(state, policy, optimizer, scheduler, data_rng):
-    policy.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if WORLD > 1:
+        kk_model.load_sharded_state(state["folder"], policy, optimizer)
+    else:
+        policy.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     data_rng.setstate(state["data_rng"])
     torch.set_rng_state(state["torch_rng"])
+    if ON_GPU:
+        torch.cuda.set_rng_state(state["cuda_rng"])
 
 
 class MetricsLog:
@@ -302,9 +351,12 @@ class MetricsLog:
         self.path = Path(out_dir) / "metrics.jsonl"
         rows = self.path.read_text().splitlines() if self.path.exists() and keep_until is not None else []
         kept = [r for r in rows if r.strip() and json.loads(r)["global_step"] <= keep_until]
-        self.path.write_text("".join(r + "\n" for r in kept))
+        if RANK == 0:  # under torchrun only rank 0 writes
+            self.path.write_text("".join(r + "\n" for r in kept))
 
     def write(self, row):
+        if RANK > 0:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -313,22 +365,24 @@ class MetricsLog:
 # A stage is a loop of optimizer steps of one kind ("sft" or "rl"), with evaluation and checkpoints.
 def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, log, summary, step_offset,
               resume_state=None):
-    lr = SFT_LR if stage == "sft" else LR
-    optimizer, scheduler = make_optimizer(policy, lr)
-    data_rng = random.Random(f"{SEED}-{stage}")
+    lr, schedule = (SFT_LR, SFT_SCHEDULE) if stage == "sft" else (LR, LR_SCHEDULE)
+    optimizer, scheduler = make_optimizer(policy, lr, steps, schedule)
+    data_rng = random.Random(f"{SEED}-{stage}" + (f"-rank{RANK}" if WORLD > 1 else ""))  # own prompts per rank
     first = 0
     if resume_state is not None:
         restore(resume_state, policy, optimizer, scheduler, data_rng)
         first = resume_state["step"]
-        sampler.sync_weights(policy)
-    bar = tqdm(range(first, steps), desc=stage, initial=first, total=steps, dynamic_ncols=True)
+        sync_sampler(sampler, policy)
+    bar = tqdm(range(first, steps), desc=stage, initial=first, total=steps, dynamic_ncols=True, disable=RANK > 0)
     for step in bar:
         start = time.perf_counter()
         if stage == "sft":
-            metrics = sft_step(policy, tokenizer, optimizer, scheduler, batches_of(train, data_rng, SFT_BATCH))
+            records = batches_of(train, data_rng, SFT_BATCH // WORLD)
+            metrics = sft_step(policy, tokenizer, optimizer, scheduler, records)
         else:
-            records = batches_of(train, data_rng, PROMPTS_PER_STEP)
+            records = batches_of(train, data_rng, PROMPTS_PER_STEP // WORLD)
             metrics = rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records)
+        metrics = mean_over_ranks(metrics)
         metrics.update(kind="train", stage=stage, step=step + 1, global_step=step_offset + step + 1,
                        lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start)
         log.write(metrics)
@@ -346,29 +400,76 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
 
 
 def evaluate(sampler, tokenizer, test):
-    return kk_eval.evaluate(sampler, test, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
+    """Greedy held-out scores; under torchrun each rank scores every WORLD-th puzzle and the means are pooled."""
+    shards = {size: records[RANK::WORLD] for size, records in test.items()}
+    result = kk_eval.evaluate(sampler, shards, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
+    if WORLD == 1:
+        return result
+    keys = [(name, size) for name in sorted(result) for size in sorted(result[name])]
+    sums = torch.tensor([result[n][s] * len(shards[s]) for n, s in keys], dtype=torch.float64, device=DEVICE)
+    sums = kk_model.all_reduce_sum(sums)
+    pooled = {name: {} for name in result}
+    for (name, size), total in zip(keys, sums.tolist()):
+        pooled[name][size] = total / len(test[size])
+    return pooled
 
 
 def fmt(per_size):
     return " ".join(f"{n}p={x:.2f}" for n, x in sorted(per_size.items()))
 
 
-def load_policy_and_reference(path, device):
-    policy = kk_model.load_model(path, device, gradient_checkpointing=GRADIENT_CHECKPOINTING)
-    reference = kk_model.load_reference(path, device)
-    return policy, reference
+def load_policy(path, device):
+    """The trainable policy; under torchrun sharded with FSDP2 (fp32 master weights, model.shard_model)."""
+    if WORLD > 1:
+        return kk_model.load_sharded(path, device, torch.float32, GRADIENT_CHECKPOINTING, CPU_OFFLOAD)
+    return kk_model.load_model(path, device, gradient_checkpointing=GRADIENT_CHECKPOINTING)
 
+
+def load_policy_and_reference(path, device):
+    if WORLD > 1:
+        return load_policy(path, device), kk_model.load_sharded(path, device, cpu_offload=CPU_OFFLOAD, frozen=True)
+    return load_policy(path, device), kk_model.load_reference(path, device)
+
+
+def make_sampler(policy, path, tokenizer):
+    """HF generate on the policy itself; under torchrun on an unsharded copy (generate on a sharded model
+    would need every rank in lock-step), refreshed by sync_sampler after every update."""
+    return HFSampler(policy if WORLD == 1 else kk_model.load_reference(path, DEVICE), tokenizer)
+
+
+def sync_sampler(sampler, policy):
+    if WORLD > 1:
+        kk_model.copy_full_weights(policy, sampler.model)  # one all-gathered parameter at a time
+    else:
+        sampler.sync_weights(policy)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Under torchrun each rank rolls out its own PROMPTS_PER_STEP / WORLD prompts; FSDP2 sums the gradients, so
+# the loss normalisers and logged statistics must cover all ranks.
+def mean_over_ranks(metrics):
+    """Every number averaged over the ranks (each rank's numbers describe an equal share of the batch)."""
+    names = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in names], dtype=torch.float64, device=DEVICE)
+    values = kk_model.all_reduce_sum(values)
+    return {name: value / WORLD for name, value in zip(names, values.tolist())}
 
 def main():
+    global RANK, WORLD
     parse_overrides(sys.argv[1:])
+    RANK, WORLD = kk_model.init_distributed()  # (0, 1) without torchrun
     check_constants()
-    random.seed(SEED), torch.manual_seed(SEED)
+    transformers.utils.logging.disable_progress_bar()  # our own tqdm bars are enough
+    random.seed(SEED), torch.manual_seed(SEED + RANK)  # ranks sample different completions
+    if RANK > 0:
+        sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints
     out = Path(OUT_DIR)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     state = load_trainer_state(out) if RESUME else None
     if RESUME and state is None:
         print(f"RESUME: no trainer state in {out}/checkpoints yet; starting from scratch")
-    (out / "config.json").write_text(json.dumps({k: globals()[k] for k in CONSTANTS}, indent=1))
+    if RANK == 0:
+        (out / "config.json").write_text(json.dumps({k: globals()[k] for k in CONSTANTS}, indent=1))
     device = kk_model.pick_device()
     began = time.perf_counter() - (state["summary"].get("seconds", 0.0) if state else 0.0)
     train, test = make_datasets()
@@ -391,23 +492,26 @@ def main():
     warmup_path = out / "checkpoints" / "warmup"
     offset = 0
     if sft_steps and not (state and state["stage"] == "rl"):
-        policy = kk_model.load_model(start_path, device, gradient_checkpointing=GRADIENT_CHECKPOINTING)
-        sampler = HFSampler(policy, tokenizer)
+        policy = load_policy(start_path, device)
+        sampler = make_sampler(policy, start_path, tokenizer)
         offset = run_stage("sft", sft_steps, policy, None, sampler, tokenizer, train, test, log, summary, 0,
                            resume_state=state)
         state = None
         save_hf_checkpoint(policy, tokenizer, out, "warmup" if ALGO != "sft" else "final", "sft", sft_steps)
         del policy, sampler
-    elif WARMUP_CHECKPOINT and not warmup_path.exists():
-        shutil.copytree(WARMUP_CHECKPOINT, warmup_path)
+    elif WARMUP_CHECKPOINT:
+        if RANK == 0 and not warmup_path.exists():
+            shutil.copytree(WARMUP_CHECKPOINT, warmup_path)
+        kk_model.barrier()
     elif sft_steps:
         offset = sft_steps
 
     # Stage 2: RL from the warm-up checkpoint; the frozen reference is that same checkpoint.
     if ALGO != "sft":
         rl_start = warmup_path if warmup_path.exists() else start_path
+        tokenizer = kk_model.load_tokenizer(str(rl_start))
         policy, reference = load_policy_and_reference(str(rl_start), device)
-        sampler = HFSampler(policy, tokenizer)
+        sampler = make_sampler(policy, str(rl_start), tokenizer)
         if "warmup" not in summary:
             summary["warmup"] = evaluate(sampler, tokenizer, test)
             print(f"warm-up model: accuracy {fmt(summary['warmup']['accuracy'])}")
@@ -415,6 +519,8 @@ def main():
                   resume_state=state)
         save_hf_checkpoint(policy, tokenizer, out, "final", "rl", STEPS)
 
+    if RANK > 0:
+        return
     final = [json.loads(r) for r in log.path.read_text().splitlines() if '"eval"' in r]
     summary["final"] = {k: final[-1][k] for k in ("accuracy", "format_rate", "lenient_accuracy", "mean_length")}
     summary["seconds"] = time.perf_counter() - began
@@ -434,3 +540,5 @@ def state_global_step(state):
 
 if __name__ == "__main__":
     main()
+    if dist.is_initialized():
+        dist.destroy_process_group()

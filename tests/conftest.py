@@ -9,4 +9,4 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # see NOTES.md: extra threads on a busy 2-core machine slow tiny matmuls ~20x
