@@ -74,6 +74,7 @@ TOP_P = 1.0
 MAX_NEW_TOKENS = 4096 if ON_GPU else 400
 GRADIENT_CHECKPOINTING = ON_GPU
 CPU_OFFLOAD = False  # under torchrun (FSDP2): sharded weights, grads and Adam state in host RAM
+EVAL_BATCH = 64 if ON_GPU else 200  # held-out prompts generated together
 EVAL_EVERY = 100 if ON_GPU else 20  # steps between held-out evaluations (and at the end)
 SAVE_EVERY = 100 if ON_GPU else 20  # steps between resumable checkpoints
 OUT_DIR = "runs/default"
@@ -160,6 +161,7 @@ def initial_model_path(out_dir):
     path = Path(out_dir) / "checkpoints" / "initial"
     if RANK == 0 and not (path / "config.json").exists():
         kk_model.build_tiny(path, kk_data.corpus_text(), seed=SEED, **TINY_SIZES)
+        (path / "mini_logic_rl.json").write_text(json.dumps({"template": TEMPLATE, "stage": "initial"}))
     kk_model.barrier()
     return str(path)
 
@@ -294,7 +296,8 @@ class Timer:
 def save_hf_checkpoint(policy, tokenizer, out_dir, name, stage, step):
     path = Path(out_dir) / "checkpoints" / name
     kk_model.save_hf(policy, tokenizer, path, extra={"template": TEMPLATE, "stage": stage, "step": step,
-                                                     "algo": ALGO if stage == "rl" else "sft"})
+                                                     "algo": ALGO if stage == "rl" else "sft",
+                                                     "max_new_tokens": MAX_NEW_TOKENS})
     return path
 
 
@@ -402,7 +405,8 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
 def evaluate(sampler, tokenizer, test):
     """Greedy held-out scores; under torchrun each rank scores every WORLD-th puzzle and the means are pooled."""
     shards = {size: records[RANK::WORLD] for size, records in test.items()}
-    result = kk_eval.evaluate(sampler, shards, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
+    result = kk_eval.evaluate(sampler, shards, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS,
+                              batch_size=EVAL_BATCH)
     if WORLD == 1:
         return result
     keys = [(name, size) for name in sorted(result) for size in sorted(result[name])]
@@ -438,8 +442,10 @@ def make_sampler(policy, path, tokenizer):
 
 
 def sync_sampler(sampler, policy):
-    if WORLD > 1:
-        kk_model.copy_full_weights(policy, sampler.model)  # one all-gathered parameter at a time
+    """After an update. Under torchrun the HF sampler's own copy is refreshed one all-gathered parameter at a
+    time (a vLLM engine's sync_weights gathers the sharded policy itself)."""
+    if WORLD > 1 and isinstance(sampler, HFSampler):
+        kk_model.copy_full_weights(policy, sampler.model)
     else:
         sampler.sync_weights(policy)
 
@@ -461,6 +467,8 @@ def main():
     check_constants()
     transformers.utils.logging.disable_progress_bar()  # our own tqdm bars are enough
     random.seed(SEED), torch.manual_seed(SEED + RANK)  # ranks sample different completions
+    if not ON_GPU:
+        torch.set_num_threads(CPU_THREADS)
     if RANK > 0:
         sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints
     out = Path(OUT_DIR)
