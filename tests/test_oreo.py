@@ -1,6 +1,7 @@
 """Tests for oreo.py: the losses reproduce the original OREO code (float64 reference case), the closed-form
 gradients of the spec hold, step starts come from newlines, and ValueModel reads V at the right positions."""
 import json
+import math
 
 import pytest
 import torch
@@ -361,3 +362,324 @@ def test_value_model_rejects_n_prompt_out_of_range(tiny_lm_dir):
     ids, attn, _ = batch()
     with pytest.raises(ValueError, match="n_prompt must be in"):
         model(ids, attn, ids.shape[1])
+
+
+def test_last_value_is_the_value_of_the_state_after_the_last_token(tiny_lm_dir):
+    model = load_value_model(tiny_lm_dir)
+    randomise_head(model)
+    ids, attn, P = batch()
+    values = model(ids, attn, P)                                    # values[:, j] = V(state before token j)
+    k = 2                                                           # the state made of the prompt + tokens 0..k
+    assert torch.allclose(model.last_value(ids[:, :P + k + 1], attn[:, :P + k + 1]), values[:, k + 1], atol=1e-12)
+    padded_ids = torch.cat([torch.zeros(2, 3, dtype=ids.dtype), ids[:, :P + k + 1]], -1)
+    padded_attn = torch.cat([torch.zeros(2, 3, dtype=attn.dtype), attn[:, :P + k + 1]], -1)
+    assert torch.allclose(model.last_value(padded_ids, padded_attn), values[:, k + 1], atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Offline data
+# ----------------------------------------------------------------------------------------------------------------
+
+import kk_data  # noqa: E402
+import model as M  # noqa: E402
+import rollout  # noqa: E402
+
+
+def right_response(record):
+    return kk_data.sft_completion(record)                           # what follows the pre-filled "<think>"
+
+
+def wrong_response(record):
+    swapped = record["solution_text_format"].replace("knight", "#").replace("knave", "knight").replace("#", "knave")
+    return f" guess </think>\n<answer> {swapped} </answer>"
+
+
+class ScriptedSampler:
+    """Stands in for a rollout sampler: returns given completions per prompt, in order."""
+
+    def __init__(self, completions_by_prompt):
+        self.completions_by_prompt, self.calls = completions_by_prompt, []
+
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256):
+        self.calls.append(dict(prompts=len(prompts), n=n, temperature=temperature, max_new_tokens=max_new_tokens))
+        texts = [text for p in prompts for text in self.completions_by_prompt[p][:n]]
+        empty = torch.zeros(len(texts), 1, dtype=torch.long)
+        return rollout.Rollout(empty, empty, empty, empty.float(), empty.float(), texts)
+
+
+@pytest.fixture(scope="module")
+def records():
+    return kk_data.generate(2, 2, seed=0) + kk_data.generate(3, 1, seed=0)
+
+
+def scripted_for(records, pattern):
+    """pattern: a string of R (right) / W (wrong) completions, the same for every record."""
+    return {kk_data.make_prompt(r, "tiny"): [right_response(r) if c == "R" else wrong_response(r) for c in pattern]
+            for r in records}
+
+
+def test_sample_offline_data_rows_and_rewards(records):
+    sampler = ScriptedSampler(scripted_for(records, "RWW"))
+    rows = oreo.sample_offline_data(sampler, records, "tiny", None, k=3, temperature=0.7, max_new_tokens=50,
+                                    prompts_per_call=2)
+    assert [c["prompts"] for c in sampler.calls] == [2, 1]
+    assert all(c["n"] == 3 and c["temperature"] == 0.7 and c["max_new_tokens"] == 50 for c in sampler.calls)
+    assert len(rows) == 9 and [row["reward"] for row in rows] == [1.0, 0.0, 0.0] * 3
+    for i, row in enumerate(rows):
+        record = records[i // 3]
+        assert set(row) == set(oreo.OFFLINE_FIELDS)
+        assert row["prompt"] == kk_data.make_prompt(record, "tiny")
+        assert (row["size"], row["index"]) == (len(record["names"]), record["index"])
+
+
+def test_broken_format_earns_no_reward(records):
+    record = records[0]
+    no_think_close = right_response(record).replace("</think>", "")  # right roles, broken format
+    assert oreo.binary_reward(right_response(record), record["solution_text_format"]) == 1.0
+    assert oreo.binary_reward(no_think_close, record["solution_text_format"]) == 0.0
+
+
+def test_balancing_keeps_at_most_m_per_class_and_prompt(records):
+    sampler = ScriptedSampler(scripted_for(records, "WRRWRW"))
+    rows = oreo.sample_offline_data(sampler, records, "tiny", None, k=6, balance=2)
+    for record in records:
+        mine = [row["reward"] for row in rows if row["prompt"] == kk_data.make_prompt(record, "tiny")]
+        assert mine == [0.0, 1.0, 1.0, 0.0]                        # the first two of each class, in order
+    with pytest.raises(ValueError, match="m must be >= 1"):
+        oreo.balance_rows(rows, 0)
+
+
+def test_offline_file_round_trip(records, tmp_path):
+    rows = oreo.sample_offline_data(ScriptedSampler(scripted_for(records, "RW")), records, "tiny", None, k=2)
+    path = tmp_path / "data" / "offline.jsonl"
+    oreo.save_offline(rows, path)
+    assert oreo.load_offline(path) == rows
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda row: row.pop("response"), "missing field 'response'"),
+    (lambda row: row.update(reward="1"), "field 'reward' has type str"),
+    (lambda row: row.update(reward=True), "field 'reward' has type bool"),
+    (lambda row: row.update(size=2.0), "field 'size' has type float"),
+    (lambda row: row.update(reward=float("nan")), "field .reward. is nan, expected a finite number"),
+])
+def test_load_offline_names_file_and_line_of_a_bad_row(tmp_path, change, message):
+    good = {"prompt": "p", "response": " r", "reward": 1.0, "size": 2, "index": 0}
+    bad = dict(good)
+    change(bad)
+    path = tmp_path / "offline.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:3: {message}"):
+        oreo.load_offline(path)
+
+
+def test_load_offline_names_invalid_json(tmp_path):
+    path = tmp_path / "offline.jsonl"
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=f"{path}:1: expected a JSON object"):
+        oreo.load_offline(path)
+    path.write_text("{oops\n")
+    with pytest.raises(ValueError, match=f"{path}:1: invalid JSON"):
+        oreo.load_offline(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The joint training step, on tiny models (float64 so that hand computations agree to rounding)
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """A tiny policy and a differently initialised reference (so that log pi / pi_ref is not zero)."""
+    sizes = dict(hidden=32, layers=2, heads=2, kv_heads=2, ffn=64)
+    policy_dir = M.build_tiny(tmp_path_factory.mktemp("policy"), kk_data.corpus_text(), seed=0, **sizes)
+    reference_dir = M.build_tiny(tmp_path_factory.mktemp("reference"), kk_data.corpus_text(), seed=1, **sizes)
+    return policy_dir, reference_dir
+
+
+def tiny_models(tiny_dirs, head_seed=None):
+    policy_dir, reference_dir = tiny_dirs
+    policy = M.load_model(policy_dir, "cpu", dtype=torch.float64)
+    reference = M.load_reference(reference_dir, "cpu", dtype=torch.float64)
+    value_model = oreo.ValueModel.from_pretrained(policy_dir, "cpu", dtype=torch.float64)
+    if head_seed is not None:
+        randomise_head(value_model, head_seed)
+        with torch.no_grad():
+            value_model.head.weight.mul_(0.1)
+    return policy, reference, value_model, M.load_tokenizer(policy_dir)
+
+
+@pytest.fixture(scope="module")
+def rows(records):
+    """Four rows of different lengths, two right (reward 1) and two wrong (reward 0)."""
+    return [{"prompt": kk_data.make_prompt(r, "tiny"), "response": response(r), "reward": reward,
+             "size": len(r["names"]), "index": r["index"]}
+            for r, response, reward in [(records[0], right_response, 1.0), (records[1], wrong_response, 0.0),
+                                        (records[2], right_response, 1.0), (records[0], wrong_response, 0.0)]]
+
+
+def adam_pair(policy, value_model, lr=1e-3):
+    return torch.optim.Adam(policy.parameters(), lr=lr), torch.optim.Adam(value_model.parameters(), lr=lr)
+
+
+def snapshot(module):
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def test_encode_offline_batch_appends_eos_as_an_action(tiny_dirs, rows):
+    tokenizer = M.load_tokenizer(tiny_dirs[0])
+    batch = oreo.encode_offline_batch(tokenizer, rows, "cpu")
+    for b, row in enumerate(rows):
+        n_response = len(tokenizer(row["response"], add_special_tokens=False).input_ids)
+        assert batch["mask"][b].sum() == n_response + 1             # the response's tokens and the EOS
+        assert batch["completion_ids"][b, n_response] == tokenizer.eos_token_id
+        n_prompt_tokens = len(tokenizer(row["prompt"], add_special_tokens=False).input_ids)
+        assert batch["attention_mask"][b, :batch["n_prompt"]].sum() == n_prompt_tokens   # left-padded prompt
+    assert batch["rewards"].tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_step_end_ids_of_the_word_tokenizer_is_the_semicolon(tiny_dirs):
+    tokenizer = M.load_tokenizer(tiny_dirs[0])
+    assert oreo.step_end_ids(tokenizer) == [tokenizer.convert_tokens_to_ids(";")]
+
+
+def test_completion_logits_give_token_logprobs(tiny_dirs, rows):
+    policy, _, _, tokenizer = tiny_models(tiny_dirs)
+    batch = oreo.encode_offline_batch(tokenizer, rows, "cpu")
+    args = batch["input_ids"], batch["attention_mask"], batch["n_prompt"]
+    logits = oreo.completion_logits(policy, *args)                  # [B, C, V]
+    assert logits.shape == batch["completion_ids"].shape + (len(tokenizer),)
+    logp = oreo.logprobs_from_logits(logits, batch["completion_ids"])
+    assert torch.allclose(logp * batch["mask"], M.token_logprobs(policy, *args).double() * batch["mask"],
+                          atol=1e-6)                                # token_logprobs works in float32
+
+
+def test_oreo_step_trains_the_value_head_and_the_policy_not_the_reference(tiny_dirs, rows):
+    policy, reference, value_model, tokenizer = tiny_models(tiny_dirs)
+    policy_before, reference_before = snapshot(policy), snapshot(reference)
+    assert value_model.head.weight.abs().max() == 0
+    metrics = oreo.oreo_step(policy, reference, value_model, *adam_pair(policy, value_model), tokenizer, rows,
+                             beta=0.03, alpha=0.01, level="token", micro_batch=2)
+    assert value_model.head.weight.abs().max() > 0
+    assert any(not torch.equal(p, policy_before[n]) for n, p in policy.named_parameters())
+    assert all(torch.equal(p, reference_before[n]) for n, p in reference.named_parameters())
+    expected = {"value_loss", "policy_loss", "kl", "value_first", "reward", "completion_length",
+                "grad_norm_value", "grad_norm_policy"}
+    assert set(metrics) == expected and all(math.isfinite(v) for v in metrics.values())
+    assert metrics["reward"] == 0.5
+
+
+@pytest.mark.parametrize("kl", ["full", "k3"])
+def test_oreo_step_losses_equal_a_hand_computation(tiny_dirs, rows, kl):
+    policy, reference, value_model, tokenizer = tiny_models(tiny_dirs, head_seed=3)
+    beta, alpha = 0.03, 0.01
+    batch = oreo.encode_offline_batch(tokenizer, rows, "cpu")
+    args = batch["input_ids"], batch["attention_mask"], batch["n_prompt"]
+    with torch.no_grad():                                           # by hand, before the step
+        positions = M.position_ids_from_mask(args[1])
+        logits = policy(args[0], attention_mask=args[1], position_ids=positions).logits
+        ref_logits = reference(args[0], attention_mask=args[1], position_ids=positions).logits
+        P = batch["n_prompt"]
+        logits, ref_logits = logits[:, P - 1:-1], ref_logits[:, P - 1:-1]
+        logp = logits.log_softmax(-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+        ref_logp = ref_logits.log_softmax(-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+        values = value_model(*args)
+        policy_loss, value_loss = oreo.losses(logp, ref_logp, values, batch["rewards"], batch["mask"], beta)
+        kl_value = (oreo.full_kl(logits, ref_logits, batch["mask"]) if kl == "full"
+                    else oreo.k3_kl(logp, ref_logp, batch["mask"]))
+    metrics = oreo.oreo_step(policy, reference, value_model, *adam_pair(policy, value_model), tokenizer, rows,
+                             beta=beta, alpha=alpha, level="token", micro_batch=len(rows), kl=kl)
+    # (rel 1e-6: the step takes some log-probs from model.token_logprobs, which works in float32)
+    assert metrics["value_loss"] == pytest.approx(value_loss.item(), rel=1e-6)
+    assert metrics["policy_loss"] == pytest.approx(policy_loss.item(), rel=1e-6)   # with pre-update values
+    assert metrics["kl"] == pytest.approx(kl_value.item(), rel=1e-6)
+    assert metrics["value_first"] == pytest.approx(values[:, 0].mean().item(), rel=1e-9)
+
+
+def test_actor_loss_uses_the_values_from_before_the_critic_update(tiny_dirs, rows, monkeypatch):
+    policy, reference, value_model, tokenizer = tiny_models(tiny_dirs)
+    calls, real_losses = [], oreo.losses
+
+    def recording_losses(logp, ref_logp, values, *args, **kwargs):
+        calls.append(values.detach().clone())
+        return real_losses(logp, ref_logp, values, *args, **kwargs)
+
+    monkeypatch.setattr(oreo, "losses", recording_losses)
+    oreo.oreo_step(policy, reference, value_model, *adam_pair(policy, value_model), tokenizer, rows[:2],
+                   beta=0.03, alpha=0.01, level="token", micro_batch=2)
+    critic_values, actor_values = calls                            # one micro-batch: critic call, then actor call
+    batch = oreo.encode_offline_batch(tokenizer, rows[:2], "cpu")
+    with torch.no_grad():
+        after_update = value_model(batch["input_ids"], batch["attention_mask"], batch["n_prompt"])
+    assert torch.equal(actor_values, critic_values)
+    assert not torch.allclose(actor_values, after_update)
+
+
+def test_one_optimizer_step_of_each_model_per_micro_batch(tiny_dirs, rows):
+    policy, reference, value_model, tokenizer = tiny_models(tiny_dirs)
+    policy_opt, value_opt, policy_sched, value_sched = oreo.make_oreo_optimizers(policy, value_model, 1e-3, 1e-3,
+                                                                                 total_steps=10)
+    oreo.oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, rows, beta=0.03, alpha=0.01,
+                   level="token", micro_batch=3, policy_scheduler=policy_sched, value_scheduler=value_sched)
+    assert policy_sched.last_epoch == value_sched.last_epoch == 2   # 4 rows in micro-batches of 3: 2 steps each
+    assert all(state["step"] == 2 for state in policy_opt.state.values())
+
+
+def test_actor_gradient_has_the_closed_form_with_frozen_zero_values(tiny_dirs, rows):
+    policy, reference, value_model, tokenizer = tiny_models(tiny_dirs)
+    beta, lr = 0.03, 1e-2
+    batch = oreo.encode_offline_batch(tokenizer, rows, "cpu")
+    args, mask = (batch["input_ids"], batch["attention_mask"], batch["n_prompt"]), batch["mask"]
+    logp = M.token_logprobs(policy, *args)                          # with gradient
+    with torch.no_grad():
+        ref_logp = M.token_logprobs(reference, *args)
+    A = (((logp - ref_logp) * mask).detach()).flip(-1).cumsum(-1).flip(-1)
+    delta = beta * A - batch["rewards"][:, None]                    # V = 0
+    dL_dlogp = 2 * beta * delta * mask / (len(rows) * mask.sum(-1, keepdim=True))
+    params = [p for _, p in policy.named_parameters()]
+    expected = torch.autograd.grad((dL_dlogp * logp).sum(), params)
+
+    before = snapshot(policy)
+    policy_opt = torch.optim.SGD(policy.parameters(), lr=lr)
+    value_opt = torch.optim.SGD(value_model.parameters(), lr=0.0)  # the critic stays at V = 0
+    oreo.oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, rows, beta=beta, alpha=0.0,
+                   level="token", micro_batch=len(rows), kl="k3", grad_clip=1e9)
+    for (name, p), g in zip(policy.named_parameters(), expected):
+        assert torch.allclose((before[name] - p.detach()) / lr, g, atol=1e-10), name
+    assert value_model.head.weight.abs().max() == 0
+
+
+@pytest.mark.parametrize("level", ["step", "response"])
+def test_oreo_step_runs_at_step_and_response_level(tiny_dirs, rows, level):
+    policy, reference, value_model, tokenizer = tiny_models(tiny_dirs)
+    metrics = oreo.oreo_step(policy, reference, value_model, *adam_pair(policy, value_model), tokenizer, rows,
+                             beta=0.03, alpha=oreo.KL_ALPHA[level], level=level, micro_batch=4)
+    assert metrics["policy_loss"] == pytest.approx(metrics["value_loss"])    # equal values at V = 0 before
+    assert value_model.head.weight.abs().max() > 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(kl="k2"), "kl must be"), (dict(level="word"), "level must be"), (dict(micro_batch=0), "micro_batch"),
+])
+def test_oreo_step_rejects_bad_arguments(tiny_dirs, rows, bad, message):
+    policy, reference, value_model, tokenizer = tiny_models(tiny_dirs)
+    kwargs = dict(beta=0.03, alpha=0.01, level="token", micro_batch=2)
+    kwargs.update(bad)
+    with pytest.raises(ValueError, match=message):
+        oreo.oreo_step(policy, reference, value_model, *adam_pair(policy, value_model), tokenizer, rows, **kwargs)
+
+
+def test_make_oreo_optimizers_adam_settings_and_schedule(tiny_dirs):
+    policy, _, value_model, _ = tiny_models(tiny_dirs)
+    policy_opt, value_opt, policy_sched, _ = oreo.make_oreo_optimizers(policy, value_model, 5e-6, 1e-4, 100)
+    for opt, lr in ((policy_opt, 5e-6), (value_opt, 1e-4)):
+        group = opt.param_groups[0]
+        assert isinstance(opt, torch.optim.Adam) and group["betas"] == (0.9, 0.95) and group["weight_decay"] == 0
+        assert group["initial_lr"] == lr
+    assert policy_opt.param_groups[0]["lr"] == pytest.approx(5e-6 / 3)          # 3% of 100 steps of warm-up
+
+
+def test_warmup_cosine_shape():
+    factors = [oreo.warmup_cosine(step, 100, 3) for step in range(101)]
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and factors[3] == 1.0
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))                 # decreasing after warm-up
+    assert factors[100] == pytest.approx(0.1)

@@ -1,0 +1,96 @@
+"""Time one full RL step (rollout + scoring + log-probs + update) of the tiny CPU preset, by hand:
+
+    .venv/bin/python bench/step.py [--steps 3] [--model runs/default/checkpoints/warmup]
+
+It uses train.py's own rl_step with its CPU constants (PROMPTS_PER_STEP x GROUP_SIZE, MAX_NEW_TOKENS), after
+one untimed warm-up step, and prints a table of seconds per phase. If `trl` is installed it also times TRL's
+GRPOTrainer on the same model, batch, group size and lengths and prints the ratio (TRL is never a dependency
+of this project: install it by hand to compare).
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import kk_data  # noqa: E402
+import model as kk_model  # noqa: E402
+import train  # noqa: E402
+from rollout import HFSampler  # noqa: E402
+
+
+def time_ours(model_path, steps):
+    torch.manual_seed(0)
+    tokenizer = kk_model.load_tokenizer(model_path)
+    policy, reference = train.load_policy_and_reference(model_path, "cpu")
+    sampler = HFSampler(policy, tokenizer)
+    optimizer, scheduler = train.make_optimizer(policy, train.LR, steps + 1, "constant")
+    records = kk_data.generate(3, train.PROMPTS_PER_STEP * (steps + 1), seed=7)
+    rows = []
+    for i in range(steps + 1):
+        batch = records[i * train.PROMPTS_PER_STEP:(i + 1) * train.PROMPTS_PER_STEP]
+        start = time.perf_counter()
+        metrics = train.rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, batch)
+        metrics["total"] = time.perf_counter() - start
+        if i > 0:  # the first step warms up allocators and kernels
+            rows.append(metrics)
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("seconds_") or k in (
+        "total", "completion_length", "sampled_tokens_per_s")}
+
+
+def time_trl(model_path, steps):
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return None
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from reward import score
+    tokenizer = kk_model.load_tokenizer(model_path)
+    records = kk_data.generate(3, train.PROMPTS_PER_STEP * (steps + 1), seed=7)
+    data = Dataset.from_list([{"prompt": kk_data.make_prompt(r, train.TEMPLATE), "solution": r[
+        "solution_text_format"]} for r in records])
+
+    def reward_fn(completions, solution, **_):
+        return [score("<think>" + c, s).total for c, s in zip(completions, solution)]
+
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(output_dir=out, per_device_train_batch_size=train.PROMPTS_PER_STEP * train.GROUP_SIZE,
+                            num_generations=train.GROUP_SIZE, max_completion_length=train.MAX_NEW_TOKENS,
+                            learning_rate=train.LR, beta=train.KL_COEF, max_steps=steps + 1, logging_steps=1,
+                            report_to=[], use_cpu=True, temperature=train.TEMPERATURE)
+        trainer = GRPOTrainer(model=model_path, reward_funcs=reward_fn, args=config, train_dataset=data,
+                              processing_class=tokenizer)
+        start = time.perf_counter()
+        trainer.train()
+        return (time.perf_counter() - start) / (steps + 1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--model", default="", help="HF folder; default: a fresh tiny model (untrained)")
+    args = parser.parse_args()
+    torch.set_num_threads(train.CPU_THREADS)
+    model_path = args.model or kk_model.build_tiny(tempfile.mkdtemp(), kk_data.corpus_text(), **train.TINY_SIZES)
+    ours = time_ours(model_path, args.steps)
+    print(f"tiny preset: {train.PROMPTS_PER_STEP} prompts x {train.GROUP_SIZE} samples, max {train.MAX_NEW_TOKENS}"
+          f" new tokens, mean completion {ours['completion_length']:.0f} tokens, {args.steps} timed steps\n")
+    print("| phase | seconds per step |\n|---|---|")
+    for key, value in ours.items():
+        if key.startswith("seconds_") or key == "total":
+            print(f"| {key.removeprefix('seconds_')} | {value:.2f} |")
+    trl_seconds = time_trl(model_path, args.steps)
+    if trl_seconds is None:
+        print("\ntrl is not installed: no comparison (pip install trl to compare with its GRPOTrainer)")
+    else:
+        print(f"\nTRL GRPOTrainer: {trl_seconds:.2f} s/step (incl. its first step); ratio TRL / ours = "
+              f"{trl_seconds / ours['total']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
