@@ -33,6 +33,7 @@ import eval as kk_eval
 import grpo
 import kk_data
 import model as kk_model
+import oreo
 from reward import score_batch, summarize
 from rollout import HFSampler
 
@@ -80,11 +81,18 @@ SAVE_EVERY = 100 if ON_GPU else 20  # steps between resumable checkpoints
 OUT_DIR = "runs/default"
 SEED = 1234
 RESUME = False  # continue from OUT_DIR/checkpoints/trainer_state.pt if it exists
+OREO_SAMPLES = 16 if ON_GPU else 4  # OREO offline data: completions sampled per training prompt
+OREO_PROMPTS = 4096 if ON_GPU else 300  # OREO offline data: training prompts sampled from (over all sizes)
+OREO_BALANCE = 4 if ON_GPU else 0  # keep at most this many correct and this many wrong per prompt (0 = all)
+OREO_BATCH = 128 if ON_GPU else 32  # offline rows per OREO step
+OREO_LEVEL = "token"  # token | step | response (OREO's three granularities; the KL weight follows the level)
+OREO_KL = "full"  # full (exact reverse KL over the vocabulary) | k3 (sampled estimate)
+VALUE_LR = 5e-6 if ON_GPU else 1e-4  # OREO critic learning rate (policy: LR); both Adam (0.9, 0.95), cosine
 CPU_THREADS = 1  # torch threads on CPU: on a busy 2-core machine 2 threads made tiny matmuls ~20x slower
 TINY_SIZES = dict(hidden=128, layers=4, heads=4, kv_heads=4, ffn=512)  # the 1M-parameter CPU model
 
 GROUP_ALGOS = ("grpo", "drgrpo", "rloo")
-ALGOS = GROUP_ALGOS + ("reinforce++", "reinforce++-baseline", "sft")
+ALGOS = GROUP_ALGOS + ("reinforce++", "reinforce++-baseline", "sft", "oreo")
 CONSTANTS = [name for name in list(globals()) if name.isupper() and name not in ("ON_GPU", "GROUP_ALGOS", "ALGOS")]
 RANK, WORLD = 0, 1  # this process and how many there are: main() asks torchrun (kk_model.init_distributed)
 DEVICE = kk_model.pick_device()  # where batches go (under torchrun "cuda" is this rank's own GPU)
@@ -142,6 +150,8 @@ def check_constants():
     need(GROUP_SIZE >= 2 or ALGO not in GROUP_ALGOS, f"GROUP_SIZE={GROUP_SIZE}: group baselines need >= 2")
     need(STEPS >= 0 and SFT_STEPS >= 0 and LR > 0 and SFT_LR > 0, "STEPS, SFT_STEPS >= 0 and LR, SFT_LR > 0")
     need(TEMPERATURE > 0, f"TEMPERATURE={TEMPERATURE} must be > 0 for sampling (greedy is for evaluation)")
+    need(ALGO != "oreo" or WORLD == 1, "ALGO='oreo' runs on one process here (no FSDP2 value model yet)")
+    need(OREO_LEVEL in oreo.LEVELS and OREO_KL in ("full", "k3"), "OREO_LEVEL / OREO_KL: see their comments")
     need(EVAL_EVERY > 0 and SAVE_EVERY > 0, "EVAL_EVERY and SAVE_EVERY must be > 0")
     need(ALGO == "sft" or not WARMUP_CHECKPOINT or Path(WARMUP_CHECKPOINT).is_dir(),
          f"WARMUP_CHECKPOINT={WARMUP_CHECKPOINT!r} is not a folder (use '' to run SFT_STEPS of warm-up instead)")
@@ -402,6 +412,55 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
     return step_offset + steps
 
 
+# ----------------------------------------------------------------------------------------------------------
+# OREO (oreo.py; arXiv 2412.16145): sample offline data once from the starting model, then fit a value model and
+# the policy jointly to soft Bellman consistency, one pass over the rows (at most STEPS batches).
+def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, step_offset, start_path):
+    out = Path(OUT_DIR)
+    data_path, state_path = out / "offline.jsonl", out / "checkpoints" / "oreo_state.pt"
+    if not data_path.exists():
+        records = batches_of_all_sizes(train, OREO_PROMPTS)
+        rows = oreo.sample_offline_data(sampler, records, TEMPLATE, tokenizer, OREO_SAMPLES, TEMPERATURE,
+                                        MAX_NEW_TOKENS, OREO_BALANCE or None, progress=True)
+        oreo.save_offline(rows, data_path)
+    rows = oreo.load_offline(data_path)
+    random.Random(SEED).shuffle(rows)
+    batches = [rows[i:i + OREO_BATCH] for i in range(0, len(rows), OREO_BATCH)][:STEPS]
+    value_model = oreo.ValueModel.from_pretrained(start_path, DEVICE)
+    optimizers = oreo.make_oreo_optimizers(policy, value_model, LR, VALUE_LR, sum(
+        math.ceil(len(b) / MICRO_BATCH) for b in batches))  # (policy_opt, value_opt, policy_sched, value_sched)
+    modules = [policy, value_model, *optimizers]
+    first = 0
+    if RESUME and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        for module, module_state in zip(modules, state["modules"]):
+            module.load_state_dict(module_state)
+        first = state["step"]
+    for step in tqdm(range(first, len(batches)), desc="oreo", initial=first, total=len(batches)):
+        metrics = oreo.oreo_step(policy, reference, value_model, optimizers[0], optimizers[1], tokenizer,
+                                 batches[step], oreo.BETA, oreo.KL_ALPHA[OREO_LEVEL], OREO_LEVEL, MICRO_BATCH,
+                                 grad_clip=GRAD_CLIP, kl=OREO_KL, policy_scheduler=optimizers[2],
+                                 value_scheduler=optimizers[3])
+        log.write({**metrics, "kind": "train", "stage": "oreo", "step": step + 1,
+                   "global_step": step_offset + step + 1})
+        if (step + 1) % EVAL_EVERY == 0 or step + 1 == len(batches):
+            result = evaluate(sampler, tokenizer, test)
+            log.write({"kind": "eval", "stage": "oreo", "step": step + 1, "global_step": step_offset + step + 1,
+                       **result})
+            tqdm.write(f"[oreo {step + 1}] held-out accuracy {fmt(result['accuracy'])}")
+        if (step + 1) % SAVE_EVERY == 0 or step + 1 == len(batches):
+            torch.save({"step": step + 1, "modules": [m.state_dict() for m in modules]}, str(state_path) + ".tmp")
+            os.replace(str(state_path) + ".tmp", state_path)
+    value_model.save(out / "checkpoints" / "value")
+    return len(batches)
+
+
+def batches_of_all_sizes(records_by_size, count):
+    """`count` distinct training records, the same number of each size (as far as a size has them)."""
+    per_size = math.ceil(count / len(records_by_size))
+    return [r for size in sorted(records_by_size) for r in records_by_size[size][:per_size]][:count]
+
+
 def evaluate(sampler, tokenizer, test):
     """Greedy held-out scores; under torchrun each rank scores every WORLD-th puzzle and the means are pooled."""
     shards = {size: records[RANK::WORLD] for size, records in test.items()}
@@ -523,9 +582,12 @@ def main():
         if "warmup" not in summary:
             summary["warmup"] = evaluate(sampler, tokenizer, test)
             print(f"warm-up model: accuracy {fmt(summary['warmup']['accuracy'])}")
-        run_stage("rl", STEPS, policy, reference, sampler, tokenizer, train, test, log, summary, offset,
-                  resume_state=state)
-        save_hf_checkpoint(policy, tokenizer, out, "final", "rl", STEPS)
+        if ALGO == "oreo":
+            steps = run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, offset, str(rl_start))
+        else:
+            steps = run_stage("rl", STEPS, policy, reference, sampler, tokenizer, train, test, log, summary, offset,
+                              resume_state=state) - offset
+        save_hf_checkpoint(policy, tokenizer, out, "final", "rl", steps)
 
     if RANK > 0:
         return
