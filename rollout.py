@@ -305,6 +305,7 @@ class VLLMSampler:
                  seed=0, max_model_len=None, dtype=None, kv_cache_memory_bytes=None, enforce_eager=None):
         if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
             raise ValueError("VLLMSampler needs a tokenizer with an EOS and a pad token (use model.load_tokenizer)")
+        self.vllm = import_vllm()
         on_gpu = torch.cuda.is_available()
         if enable_sleep_mode is None:
             enable_sleep_mode = on_gpu
@@ -313,7 +314,6 @@ class VLLMSampler:
         if not model.config.architectures:
             raise ValueError("VLLMSampler: model.config.architectures is empty, so vLLM cannot tell which model "
                              "class to build (load the policy with model.load_model)")
-        self.vllm = import_vllm()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device  # where the rollout tensors go: the trainer's device
         self.enable_sleep_mode = enable_sleep_mode

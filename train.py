@@ -35,6 +35,7 @@ import kk_data
 import model as kk_model
 import oreo
 from reward import score_batch, summarize
+import rollout
 from rollout import HFSampler
 
 # ----------------------------------------------------------------------------------------------------------
@@ -45,7 +46,7 @@ MODEL = "Qwen/Qwen2.5-7B-Instruct-1M" if ON_GPU else "tiny"  # hub name, local H
 TEMPLATE = "qwen-instruct" if ON_GPU else "tiny"  # prompt template (kk_data.TEMPLATES)
 WARMUP_CHECKPOINT = "" if ON_GPU else "assets/tiny-warmup"  # start RL from this folder ("" = SFT_STEPS first)
 ALGO = "reinforce++" if ON_GPU else "grpo"  # grpo | drgrpo | rloo | reinforce++ | reinforce++-baseline | sft
-SAMPLER = "hf"  # hf (transformers generate)
+SAMPLER = "hf"  # hf (transformers generate) | vllm (colocated engine, weights synced in place every step)
 PEOPLE = "3-7" if ON_GPU else "2-3"  # puzzle sizes, "a-b" or "a,b,c"
 TRAIN_PER_SIZE = 900 if ON_GPU else 3000  # generated training puzzles per size (2 people has only ~400)
 TEST_PER_SIZE = 100 if ON_GPU else 200  # held-out puzzles per size
@@ -73,6 +74,7 @@ ENTROPY_COEF = 0.001 if ON_GPU else 0.0
 TEMPERATURE = 0.7 if ON_GPU else 1.0  # rollout temperature; log-probs use the same temperature
 TOP_P = 1.0
 MAX_NEW_TOKENS = 4096 if ON_GPU else 400
+MAX_PROMPT_TOKENS = 512  # the vLLM engine's context is MAX_PROMPT_TOKENS + MAX_NEW_TOKENS
 GRADIENT_CHECKPOINTING = ON_GPU
 CPU_OFFLOAD = False  # under torchrun (FSDP2): sharded weights, grads and Adam state in host RAM
 EVAL_BATCH = 64 if ON_GPU else 200  # held-out prompts generated together
@@ -132,7 +134,7 @@ def check_constants():
         if not ok:
             sys.exit(f"error: {message}")
     need(ALGO in ALGOS, f"ALGO={ALGO!r} is unknown; choose one of {ALGOS}")
-    need(SAMPLER in ("hf",), f"SAMPLER={SAMPLER!r} is unknown; choose 'hf'")
+    need(SAMPLER in ("hf", "vllm"), f"SAMPLER={SAMPLER!r} is unknown; choose 'hf' or 'vllm'")
     need(TEMPLATE in kk_data.TEMPLATES, f"TEMPLATE={TEMPLATE!r} is unknown; choose one of {kk_data.TEMPLATES}")
     need(KL_KIND in ("k1", "k2", "k3"), f"KL_KIND={KL_KIND!r}: choose k1, k2 or k3")
     need(KL_IN in ("loss", "reward"), f"KL_IN={KL_IN!r}: choose 'loss' or 'reward'")
@@ -444,6 +446,7 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
         log.write({**metrics, "kind": "train", "stage": "oreo", "step": step + 1,
                    "global_step": step_offset + step + 1})
         if (step + 1) % EVAL_EVERY == 0 or step + 1 == len(batches):
+            sync_sampler(sampler, policy)
             result = evaluate(sampler, tokenizer, test)
             log.write({"kind": "eval", "stage": "oreo", "step": step + 1, "global_step": step_offset + step + 1,
                        **result})
@@ -495,8 +498,11 @@ def load_policy_and_reference(path, device):
 
 
 def make_sampler(policy, path, tokenizer):
-    """HF generate on the policy itself; under torchrun on an unsharded copy (generate on a sharded model
-    would need every rank in lock-step), refreshed by sync_sampler after every update."""
+    """vLLM: one engine per rank, fed the (gathered) policy weights. HF generate: on the policy itself; under
+    torchrun on an unsharded copy (generate on a sharded model would need every rank in lock-step), refreshed by
+    sync_sampler after every update."""
+    if SAMPLER == "vllm":
+        return rollout.make_sampler("vllm", policy, tokenizer, max_model_len=MAX_PROMPT_TOKENS + MAX_NEW_TOKENS)
     return HFSampler(policy if WORLD == 1 else kk_model.load_reference(path, DEVICE), tokenizer)
 
 
@@ -565,6 +571,7 @@ def main():
                            resume_state=state)
         state = None
         save_hf_checkpoint(policy, tokenizer, out, "warmup" if ALGO != "sft" else "final", "sft", sft_steps)
+        sampler.close()  # a vLLM engine must be shut down explicitly
         del policy, sampler
     elif WARMUP_CHECKPOINT:
         if RANK == 0 and not warmup_path.exists():
@@ -588,6 +595,7 @@ def main():
             steps = run_stage("rl", STEPS, policy, reference, sampler, tokenizer, train, test, log, summary, offset,
                               resume_state=state) - offset
         save_hf_checkpoint(policy, tokenizer, out, "final", "rl", steps)
+        sampler.close()
 
     if RANK > 0:
         return

@@ -241,6 +241,11 @@ def torchrun_program(model_dir, out_prefix):
     total = torch.ones(1)
     torch.distributed.all_reduce(total)  # the trainer's group still works
     result["all_reduce"] = total.item()
+    again = R.VLLMSampler(policy, tokenizer, seed=0, max_model_len=256)  # train.py: one sampler per stage
+    rollout = again.generate(prompts, n=2, max_new_tokens=MAX_NEW)
+    result["gap_rebuilt"] = R.logprob_gap(rollout.sampler_logprobs, trainer_logprobs(policy, rollout),
+                                          rollout.completion_mask)
+    again.close()
     Path(f"{out_prefix}.{rank}.json").write_text(json.dumps(result))
     torch.distributed.destroy_process_group()
 
@@ -259,6 +264,7 @@ def test_torchrun_ranks_each_sync_their_own_engine_and_keep_the_process_group(tm
         assert result["gap_start"] < MATCH and result["gap_synced"] < MATCH and result["gap_stale"] > STALE
         assert result["rows"] == 2 * (2 + rank)
         assert result["group_alive_after_close"] and result["all_reduce"] == 2.0
+        assert result["gap_rebuilt"] < MATCH  # a second engine, built after the first was closed
 
 
 if __name__ == "__main__":
