@@ -342,18 +342,12 @@ def read_metrics(run_dir):
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no metrics log here (is {run_dir} a train.py output folder?)")
-    rows = []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{line_number}: invalid JSON ({error})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    return kk_data.read_jsonl(path, check_is_object)
+
+
+def check_is_object(row):
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
 
 
 def curves(rows):

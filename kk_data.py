@@ -422,23 +422,29 @@ def check_record(record):
                              f"{statement!r}")
 
 
-def load_jsonl(path):
-    """Records of a benchmark-format JSONL file, unchanged; a bad row raises ValueError naming path:line."""
-    records = []
+def read_jsonl(path, check_row):
+    """The rows of a JSONL file (blank lines skipped); invalid JSON, or a row for which check_row raises
+    ValueError, raises ValueError naming path:line. Also used for OREO's offline data and metrics logs."""
+    rows = []
     with open(path, encoding="utf-8") as file:
         for line_number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{line_number}: invalid JSON ({error})") from None
             try:
-                check_record(record)
+                check_row(row)
             except ValueError as error:
                 raise ValueError(f"{path}:{line_number}: {error}") from None
-            records.append(record)
-    return records
+            rows.append(row)
+    return rows
+
+
+def load_jsonl(path):
+    """Records of a benchmark-format JSONL file, unchanged; a bad row raises ValueError naming path:line."""
+    return read_jsonl(path, check_record)
 
 
 def save_jsonl(records, path):

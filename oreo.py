@@ -378,21 +378,7 @@ def check_offline_row(row):
 
 def load_offline(path):
     """The rows of a file written by save_offline; a bad line raises ValueError naming path:line."""
-    rows = []
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: invalid JSON ({error})") from None
-            try:
-                check_offline_row(row)
-            except ValueError as error:
-                raise ValueError(f"{path}:{line_number}: {error}") from None
-            rows.append(row)
-    return rows
+    return kk_data.read_jsonl(path, check_offline_row)
 
 
 # ----------------------------------------------------------------------------------------------------------------

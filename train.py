@@ -121,13 +121,6 @@ def parse_overrides(argv):
         globals()[name] = value
 
 
-def parse_sizes(text):
-    if "-" in text:
-        lo, hi = text.split("-")
-        return list(range(int(lo), int(hi) + 1))
-    return [int(s) for s in text.split(",")]
-
-
 def check_constants():
     """Fail before any work, naming the constant to change."""
     def need(ok, message):
@@ -142,7 +135,7 @@ def check_constants():
     need(LR_SCHEDULE in ("constant", "cosine") and SFT_SCHEDULE in ("constant", "cosine"),
          "LR_SCHEDULE and SFT_SCHEDULE must be 'constant' or 'cosine'")
     need(AGGREGATION in ("seq-mean", "token-mean", "constant"), f"AGGREGATION={AGGREGATION!r} is unknown")
-    need(all(2 <= n <= 8 for n in parse_sizes(PEOPLE)), f"PEOPLE={PEOPLE!r}: sizes must lie in 2..8")
+    need(all(2 <= n <= 8 for n in kk_data.parse_sizes(PEOPLE)), f"PEOPLE={PEOPLE!r}: sizes must lie in 2..8")
     need(PROMPTS_PER_STEP % WORLD == 0 and SFT_BATCH % WORLD == 0 and TEST_PER_SIZE >= WORLD,
          f"PROMPTS_PER_STEP={PROMPTS_PER_STEP} and SFT_BATCH={SFT_BATCH} must be divisible by, and TEST_PER_SIZE="
          f"{TEST_PER_SIZE} at least, the number of torchrun processes WORLD_SIZE={WORLD}")
@@ -163,7 +156,7 @@ def check_constants():
 # Data and models.
 def make_datasets():
     """{size: [records]} for training and for held-out testing; disjoint, deterministic from SEED."""
-    return kk_data.make_splits(parse_sizes(PEOPLE), TRAIN_PER_SIZE, TEST_PER_SIZE, SEED)
+    return kk_data.make_splits(kk_data.parse_sizes(PEOPLE), TRAIN_PER_SIZE, TEST_PER_SIZE, SEED)
 
 
 def initial_model_path(out_dir):
@@ -234,15 +227,15 @@ def sft_step(policy, tokenizer, optimizer, scheduler, records):
 # ----------------------------------------------------------------------------------------------------------
 # One RL step: roll out, score, advantages, clipped policy loss with KL, one optimizer step.
 def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records):
-    timer = Timer()
+    clock = [time.perf_counter()]  # the start, then the end of each phase
     prompts = [kk_data.make_prompt(r, TEMPLATE, tokenizer) for r in records]
     rollout = sampler.generate(prompts, n=GROUP_SIZE, temperature=TEMPERATURE, top_p=TOP_P,
                                max_new_tokens=MAX_NEW_TOKENS)
-    timer.lap("generate")
+    clock.append(time.perf_counter())  # generate done
     solutions = [r["solution_text_format"] for r in records for _ in range(GROUP_SIZE)]
     scores = score_batch(["<think>" + c for c in rollout.completions], solutions)
     rewards = torch.tensor([s.total for s in scores], dtype=torch.float32, device=DEVICE)  # [B]
-    timer.lap("score")
+    clock.append(time.perf_counter())  # score done
 
     input_ids, attention = rollout.input_ids().to(DEVICE), rollout.attention_mask().to(DEVICE)
     mask = rollout.completion_mask.to(DEVICE)  # [B, C]
@@ -255,7 +248,7 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
         logp_ref = torch.cat([kk_model.token_logprobs(reference, input_ids[mb], attention[mb], n_prompt,
                                                       TEMPERATURE) for mb in micro_batches(batch)])  # [B, C]
     sampler_diff = ((logp_old - rollout.sampler_logprobs.to(DEVICE)).abs() * mask).sum() / mask.sum()
-    timer.lap("logprobs")
+    clock.append(time.perf_counter())  # logprobs done
 
     if ALGO in GROUP_ALGOS:
         advantages = grpo.group_advantages(rewards, GROUP_SIZE, ALGO)[:, None].expand_as(mask)  # [B, C]
@@ -281,25 +274,16 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), GRAD_CLIP).item()
     optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
     sync_sampler(sampler, policy)
-    timer.lap("update")
+    clock.append(time.perf_counter())  # update done
 
     metrics = {f"reward_{k}" if k in ("format", "answer") else k: v for k, v in summarize(scores).items()}
     metrics.update(stats_sum, grad_norm=grad_norm, sampler_logprob_diff=sampler_diff.item(),
                    completion_length=mask.sum(-1).mean().item(),
                    zero_variance_groups=grpo.zero_variance_fraction(rewards, GROUP_SIZE),
-                   sampled_tokens_per_s=n_tokens.item() / timer.seconds["generate"])
-    metrics.update({f"seconds_{k}": v for k, v in timer.seconds.items()})
+                   sampled_tokens_per_s=n_tokens.item() / (clock[1] - clock[0]))
+    for phase, start, end in zip(("generate", "score", "logprobs", "update"), clock, clock[1:]):
+        metrics[f"seconds_{phase}"] = end - start
     return metrics
-
-
-class Timer:
-    def __init__(self):
-        self.start, self.seconds = time.perf_counter(), {}
-
-    def lap(self, name):
-        now = time.perf_counter()
-        self.seconds[name] = now - self.start
-        self.start = now
 
 
 # ----------------------------------------------------------------------------------------------------------
