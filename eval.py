@@ -565,4 +565,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # on a busy 2-core machine more threads made small models ~20x slower (NOTES.md)
     sys.exit(main())
