@@ -111,9 +111,9 @@ def parse_overrides(argv):
             sys.exit(f"error: unknown constant {name!r}; the constants are: {', '.join(CONSTANTS)}")
         old = globals()[name]
         try:
-            value = ast.literal_eval(text)
+            value = text if isinstance(old, str) else ast.literal_eval(text)  # --PEOPLE=3 stays the string "3"
         except (ValueError, SyntaxError):
-            value = text  # a bare string such as --ALGO=grpo
+            value = text  # reported below as a type mismatch
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if type(value) is not type(old):

@@ -74,6 +74,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     ("--LR=fast", "--LR expects a float"),
     ("--KL_KIND=k9", "KL_KIND='k9'"),
     ("--PEOPLE=1-3", "PEOPLE='1-3'"),
+    ("--STEPS=many", "--STEPS expects a int"),
 ])
 def test_bad_constants_are_refused_with_a_message_naming_them(arg, message):
     import train
@@ -82,6 +83,13 @@ def test_bad_constants_are_refused_with_a_message_naming_them(arg, message):
         train.parse_overrides([arg])
         train.check_constants()
     assert message in str(error.value)
+
+
+def test_string_constants_take_the_text_as_given():
+    import train
+    importlib.reload(train)
+    train.parse_overrides(["--PEOPLE=3", "--ALGO=rloo", "--LR=3e-5", "--TINY_SIZES={'hidden': 64}"])
+    assert (train.PEOPLE, train.ALGO, train.LR, train.TINY_SIZES) == ("3", "rloo", 3e-5, {"hidden": 64})
 
 
 def test_a_bad_constant_stops_the_run_before_it_writes_anything(tmp_path):
