@@ -35,7 +35,7 @@ import kk_data
 import model as kk_model
 import oreo
 from reward import score_batch, summarize
-import rollout
+import rollout as rollout_lib
 from rollout import HFSampler
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
                               for mb in micro_batches(batch)])  # [B, C]
         logp_ref = torch.cat([kk_model.token_logprobs(reference, input_ids[mb], attention[mb], n_prompt,
                                                       TEMPERATURE) for mb in micro_batches(batch)])  # [B, C]
-    sampler_diff = ((logp_old - rollout.sampler_logprobs.to(DEVICE)).abs() * mask).sum() / mask.sum()
+    sampler_diff = rollout_lib.logprob_gap(rollout.sampler_logprobs.to(DEVICE), logp_old, mask)  # sync check
     clock.append(time.perf_counter())  # logprobs done
 
     if ALGO in GROUP_ALGOS:
@@ -277,7 +277,7 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     clock.append(time.perf_counter())  # update done
 
     metrics = {f"reward_{k}" if k in ("format", "answer") else k: v for k, v in summarize(scores).items()}
-    metrics.update(stats_sum, grad_norm=grad_norm, sampler_logprob_diff=sampler_diff.item(),
+    metrics.update(stats_sum, grad_norm=grad_norm, sampler_logprob_diff=sampler_diff,
                    completion_length=mask.sum(-1).mean().item(),
                    zero_variance_groups=grpo.zero_variance_fraction(rewards, GROUP_SIZE),
                    sampled_tokens_per_s=n_tokens.item() / (clock[1] - clock[0]))
@@ -486,7 +486,7 @@ def make_sampler(policy, path, tokenizer):
     torchrun on an unsharded copy (generate on a sharded model would need every rank in lock-step), refreshed by
     sync_sampler after every update."""
     if SAMPLER == "vllm":
-        return rollout.make_sampler("vllm", policy, tokenizer, max_model_len=MAX_PROMPT_TOKENS + MAX_NEW_TOKENS)
+        return rollout_lib.make_sampler("vllm", policy, tokenizer, max_model_len=MAX_PROMPT_TOKENS + MAX_NEW_TOKENS)
     return HFSampler(policy if WORLD == 1 else kk_model.load_reference(path, DEVICE), tokenizer)
 
 
@@ -528,7 +528,7 @@ def main():
     if RANK == 0:
         (out / "config.json").write_text(json.dumps({k: globals()[k] for k in CONSTANTS}, indent=1))
     device = kk_model.pick_device()
-    began = time.perf_counter() - (state["summary"].get("seconds", 0.0) if state else 0.0)
+    began = time.perf_counter()  # wall time of this process (a resumed run counts from its restart)
     train, test = make_datasets()
     print(f"data: {sum(map(len, train.values()))} training puzzles, {sum(map(len, test.values()))} held-out, "
           f"sizes {sorted(train)}; device {device}")
