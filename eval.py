@@ -49,6 +49,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import transformers
 from tqdm import tqdm
 
@@ -234,10 +235,19 @@ def summarize_completions(rows, k=None):
 
 def evaluate(sampler, records_by_size, template, tokenizer=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
              temperature=0.0, samples=1, top_p=1.0, batch_size=EVAL_BATCH, progress=False):
-    """{metric: {size: value}} for one sampler, greedy by default; with samples > 1 also pass_at_k (k = samples)."""
-    rows = score_completions(sampler, records_by_size, template, tokenizer, samples=samples,
+    """{metric: {size: value}} for one sampler, greedy by default; with samples > 1 also pass_at_k (k = samples).
+    Under torchrun (train.py) each rank scores every WORLD-th puzzle and every rank gets the pooled numbers."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shard = {size: records[rank::world] for size, records in records_by_size.items()}
+    rows = score_completions(sampler, shard, template, tokenizer, samples=samples,
                              temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, progress=progress)
+    if world > 1:
+        for row in rows:
+            row["record"] = row["record"] * world + rank  # its position in the unsharded list
+        parts = [None] * world
+        dist.all_gather_object(parts, rows)
+        rows = [row for part in parts for row in part]
     return summarize_completions(rows, k=samples if samples > 1 else None)
 
 

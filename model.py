@@ -17,6 +17,8 @@ divided by the sampling temperature so that it matches what the sampler drew fro
    and sharded checkpoints (`save_sharded_state` / `load_sharded_state`, torch.distributed.checkpoint).
 6. Saving: `save_hf` writes a bf16 safetensors HF folder that vLLM or `load_model` can read back (from a
    sharded model too: every rank gathers, rank 0 writes).
+7. Exact resume: `save_trainer_state` / `load_trainer_state` / `restore_trainer_state` (fp32 weights,
+   optimizer and RNG states; sharded under torchrun).
 
 Layout (NOTES.md): a batch is `prompt_ids [B, P]` (LEFT-padded) followed by `completion_ids [B, C]`
 (RIGHT-padded); position ids are always `(attention_mask.cumsum(-1) - 1).clamp(min=0)`, in generation and
@@ -28,6 +30,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -347,6 +350,15 @@ def barrier():
         dist.barrier()
 
 
+def mean_over_ranks(numbers: dict) -> dict:
+    """Every number of a {name: number} dict averaged over the ranks (each describes an equal share of a batch)."""
+    names = sorted(numbers)
+    values = torch.tensor([float(numbers[k]) for k in names], dtype=torch.float64)
+    if dist.is_initialized():
+        values = all_reduce_sum(values.to(pick_device())).cpu() / dist.get_world_size()
+    return dict(zip(names, values.tolist()))
+
+
 def is_sharded(model) -> bool:
     """True when `model`'s parameters are FSDP shards (DTensors) rather than plain tensors."""
     return isinstance(next(model.parameters()), DTensor)
@@ -493,6 +505,66 @@ def save_hf(model, tokenizer, out_dir, extra=None):
     if sharded:
         dist.barrier()  # nobody reads the folder before rank 0 has finished writing it
     return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Resumable trainer state: what an exact resume needs besides the HF folder (fp32 weights, optimizer state,
+#    RNG states, plus the caller's `extra`: step, scheduler, data RNG...). One process writes one .pt file.
+#    Under torchrun every rank writes its shards (save_sharded_state) and its own RNG file into a folder, and
+#    the .pt file, written last, names that folder: a kill mid-save leaves the previous state whole.
+# ----------------------------------------------------------------------------------------------------------
+
+def save_trainer_state(path, model, optimizer, extra: dict):
+    """Write the resumable state to `path` (replaced atomically). Under torchrun EVERY rank must call this."""
+    path = Path(path)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    state = {**extra, "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    previous = None
+    if world > 1:
+        folder = path.parent / f"sharded_{extra.get('stage', '')}_{extra.get('step', 0)}"
+        save_sharded_state(folder, model, optimizer)
+        torch.save(state, folder / f"rank{rank}.pt")
+        barrier()  # every rank's part is on disk before the pointer moves
+        previous = load_trainer_state(path) if rank == 0 else None
+        state = {"folder": folder.name, "world_size": world}
+    else:
+        state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+    if rank == 0:
+        torch.save(state, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+    if previous and previous["folder"] != folder:
+        shutil.rmtree(previous["folder"], ignore_errors=True)  # the superseded shards
+
+
+def load_trainer_state(path):
+    """What save_trainer_state wrote (this rank's part under torchrun), or None if `path` does not exist.
+    A state written by another number of processes stops the run with a message saying what to change."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if state.get("world_size", 1) != world:
+        raise SystemExit(f"error: RESUME: {path} was written by {state.get('world_size', 1)} process(es), this "
+                         f"run has {world}; resume with the same torchrun --nproc_per_node (and nodes)")
+    if "folder" in state:
+        folder = path.parent / state["folder"]
+        state = {**torch.load(folder / f"rank{dist.get_rank()}.pt", weights_only=False), "folder": folder}
+    return state
+
+
+def restore_trainer_state(state, model, optimizer):
+    """Put the weights, optimizer state and torch RNG states of a loaded state back (the caller's `extra` it
+    restores itself)."""
+    if "folder" in state:
+        load_sharded_state(state["folder"], model, optimizer)
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
 
 
 def count_parameters(model, trainable_only=False) -> int:

@@ -298,49 +298,9 @@ def save_hf_checkpoint(policy, tokenizer, out_dir, name, stage, step):
 
 
 def save_trainer_state(out_dir, stage, step, policy, optimizer, scheduler, data_rng, summary):
-    path = Path(out_dir) / "checkpoints" / "trainer_state.pt"
-    state = {"stage": stage, "step": step, "scheduler": scheduler.state_dict(), "data_rng": data_rng.getstate(),
-             "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if ON_GPU else None,
-             "summary": summary}
-    if WORLD > 1:  # shards of weights and Adam state (torch.distributed.checkpoint) + this rank's RNG states;
-        folder = path.parent / f"sharded_{stage}_{step}"  # trainer_state.pt then points at the complete folder
-        kk_model.save_sharded_state(folder, policy, optimizer)
-        torch.save(state, folder / f"rank{RANK}.pt")
-        kk_model.barrier()
-        previous = load_trainer_state(out_dir) if RANK == 0 else None
-        state = {"folder": folder.name, "world_size": WORLD}
-    else:
-        state.update(model=policy.state_dict(), optimizer=optimizer.state_dict())
-    if RANK == 0:
-        torch.save(state, str(path) + ".tmp")
-        os.replace(str(path) + ".tmp", path)  # atomic: a kill mid-save leaves the previous state intact
-    if WORLD > 1 and previous and previous["folder"] != folder:
-        shutil.rmtree(previous["folder"], ignore_errors=True)
-
-
-def load_trainer_state(out_dir):
-    path = Path(out_dir) / "checkpoints" / "trainer_state.pt"
-    state = torch.load(path, weights_only=False) if path.exists() else None
-    if state is not None and state.get("world_size", 1) != WORLD:
-        sys.exit(f"error: RESUME: {path} was written by {state.get('world_size', 1)} process(es), this run has "
-                 f"{WORLD}; resume with the same torchrun --nproc_per_node (and nodes)")
-    if state is not None and "folder" in state:  # written under torchrun: this rank's own part
-        folder = path.parent / state["folder"]
-        state = {**torch.load(folder / f"rank{RANK}.pt", weights_only=False), "folder": folder}
-    return state
-
-
-def restore(state, policy, optimizer, scheduler, data_rng):
-    if WORLD > 1:
-        kk_model.load_sharded_state(state["folder"], policy, optimizer)
-    else:
-        policy.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    data_rng.setstate(state["data_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    if ON_GPU:
-        torch.cuda.set_rng_state(state["cuda_rng"])
+    kk_model.save_trainer_state(Path(out_dir) / "checkpoints" / "trainer_state.pt", policy, optimizer, {
+        "stage": stage, "step": step, "scheduler": scheduler.state_dict(), "data_rng": data_rng.getstate(),
+        "summary": summary})
 
 
 class MetricsLog:
@@ -369,7 +329,9 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
     data_rng = random.Random(f"{SEED}-{stage}" + (f"-rank{RANK}" if WORLD > 1 else ""))  # own prompts per rank
     first = 0
     if resume_state is not None:
-        restore(resume_state, policy, optimizer, scheduler, data_rng)
+        kk_model.restore_trainer_state(resume_state, policy, optimizer)
+        scheduler.load_state_dict(resume_state["scheduler"])
+        data_rng.setstate(resume_state["data_rng"])
         first = resume_state["step"]
         sync_sampler(sampler, policy)
     bar = tqdm(range(first, steps), desc=stage, initial=first, total=steps, dynamic_ncols=True, disable=RANK > 0)
@@ -381,7 +343,7 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
         else:
             records = batches_of(train, data_rng, PROMPTS_PER_STEP // WORLD)
             metrics = rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records)
-        metrics = mean_over_ranks(metrics)
+        metrics = kk_model.mean_over_ranks(metrics)
         metrics.update(kind="train", stage=stage, step=step + 1, global_step=step_offset + step + 1,
                        lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start)
         log.write(metrics)
@@ -449,19 +411,8 @@ def batches_of_all_sizes(records_by_size, count):
 
 
 def evaluate(sampler, tokenizer, test):
-    """Greedy held-out scores; under torchrun each rank scores every WORLD-th puzzle and the means are pooled."""
-    shards = {size: records[RANK::WORLD] for size, records in test.items()}
-    result = kk_eval.evaluate(sampler, shards, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS,
-                              batch_size=EVAL_BATCH)
-    if WORLD == 1:
-        return result
-    keys = [(name, size) for name in sorted(result) for size in sorted(result[name])]
-    sums = torch.tensor([result[n][s] * len(shards[s]) for n, s in keys], dtype=torch.float64, device=DEVICE)
-    sums = kk_model.all_reduce_sum(sums)
-    pooled = {name: {} for name in result}
-    for (name, size), total in zip(keys, sums.tolist()):
-        pooled[name][size] = total / len(test[size])
-    return pooled
+    """Greedy held-out scores (under torchrun each rank scores its share and the numbers are pooled)."""
+    return kk_eval.evaluate(sampler, test, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS, batch_size=EVAL_BATCH)
 
 
 def fmt(per_size):
@@ -499,16 +450,6 @@ def sync_sampler(sampler, policy):
         sampler.sync_weights(policy)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Under torchrun each rank rolls out its own PROMPTS_PER_STEP / WORLD prompts; FSDP2 sums the gradients, so
-# the loss normalisers and logged statistics must cover all ranks.
-def mean_over_ranks(metrics):
-    """Every number averaged over the ranks (each rank's numbers describe an equal share of the batch)."""
-    names = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in names], dtype=torch.float64, device=DEVICE)
-    values = kk_model.all_reduce_sum(values)
-    return {name: value / WORLD for name, value in zip(names, values.tolist())}
-
 def main():
     global RANK, WORLD
     parse_overrides(sys.argv[1:])
@@ -522,7 +463,7 @@ def main():
         sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints
     out = Path(OUT_DIR)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    state = load_trainer_state(out) if RESUME else None
+    state = kk_model.load_trainer_state(out / "checkpoints" / "trainer_state.pt") if RESUME else None
     if RESUME and state is None:
         print(f"RESUME: no trainer state in {out}/checkpoints yet; starting from scratch")
     if RANK == 0:
