@@ -42,11 +42,14 @@ def time_ours(model_path, steps):
 
 
 def time_trl(model_path, steps):
+    """Seconds per step of TRL's GRPOTrainer on the same fp32 model, batch, group size, lengths, learning rate,
+    KL weight and temperature (its own defaults otherwise); the first step is not timed, as for ours."""
     try:
         import trl  # noqa: F401
     except ImportError:
         return None
     from datasets import Dataset
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from reward import score
@@ -58,16 +61,26 @@ def time_trl(model_path, steps):
     def reward_fn(completions, solution, **_):
         return [score("<think>" + c, s).total for c, s in zip(completions, solution)]
 
+    class StepTimer(TrainerCallback):  # a step = generate + score + log-probs + update, as in train.rl_step
+        seconds = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.start)
+
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(output_dir=out, per_device_train_batch_size=train.PROMPTS_PER_STEP * train.GROUP_SIZE,
                             num_generations=train.GROUP_SIZE, max_completion_length=train.MAX_NEW_TOKENS,
                             learning_rate=train.LR, beta=train.KL_COEF, max_steps=steps + 1, logging_steps=1,
-                            report_to=[], use_cpu=True, temperature=train.TEMPERATURE)
-        trainer = GRPOTrainer(model=model_path, reward_funcs=reward_fn, args=config, train_dataset=data,
-                              processing_class=tokenizer)
-        start = time.perf_counter()
+                            report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
+                            temperature=train.TEMPERATURE, save_strategy="no")
+        trainer = GRPOTrainer(model=kk_model.load_model(model_path, "cpu"), reward_funcs=reward_fn, args=config,
+                              train_dataset=data, processing_class=tokenizer, callbacks=[StepTimer()])
         trainer.train()
-        return (time.perf_counter() - start) / (steps + 1)
+        timed = StepTimer.seconds[1:]
+        return sum(timed) / len(timed)
 
 
 def main():
@@ -88,7 +101,7 @@ def main():
     if trl_seconds is None:
         print("\ntrl is not installed: no comparison (pip install trl to compare with its GRPOTrainer)")
     else:
-        print(f"\nTRL GRPOTrainer: {trl_seconds:.2f} s/step (incl. its first step); ratio TRL / ours = "
+        print(f"\nTRL GRPOTrainer: {trl_seconds:.2f} s/step; ratio TRL / ours = "
               f"{trl_seconds / ours['total']:.2f}")
 
 

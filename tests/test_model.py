@@ -258,3 +258,42 @@ def test_save_hf_reloads_to_trained_weights_up_to_bf16_rounding(tmp_path, tiny, 
     reloaded = M.load_model(tmp_path, "cpu", dtype=torch.float32).state_dict()
     for name, trained in tiny.state_dict().items():
         assert torch.equal(reloaded[name], trained.to(torch.bfloat16).float()), name
+
+
+# ---- resumable trainer state --------------------------------------------------------------------------------
+
+def one_adam_step(model):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return optimizer
+
+
+def test_trainer_state_restores_weights_optimizer_rng_and_extra(tmp_path, tiny_dir):
+    model = M.load_model(tiny_dir, "cpu", dtype=torch.float32)
+    optimizer = one_adam_step(model)
+    torch.manual_seed(5)
+    M.save_trainer_state(tmp_path / "state.pt", model, optimizer, {"step": 7, "note": "x"})
+    expected_draw = torch.rand(3)
+    saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_moments = [s["exp_avg"].clone() for s in optimizer.state_dict()["state"].values()]
+
+    restored = M.load_model(tiny_dir, "cpu", dtype=torch.float32)  # a fresh model and optimizer, as on resume
+    restored_optimizer = torch.optim.AdamW(restored.parameters(), lr=1e-2)
+    state = M.load_trainer_state(tmp_path / "state.pt")
+    M.restore_trainer_state(state, restored, restored_optimizer)
+    assert state["step"] == 7 and state["note"] == "x"
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in saved_weights.items())
+    moments = [s["exp_avg"] for s in restored_optimizer.state_dict()["state"].values()]
+    assert len(moments) == len(saved_moments) and all(map(torch.equal, moments, saved_moments))
+    assert torch.equal(torch.rand(3), expected_draw)  # the torch RNG continues where it was saved
+
+
+def test_load_trainer_state_is_none_without_a_file(tmp_path):
+    assert M.load_trainer_state(tmp_path / "missing.pt") is None
+    assert not list(tmp_path.iterdir())
+
+
+def test_mean_over_ranks_is_the_identity_on_one_process():
+    assert M.mean_over_ranks({"a": 1.5, "b": 2}) == {"a": 1.5, "b": 2.0}
