@@ -8,7 +8,7 @@ The loop (Logic-RL, arXiv 2502.14768; algorithms in ../shared/spec/algorithms.md
   2. sample GROUP_SIZE completions of each                                                      (rollout.py)
   3. score each with the strict format + answer rule reward                                     (reward.py)
   4. turn rewards into advantages: GRPO / Dr. GRPO / RLOO per group, or REINFORCE++ per token   (grpo.py)
-  5. one AdamW step on the clipped policy loss (+ k3 KL to the frozen reference), in micro-batches
+  5. PPO_EPOCHS (default 1) AdamW steps on the clipped policy loss (+ k3 KL to the reference), in micro-batches
   6. every EVAL_EVERY steps: greedy accuracy per puzzle size on held-out puzzles                 (eval.py)
 ALGO="sft" runs the same loop with supervised next-token loss on the generator's reasoning traces: the
 paper's SFT baseline and the tiny model's warm-up. Every run writes OUT_DIR/metrics.jsonl (a row per step),
@@ -55,9 +55,10 @@ SFT_STYLE = "cot" if ON_GPU else "trace"  # what SFT imitates: kk_data.sft_compl
 SFT_BATCH = 32
 SFT_LR = 1e-5 if ON_GPU else 1e-3
 SFT_SCHEDULE = "cosine"  # learning-rate schedule of supervised steps: constant | cosine (to 10%)
-STEPS = 3600 if ON_GPU else 40  # optimizer steps of ALGO
+STEPS = 3600 if ON_GPU else 40  # steps of ALGO (RL: one rollout batch each, PPO_EPOCHS optimizer steps on it)
 PROMPTS_PER_STEP = 8
 GROUP_SIZE = 8  # completions sampled per prompt
+PPO_EPOCHS = 1  # optimizer steps on each rollout batch (GRPO's mu; Logic-RL: 1, so the ratio is 1 and never clips)
 MICRO_BATCH = 4 if ON_GPU else 32  # sequences per forward/backward; must divide the batch
 LR = 4e-7 if ON_GPU else 1e-5  # CPU: 5e-5 lowered greedy accuracy, 2e-4 collapsed (NOTES.md)
 LR_SCHEDULE = "constant"  # learning-rate schedule of RL steps: constant (Logic-RL) | cosine (to 10%)
@@ -142,6 +143,7 @@ def check_constants():
     rows = (PROMPTS_PER_STEP * GROUP_SIZE // WORLD, SFT_BATCH // WORLD)  # sequences per process and step
     need(all(n % min(MICRO_BATCH, n) == 0 for n in rows), f"MICRO_BATCH={MICRO_BATCH} must divide (or exceed) "
          f"each process's PROMPTS_PER_STEP*GROUP_SIZE and SFT_BATCH shares {rows}")
+    need(PPO_EPOCHS >= 1, f"PPO_EPOCHS={PPO_EPOCHS} must be >= 1")
     need(GROUP_SIZE >= 2 or ALGO not in GROUP_ALGOS, f"GROUP_SIZE={GROUP_SIZE}: group baselines need >= 2")
     need(STEPS >= 0 and SFT_STEPS >= 0 and LR > 0 and SFT_LR > 0, "STEPS, SFT_STEPS >= 0 and LR, SFT_LR > 0")
     need(TEMPERATURE > 0, f"TEMPERATURE={TEMPERATURE} must be > 0 for sampling (greedy is for evaluation)")
@@ -263,20 +265,21 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
 
     stats_sum = {}
     n_tokens, n_tokens_all = mask.sum(), kk_model.all_reduce_sum(mask.sum())  # the loss's: of ALL ranks' rows
-    for mb in micro_batches(batch):
-        logp, entropy = kk_model.token_logprobs(policy, input_ids[mb], attention[mb], n_prompt, TEMPERATURE,
-                                                with_entropy=True)
-        loss, stats = grpo.policy_loss(
-            logp, logp_old[mb], logp_ref[mb], advantages[mb], mask[mb], clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
-            kl_coef=KL_COEF if KL_IN == "loss" else 0.0, kl_kind=KL_KIND, entropy=entropy,
-            entropy_coef=ENTROPY_COEF, mode=AGGREGATION, n_seqs=batch * WORLD, n_tokens=n_tokens_all,
-            max_len=MAX_NEW_TOKENS)
-        loss.backward()
-        share = mask[mb].sum().item() / n_tokens.item()  # token-weighted average of per-micro-batch stats
-        for key, value in stats.items():
-            stats_sum[key] = stats_sum.get(key, 0.0) + value * share
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), GRAD_CLIP).item()
-    optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+    for _ in range(PPO_EPOCHS):  # after the first step the ratio moves away from 1 and the clip starts to act
+        for mb in micro_batches(batch):
+            logp, entropy = kk_model.token_logprobs(policy, input_ids[mb], attention[mb], n_prompt, TEMPERATURE,
+                                                    with_entropy=True)
+            loss, stats = grpo.policy_loss(
+                logp, logp_old[mb], logp_ref[mb], advantages[mb], mask[mb], clip_low=CLIP_LOW,
+                clip_high=CLIP_HIGH, kl_coef=KL_COEF if KL_IN == "loss" else 0.0, kl_kind=KL_KIND,
+                entropy=entropy, entropy_coef=ENTROPY_COEF, mode=AGGREGATION, n_seqs=batch * WORLD,
+                n_tokens=n_tokens_all, max_len=MAX_NEW_TOKENS)
+            loss.backward()
+            share = mask[mb].sum().item() / n_tokens.item() / PPO_EPOCHS  # token-weighted mean over micro-batches
+            for key, value in stats.items():                                 # and epochs
+                stats_sum[key] = stats_sum.get(key, 0.0) + value * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), GRAD_CLIP).item()
+        optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
     sync_sampler(sampler, policy)
     clock.append(time.perf_counter())  # update done
 
@@ -329,7 +332,7 @@ class MetricsLog:
 def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, log, summary, step_offset,
               resume_state=None):
     lr, schedule = (SFT_LR, SFT_SCHEDULE) if stage == "sft" else (LR, LR_SCHEDULE)
-    optimizer, scheduler = make_optimizer(policy, lr, steps, schedule)
+    optimizer, scheduler = make_optimizer(policy, lr, steps * (PPO_EPOCHS if stage == "rl" else 1), schedule)
     data_rng = random.Random(f"{SEED}-{stage}" + (f"-rank{RANK}" if WORLD > 1 else ""))  # own prompts per rank
     first = 0
     if resume_state is not None:

@@ -67,6 +67,13 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert steps == sorted(set(steps)), "the resumed log repeats or skips steps"
 
 
+def test_ppo_epochs_take_that_many_optimizer_steps_per_rollout_batch(tmp_path):
+    run_train(tmp_path, "--STEPS=2", "--PPO_EPOCHS=3", "--SAVE_EVERY=10")
+    state = torch.load(tmp_path / "checkpoints" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2
+    assert {s["step"].item() for s in state["optimizer"]["state"].values()} == {6.0}  # 2 batches x 3 epochs
+
+
 @pytest.mark.parametrize("arg, message", [
     ("--ALGO=ppo", "ALGO='ppo' is unknown"),
     ("--MICRO_BATCH=3", "MICRO_BATCH=3 must divide"),
@@ -75,6 +82,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     ("--KL_KIND=k9", "KL_KIND='k9'"),
     ("--PEOPLE=1-3", "PEOPLE='1-3'"),
     ("--STEPS=many", "--STEPS expects a int"),
+    ("--PPO_EPOCHS=0", "PPO_EPOCHS=0 must be >= 1"),
 ])
 def test_bad_constants_are_refused_with_a_message_naming_them(arg, message):
     import train
