@@ -31,7 +31,8 @@ def final_weights(out_dir):
 
 @pytest.mark.slow
 def test_short_run_logs_finite_metrics_and_reloadable_checkpoints(tmp_path):
-    run_train(tmp_path, "--STEPS=2")
+    printed = run_train(tmp_path, "--STEPS=2").stdout
+    assert "held-out accuracy\n| model | 2 | 3 |" in printed and "held-out format rate" in printed
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rl_rows = [r for r in rows if r["kind"] == "train" and r["stage"] == "rl"]
     assert [r["step"] for r in rl_rows] == [1, 2]
