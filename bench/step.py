@@ -62,7 +62,8 @@ def time_trl(model_path, steps):
         return [score("<think>" + c, s).total for c, s in zip(completions, solution)]
 
     class StepTimer(TrainerCallback):  # a step = generate + score + log-probs + update, as in train.rl_step
-        seconds = []
+        def __init__(self):
+            self.seconds, self.start = [], None
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
@@ -77,9 +78,9 @@ def time_trl(model_path, steps):
                             report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
                             temperature=train.TEMPERATURE, save_strategy="no")
         trainer = GRPOTrainer(model=kk_model.load_model(model_path, "cpu"), reward_funcs=reward_fn, args=config,
-                              train_dataset=data, processing_class=tokenizer, callbacks=[StepTimer()])
+                              train_dataset=data, processing_class=tokenizer, callbacks=[timer := StepTimer()])
         trainer.train()
-        timed = StepTimer.seconds[1:]
+        timed = timer.seconds[1:]
         return sum(timed) / len(timed)
 
 
