@@ -30,6 +30,7 @@ import copy
 import datetime
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -383,6 +384,27 @@ def mean_over_ranks(numbers: dict) -> dict:
     if dist.is_initialized():
         values = all_reduce_sum(values.to(pick_device())).cpu() / dist.get_world_size()
     return dict(zip(names, values.tolist()))
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient norm that is NaN or infinite: the step is refused and nothing is saved after it."""
+
+
+def clip_and_step(model, optimizer, scheduler, grad_clip, what="policy"):
+    """Clip the gradients' global norm, step the optimizer and its schedule, clear the gradients.
+
+    Returns the norm before clipping. Under FSDP2 `clip_grad_norm_` returns a DTensor whose `.item()` would be
+    this rank's shard only: `full_tensor` makes it the norm of the whole model. A non-finite norm raises
+    NonFiniteError before the weights change (`what` names the model in the message)."""
+    norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)).item()
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"the {what} gradient norm is {norm}")
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def is_sharded(model) -> bool:

@@ -68,7 +68,7 @@ from tqdm import tqdm
 from transformers import AutoModel, GenerationConfig
 
 import kk_data
-from model import position_ids_from_mask, token_logprobs
+from model import clip_and_step, position_ids_from_mask, token_logprobs
 from reward import score
 from rollout import encode_prompts, generation_mode
 
@@ -464,16 +464,6 @@ def make_oreo_optimizers(policy, value_model, lr_policy, lr_value, total_steps, 
     return optimizers[0], optimizers[1], schedulers[0], schedulers[1]
 
 
-def optimizer_step(module, optimizer, scheduler, grad_clip):
-    """Clip the gradient norm, step, step the schedule, clear the gradients; returns the norm before clipping."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip).item()
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
 def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, rows, beta, alpha, level,
               micro_batch, step_ids=None, grad_clip=1.0, kl="full", policy_scheduler=None, value_scheduler=None):
     """Train the critic and the policy on one batch of offline rows; returns mean metrics (floats).
@@ -525,7 +515,7 @@ def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, 
         values = value_model(ids, attention, n_prompt)                                  # [b, C]
         _, value_loss = losses(logp_now, ref_logp, values, rewards, mask[mb], beta, level, starts)
         value_loss.backward()
-        grad_norm_value = optimizer_step(value_model, value_opt, value_scheduler, grad_clip)
+        grad_norm_value = clip_and_step(value_model, value_opt, value_scheduler, grad_clip, "value model")
         values_before_update = values.detach()                                          # [b, C]
 
         # 3. actor update, against the values from before the critic step
@@ -538,7 +528,7 @@ def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, 
             kl_value = k3_kl(logp, ref_logp, mask[mb])
         policy_loss, _ = losses(logp, ref_logp, values_before_update, rewards, mask[mb], beta, level, starts)
         (policy_loss + alpha * kl_value).backward()
-        grad_norm_policy = optimizer_step(policy, policy_opt, policy_scheduler, grad_clip)
+        grad_norm_policy = clip_and_step(policy, policy_opt, policy_scheduler, grad_clip, "policy")
 
         share = len(rewards) / len(rows)                                                # micro-batch means -> batch
         for name, value in (("value_loss", value_loss.item()), ("policy_loss", policy_loss.item()),

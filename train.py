@@ -224,8 +224,7 @@ def sft_step(policy, tokenizer, optimizer, scheduler, records):
         loss = -(logp * mask[mb]).sum() / n_tokens
         loss.backward()
         total += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), GRAD_CLIP).item()
-    optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+    grad_norm = kk_model.clip_and_step(policy, optimizer, scheduler, GRAD_CLIP)
     total *= WORLD  # this rank's share of the whole batch's loss; the mean over ranks is then the whole loss
     return {"sft_loss": total, "grad_norm": grad_norm, "completion_length": mask.sum(-1).mean().item()}
 
@@ -278,8 +277,7 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
             share = mask[mb].sum().item() / n_tokens.item() / PPO_EPOCHS  # token-weighted mean over micro-batches
             for key, value in stats.items():                                 # and epochs
                 stats_sum[key] = stats_sum.get(key, 0.0) + value * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), GRAD_CLIP).item()
-        optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+        grad_norm = kk_model.clip_and_step(policy, optimizer, scheduler, GRAD_CLIP)
     sync_sampler(sampler, policy)
     clock.append(time.perf_counter())  # update done
 
