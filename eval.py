@@ -203,12 +203,12 @@ def score_beam_search(policy, value_model, tokenizer, records_by_size, template,
     return rows
 
 
-def summarize_completions(rows, k=None):
+def summarize_completions(rows, k=None, pass_ks=()):
     """The table numbers from per-completion rows (as score_completions returns): {metric: {size: value}}.
 
     accuracy, format_rate, lenient_accuracy: shares over all completions of a size; mean_length: the mean of
     their "length"; pass_at_k (only when k is given): pass_at_k(n, c, k) of each puzzle (n its samples, c the
-    correct ones), averaged over the size's puzzles.
+    correct ones), averaged over the size's puzzles; "pass@j" for each j of pass_ks: the same at k = j.
     """
     if not rows:
         raise ValueError("no completions to summarize")
@@ -216,26 +216,28 @@ def summarize_completions(rows, k=None):
     for row in rows:
         by_size.setdefault(row["size"], []).append(row)
     result = {"accuracy": {}, "format_rate": {}, "lenient_accuracy": {}, "mean_length": {}}
-    if k is not None:
-        result["pass_at_k"] = {}
+    ks = {"pass_at_k": k} if k is not None else {}
+    ks.update({f"pass@{j}": j for j in pass_ks})
+    result.update({name: {} for name in ks})
     for size, group in sorted(by_size.items()):
         count = len(group)
         result["accuracy"][size] = sum(row["correct"] for row in group) / count
         result["format_rate"][size] = sum(row["format"] == FORMAT_OK for row in group) / count
         result["lenient_accuracy"][size] = sum(row["lenient_correct"] for row in group) / count
         result["mean_length"][size] = sum(row["length"] for row in group) / count
-        if k is not None:
-            correct_by_puzzle = {}
-            for row in group:
-                correct_by_puzzle.setdefault(row["record"], []).append(row["correct"])
-            result["pass_at_k"][size] = (sum(pass_at_k(len(c), sum(c), k) for c in correct_by_puzzle.values())
-                                         / len(correct_by_puzzle))
+        correct_by_puzzle = {}
+        for row in group:
+            correct_by_puzzle.setdefault(row["record"], []).append(row["correct"])
+        for name, j in ks.items():
+            result[name][size] = (sum(pass_at_k(len(c), sum(c), j) for c in correct_by_puzzle.values())
+                                  / len(correct_by_puzzle))
     return result
 
 
 def evaluate(sampler, records_by_size, template, tokenizer=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-             temperature=0.0, samples=1, top_p=1.0, batch_size=EVAL_BATCH, progress=False):
-    """{metric: {size: value}} for one sampler, greedy by default; with samples > 1 also pass_at_k (k = samples).
+             temperature=0.0, samples=1, top_p=1.0, batch_size=EVAL_BATCH, progress=False, pass_ks=()):
+    """{metric: {size: value}} for one sampler, greedy by default; with samples > 1 also pass_at_k (k = samples)
+    and "pass@j" for each j <= samples of pass_ks.
     Under torchrun (train.py) each rank scores every WORLD-th puzzle and every rank gets the pooled numbers."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = {size: records[rank::world] for size, records in records_by_size.items()}
@@ -248,7 +250,7 @@ def evaluate(sampler, records_by_size, template, tokenizer=None, max_new_tokens=
         parts = [None] * world
         dist.all_gather_object(parts, rows)
         rows = [row for part in parts for row in part]
-    return summarize_completions(rows, k=samples if samples > 1 else None)
+    return summarize_completions(rows, k=samples if samples > 1 else None, pass_ks=pass_ks)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,13 +351,15 @@ def markdown_table(rows, metric="accuracy", digits=2):
 
 # ----------------------------------------------------------------------------------------------------------
 # 6. Curves of a run from its metrics.jsonl (train.py writes a "train" row per step, an "eval" row per eval).
-PANELS = [  # (title, keys of train rows drawn as lines, key of eval rows drawn per puzzle size or None)
-    ("reward (train samples)", ("reward", "reward_format", "reward_answer"), None),
-    ("accuracy", ("accuracy",), "accuracy"),
-    ("mean completion length (tokens)", ("completion_length",), None),
-    ("KL to the reference", ("kl",), None),
-    ("entropy", ("entropy",), None),
-    ("SFT loss", ("sft_loss",), None),
+PANELS = [  # (title, keys of train rows drawn as lines, keys of eval rows drawn per puzzle size)
+    ("reward (train samples)", ("reward", "reward_format", "reward_answer"), ()),
+    ("accuracy", ("accuracy",), ("accuracy",)),
+    ("mean completion length (tokens)", ("completion_length",), ("mean_length",)),
+    ("pass@k at the rollout temperature", (), ("pass@1", "pass@4", "pass@8")),
+    ("format rate", ("format_rate",), ("format_rate",)),
+    ("KL to the reference", ("kl",), ()),
+    ("entropy", ("entropy",), ()),
+    ("SFT loss", ("sft_loss",), ()),
 ]
 
 
@@ -377,17 +381,18 @@ def curves(rows):
     train = [r for r in rows if r.get("kind") == "train" and "global_step" in r]
     evals = [r for r in rows if r.get("kind") == "eval" and "global_step" in r]
     panels = []
-    for title, train_keys, eval_key in PANELS:
+    for title, train_keys, eval_keys in PANELS:
         lines = []
         for key in train_keys:
             points = [(r["global_step"], r[key]) for r in train if r.get(key) is not None]
             if points:
-                lines.append((f"{key} (train)" if eval_key else key, points, ""))
-        if eval_key is not None:
+                lines.append((f"{key} (train)" if eval_keys else key, points, ""))
+        for eval_key in eval_keys:
             sizes = sorted({size for r in evals for size in r.get(eval_key) or {}}, key=int)
             for size in sizes:
                 points = [(r["global_step"], r[eval_key][size]) for r in evals if size in (r.get(eval_key) or {})]
-                lines.append((f"held-out, {size} people (greedy)", points, "o"))
+                how = eval_key if eval_key.startswith("pass@") else "greedy"
+                lines.append((f"held-out, {size} people ({how})", points, "o"))
         if lines:
             panels.append((title, lines))
     return panels

@@ -543,14 +543,24 @@ def local_trace(record):
     raise ValueError(f"puzzle {record['statements']} has no solution")
 
 
+SFT_STYLES = ("trace", "cot", "answer")
+
+
 def sft_completion(record, style="trace"):
-    """Reasoning, then the answer: " {reasoning} </think>\\n<answer> {solution_text_format} </answer>"."""
+    """Reasoning, then the answer: " {reasoning} </think>\\n<answer> {solution_text_format} </answer>".
+
+    "trace" reasons with local_trace, "cot" with the benchmark's depth-first explanation, and "answer" does not
+    reason at all (an empty think block, then the answer). A tiny model cannot work the answer out without
+    writing the steps, so what it learns from "answer" targets is a guess (near chance, ../shared/research/
+    cpu_learnability.md): the behaviour RL has to learn to leave (train.py WARMUP_THINK_RATE)."""
     if style == "trace":
         reasoning = local_trace(record)
     elif style == "cot":
         reasoning = record["cot_head"] + " " + " ".join(record["cot_repeat_steps"]) + " " + record["cot_foot"]
+    elif style == "answer":
+        return f" </think>\n<answer> {record['solution_text_format']} </answer>"
     else:
-        raise ValueError(f"unknown completion style {style!r}; choose 'trace' or 'cot'")
+        raise ValueError(f"unknown completion style {style!r}; choose one of {SFT_STYLES}")
     return f" {reasoning} </think>\n<answer> {record['solution_text_format']} </answer>"
 
 

@@ -51,7 +51,8 @@ PEOPLE = "3-7" if ON_GPU else "3"  # puzzle sizes, "a-b" or "a,b,c" (CPU warm-up
 TRAIN_PER_SIZE = 900 if ON_GPU else 3000  # generated training puzzles per size (2 people has only ~400)
 TEST_PER_SIZE = 100 if ON_GPU else 200  # held-out puzzles per size
 SFT_STEPS = 0 if ON_GPU else 400  # supervised warm-up steps before RL (used when WARMUP_CHECKPOINT is "")
-SFT_STYLE = "cot" if ON_GPU else "trace"  # what SFT imitates: kk_data.sft_completion style
+SFT_STYLE = "cot" if ON_GPU else "trace"  # how SFT targets reason: kk_data.sft_completion style
+WARMUP_THINK_RATE = 1.0  # share of SFT targets that reason (SFT_STYLE) before answering; the rest answer at once
 SFT_BATCH = 32
 SFT_LR = 1e-5 if ON_GPU else 1e-3
 SFT_SCHEDULE = "cosine"  # learning-rate schedule of supervised steps: constant | cosine (to 10%)
@@ -80,6 +81,8 @@ GRADIENT_CHECKPOINTING = ON_GPU
 CPU_OFFLOAD = False  # under torchrun (FSDP2): sharded weights, grads and Adam state in host RAM
 EVAL_BATCH = 64 if ON_GPU else 50  # held-out prompts generated together (CPU: 200 at once ran ~2x slower)
 EVAL_EVERY = 100 if ON_GPU else 20  # steps between held-out evaluations (and at the end)
+PASS_K = 8  # before and after training: PASS_K samples per puzzle at TEMPERATURE give pass@1, pass@4, pass@PASS_K
+PASS_K_PER_SIZE = 100 if ON_GPU else 50  # held-out puzzles per size those samples are drawn for (0 = skip)
 SAVE_EVERY = 100 if ON_GPU else 10  # steps between resumable checkpoints
 OUT_DIR = "runs/default"
 SEED = 1234
@@ -207,9 +210,10 @@ def make_optimizer(policy, lr, total_steps, schedule):
 
 # ----------------------------------------------------------------------------------------------------------
 # One supervised step: next-token loss on prompt -> reasoning trace + answer, token mean over the batch.
-def sft_step(policy, tokenizer, optimizer, scheduler, records):
+def sft_step(policy, tokenizer, optimizer, scheduler, records, step):
     prompts = [kk_data.make_prompt(r, TEMPLATE, tokenizer) for r in records]
-    targets = [kk_data.sft_completion(r, SFT_STYLE) + tokenizer.eos_token for r in records]
+    styles = sft_styles(len(records), step)
+    targets = [kk_data.sft_completion(r, style) + tokenizer.eos_token for r, style in zip(records, styles)]
     prompt = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     tokenizer.padding_side = "right"
     target = tokenizer(targets, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -226,7 +230,16 @@ def sft_step(policy, tokenizer, optimizer, scheduler, records):
         total += loss.item()
     grad_norm = kk_model.clip_and_step(policy, optimizer, scheduler, GRAD_CLIP)
     total *= WORLD  # this rank's share of the whole batch's loss; the mean over ranks is then the whole loss
-    return {"sft_loss": total, "grad_norm": grad_norm, "completion_length": mask.sum(-1).mean().item()}
+    return {"sft_loss": total, "grad_norm": grad_norm, "completion_length": mask.sum(-1).mean().item(),
+            "think_rate": styles.count(SFT_STYLE) / len(styles)}
+
+
+def sft_styles(count, step):
+    """Which behaviour each of a step's SFT targets imitates: SFT_STYLE (reasoning) with probability
+    WARMUP_THINK_RATE, else "answer" (at once). Its own seeded draw per step and rank, so the batches stay
+    those of a run without the mixture and a resumed run draws the same."""
+    rng = random.Random(f"{SEED}-styles-{step}-{RANK}")
+    return [SFT_STYLE if rng.random() < WARMUP_THINK_RATE else "answer" for _ in range(count)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,12 +260,14 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     n_prompt, batch = rollout.prompt_ids.shape[1], len(rewards)
     # logp_old: the trainer's own recomputation, not the sampler's numbers. Both should agree (we log the gap as
     # sampler_logprob_diff), but the trainer's are what the ratio must equal 1 against at the first update.
+    # With one optimizer step per batch and no KL in the reward, the update's own first forward gives them
+    # (detached): the same numbers without a separate no-grad pass of the policy.
+    reuse_update_forward = PPO_EPOCHS == 1 and KL_IN == "loss"
     with torch.no_grad():
-        logp_old = torch.cat([kk_model.token_logprobs(policy, input_ids[mb], attention[mb], n_prompt, TEMPERATURE)
-                              for mb in micro_batches(batch)])  # [B, C]
+        logp_old = None if reuse_update_forward else torch.cat([kk_model.token_logprobs(
+            policy, input_ids[mb], attention[mb], n_prompt, TEMPERATURE) for mb in micro_batches(batch)])  # [B, C]
         logp_ref = torch.cat([kk_model.token_logprobs(reference, input_ids[mb], attention[mb], n_prompt,
                                                       TEMPERATURE) for mb in micro_batches(batch)])  # [B, C]
-    sampler_diff = rollout_lib.logprob_gap(rollout.sampler_logprobs.to(DEVICE), logp_old, mask)  # sync check
     clock.append(time.perf_counter())  # logprobs done
 
     if ALGO in GROUP_ALGOS:
@@ -260,16 +275,20 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     else:
         kl_reward_coef = KL_COEF if KL_IN == "reward" else 0.0
         baseline_group = GROUP_SIZE if ALGO == "reinforce++-baseline" else None
-        advantages = grpo.reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, kl_reward_coef, baseline_group)
+        logp_kl = logp_ref if logp_old is None else logp_old  # logp_old only enters the KL reward (then computed)
+        advantages = grpo.reinforce_pp_advantages(rewards, logp_kl, logp_ref, mask, kl_reward_coef, baseline_group)
 
-    stats_sum = {}
+    stats_sum, logp_first = {}, []
     n_tokens, n_tokens_all = mask.sum(), kk_model.all_reduce_sum(mask.sum())  # the loss's: of ALL ranks' rows
-    for _ in range(PPO_EPOCHS):  # after the first step the ratio moves away from 1 and the clip starts to act
+    for epoch in range(PPO_EPOCHS):  # after the first step the ratio moves away from 1 and the clip starts to act
         for mb in micro_batches(batch):
             logp, entropy = kk_model.token_logprobs(policy, input_ids[mb], attention[mb], n_prompt, TEMPERATURE,
                                                     with_entropy=True)
+            if epoch == 0:
+                logp_first.append(logp.detach())  # the weights the batch was sampled with: = logp_old
             loss, stats = grpo.policy_loss(
-                logp, logp_old[mb], logp_ref[mb], advantages[mb], mask[mb], clip_low=CLIP_LOW,
+                logp, logp_first[-1] if reuse_update_forward else logp_old[mb], logp_ref[mb], advantages[mb],
+                mask[mb], clip_low=CLIP_LOW,
                 clip_high=CLIP_HIGH, kl_coef=KL_COEF if KL_IN == "loss" else 0.0, kl_kind=KL_KIND,
                 entropy=entropy, entropy_coef=ENTROPY_COEF, mode=AGGREGATION, n_seqs=batch * WORLD,
                 n_tokens=n_tokens_all, max_len=MAX_NEW_TOKENS)
@@ -278,6 +297,7 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
             for key, value in stats.items():                                 # and epochs
                 stats_sum[key] = stats_sum.get(key, 0.0) + value * share
         grad_norm = kk_model.clip_and_step(policy, optimizer, scheduler, GRAD_CLIP)
+    sampler_diff = rollout_lib.logprob_gap(rollout.sampler_logprobs.to(DEVICE), torch.cat(logp_first), mask)
     sync_sampler(sampler, policy)
     clock.append(time.perf_counter())  # update done
 
@@ -344,7 +364,7 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
         start = time.perf_counter()
         if stage == "sft":
             records = batches_of(train, data_rng, SFT_BATCH // WORLD)
-            metrics = sft_step(policy, tokenizer, optimizer, scheduler, records)
+            metrics = sft_step(policy, tokenizer, optimizer, scheduler, records, step)
         else:
             records = batches_of(train, data_rng, PROMPTS_PER_STEP // WORLD)
             metrics = rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records)
@@ -355,7 +375,7 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
         bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("sft_loss", "reward", "accuracy", "completion_length")
                          if k in metrics})
         if (step + 1) % EVAL_EVERY == 0 or step + 1 == steps:
-            result = evaluate(sampler, tokenizer, test)
+            result = evaluate(sampler, tokenizer, test, with_pass_at_k=step + 1 == steps)
             log.write({"kind": "eval", "stage": stage, "step": step + 1, "global_step": step_offset + step + 1,
                        **result})
             tqdm.write(f"[{stage} {step + 1}] held-out accuracy {fmt(result['accuracy'])} "
@@ -415,9 +435,22 @@ def batches_of_all_sizes(records_by_size, count):
     return [r for size in sorted(records_by_size) for r in records_by_size[size][:per_size]][:count]
 
 
-def evaluate(sampler, tokenizer, test):
-    """Greedy held-out scores (under torchrun each rank scores its share and the numbers are pooled)."""
-    return kk_eval.evaluate(sampler, test, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS, batch_size=EVAL_BATCH)
+def evaluate(sampler, tokenizer, test, with_pass_at_k=False):
+    """Greedy held-out scores (under torchrun each rank scores its share and the numbers are pooled); with
+    with_pass_at_k also pass@k at the rollout temperature on the first PASS_K_PER_SIZE puzzles of each size
+    ("sampled_length": those samples' mean length)."""
+    result = kk_eval.evaluate(sampler, test, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS,
+                              batch_size=EVAL_BATCH)
+    if with_pass_at_k and PASS_K_PER_SIZE:
+        subset = {size: records[:PASS_K_PER_SIZE] for size, records in test.items()}
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if ON_GPU else []):
+            torch.manual_seed(SEED + RANK)  # the same draws before and after training; training's own RNG untouched
+            sampled = kk_eval.evaluate(sampler, subset, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS,
+                                       temperature=TEMPERATURE, top_p=TOP_P, samples=PASS_K, batch_size=EVAL_BATCH,
+                                       pass_ks=sorted({1, min(4, PASS_K), PASS_K}))
+        result.update({k: v for k, v in sampled.items() if k.startswith("pass@")},
+                      sampled_length=sampled["mean_length"])
+    return result
 
 
 def fmt(per_size):
@@ -484,14 +517,14 @@ def main():
     tokenizer = kk_model.load_tokenizer(start_path)
     summary = state["summary"] if state else {}
     log = MetricsLog(out, keep_until=state_global_step(state))
-    if "initial" not in summary:
+    sft_steps = STEPS if ALGO == "sft" else (0 if WARMUP_CHECKPOINT else SFT_STEPS)
+    if "initial" not in summary and sft_steps:  # (RL from WARMUP_CHECKPOINT never uses the initial model)
         policy = kk_model.load_model(start_path, device)
         summary["initial"] = evaluate(HFSampler(policy, tokenizer), tokenizer, test)
         print(f"initial model: accuracy {fmt(summary['initial']['accuracy'])}")
         del policy
 
     # Stage 1: supervised warm-up (or ALGO="sft"), unless a warm-up checkpoint is given.
-    sft_steps = STEPS if ALGO == "sft" else (0 if WARMUP_CHECKPOINT else SFT_STEPS)
     warmup_path = out / "checkpoints" / "warmup"
     offset = 0
     if sft_steps and not (state and state["stage"] == "rl"):
@@ -517,7 +550,7 @@ def main():
         policy, reference = load_policy_and_reference(str(rl_start), device)
         sampler = make_sampler(policy, str(rl_start), tokenizer)
         if "warmup" not in summary:
-            summary["warmup"] = evaluate(sampler, tokenizer, test)
+            summary["warmup"] = evaluate(sampler, tokenizer, test, with_pass_at_k=True)
             print(f"warm-up model: accuracy {fmt(summary['warmup']['accuracy'])}")
             log.write({"kind": "eval", "stage": "warmup", "step": 0, "global_step": offset, **summary["warmup"]})
         if ALGO == "oreo":
@@ -531,14 +564,24 @@ def main():
     if RANK > 0:
         return
     final = [json.loads(r) for r in log.path.read_text().splitlines() if '"eval"' in r]
-    summary["final"] = {k: final[-1][k] for k in ("accuracy", "format_rate", "lenient_accuracy", "mean_length")}
+    titles = table_titles()
+    summary["final"] = {k: v for k, v in final[-1].items() if k in titles or k == "lenient_accuracy"}
     summary["seconds"] = time.perf_counter() - began
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     kk_eval.plot_run(out)
     stages = {stage: summary[stage] for stage in ("initial", "warmup", "final") if stage in summary}
-    for metric in ("accuracy", "format_rate"):  # held-out, greedy; columns are puzzle sizes
-        print(f"\nheld-out {metric.replace('_', ' ')}\n" + kk_eval.markdown_table(stages, metric))
+    for metric, title in titles.items():  # held-out; columns are puzzle sizes
+        if any(metric in row for row in stages.values()):
+            print(f"\n{title}\n" + kk_eval.markdown_table(stages, metric, 1 if "length" in metric else 2))
     print(f"done in {summary['seconds'] / 60:.1f} min; outputs in {out}/")
+
+
+def table_titles():
+    """The metrics of the printed before/after tables (and of summary.json's "final"), with their titles."""
+    return {"accuracy": "held-out accuracy (greedy)", "format_rate": "held-out format rate (greedy)",
+            "mean_length": "held-out mean response length (greedy, tokens)",
+            **{f"pass@{k}": f"held-out pass@{k} (T = {TEMPERATURE}, {PASS_K} samples a puzzle)" for k in (1, 4, PASS_K)},
+            "sampled_length": f"held-out mean response length (T = {TEMPERATURE}, tokens)"}
 
 
 def state_global_step(state):

@@ -1,5 +1,6 @@
 """Tests for eval.py: pass@k, test-file loading, per-completion scores -> table numbers, templates, plots, CLI."""
 import json
+import math
 import shutil
 
 import pytest
@@ -104,6 +105,16 @@ def test_summarize_completions_pass_at_k_averages_puzzles():
     result = E.summarize_completions(rows, k=2)
     assert result["pass_at_k"] == {4: pytest.approx((0.7 + 0.0) / 2)}
     assert result["accuracy"] == {4: pytest.approx(2 / 10)}  # mean accuracy over all samples
+
+
+def test_summarize_completions_pass_at_several_k():
+    rows = [dict(size=3, record=r, sample=s, correct=(r == 0 and s < 2), format=1.0, lenient_correct=False,
+                 length=1) for r in (0, 1) for s in range(8)]  # puzzle 0: 2 of 8 right; puzzle 1: none
+    result = E.summarize_completions(rows, pass_ks=(1, 4, 8))
+    assert "pass_at_k" not in result
+    assert result["pass@1"] == {3: pytest.approx(2 / 16)}  # pass@1 is the mean accuracy of the samples
+    assert result["pass@4"] == {3: pytest.approx((1 - math.comb(6, 4) / math.comb(8, 4)) / 2)}
+    assert result["pass@8"] == {3: pytest.approx(0.5)}
 
 
 def test_score_completions_keeps_each_score_breakdown(sample_records):
@@ -252,6 +263,19 @@ def test_curves_skip_panels_without_data(tmp_path):
                                                              "held-out, 3 people (greedy)"]
     assert panels["accuracy"][2][1] == [(2, 0.1), (6, 0.3)]
     assert panels["SFT loss"][0][1] == [(1, 3.0), (2, 1.5)]
+
+
+def test_curves_draw_held_out_length_and_pass_at_k_before_and_after(tmp_path):
+    synthetic_metrics(tmp_path)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        for step, length in ((0, 25.0), (6, 160.0)):
+            f.write(json.dumps({"kind": "eval", "global_step": step, "mean_length": {"3": length},
+                                "pass@1": {"3": 0.2}, "pass@8": {"3": 0.6}}) + "\n")
+    panels = dict(E.curves(E.read_metrics(tmp_path)))
+    lengths = dict((label, points) for label, points, _ in panels["mean completion length (tokens)"])
+    assert lengths["held-out, 3 people (greedy)"] == [(0, 25.0), (6, 160.0)]
+    assert [label for label, _, _ in panels["pass@k at the rollout temperature"]] == [
+        "held-out, 3 people (pass@1)", "held-out, 3 people (pass@8)"]
 
 
 def test_trailing_mean_averages_the_last_window_values():

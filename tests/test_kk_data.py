@@ -353,7 +353,7 @@ def test_local_trace_ends_on_the_solution(n):
 
 def test_sft_completion_is_well_formed_for_the_reward():
     for r in kk_data.generate(3, 10, seed=1) + sample_records():
-        for style in ("trace", "cot"):
+        for style in kk_data.SFT_STYLES:
             text = "<think>" + kk_data.sft_completion(r, style)
             tags = ["<think>", "</think>", "<answer>", "</answer>"]
             assert [text.count(tag) for tag in tags] == [1, 1, 1, 1]
@@ -366,7 +366,8 @@ def test_sft_completion_styles():
     r = sample_records()[0]
     assert kk_data.sft_completion(r, "cot").startswith(" " + r["cot_head"] + " " + r["cot_repeat_steps"][0])
     assert kk_data.sft_completion(r, "trace").startswith(" " + kk_data.local_trace(r) + " </think>\n")
-    with pytest.raises(ValueError, match="trace.*cot"):
+    assert kk_data.sft_completion(r, "answer") == f" </think>\n<answer> {r['solution_text_format']} </answer>"
+    with pytest.raises(ValueError, match="trace.*cot.*answer"):
         kk_data.sft_completion(r, "essay")
 
 

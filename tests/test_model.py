@@ -216,6 +216,16 @@ def test_left_padding_does_not_change_a_rows_logprobs(tiny, tok):
     torch.testing.assert_close(in_batch, alone, atol=1e-5, rtol=0)
 
 
+def test_a_training_forwards_logprobs_equal_a_no_grad_pass_exactly(tiny, tok):
+    # train.rl_step takes logp_old from the update's own forward (detached) instead of a separate no-grad pass:
+    # that is only the same algorithm if the two give bit-identical numbers (the PPO ratio is then exactly 1)
+    ids, mask, n_prompt = left_padded_batch(tok, PROMPTS, COMPLETIONS)
+    with torch.no_grad():
+        separate = M.token_logprobs(tiny, ids, mask, n_prompt, temperature=0.7)
+    in_update, _ = M.token_logprobs(tiny, ids, mask, n_prompt, temperature=0.7, with_entropy=True)
+    assert in_update.requires_grad and torch.equal(in_update.detach(), separate)
+
+
 def test_token_logprobs_gradients_equal_naive_gradients(tiny, tok):
     ids, mask, n_prompt = left_padded_batch(tok, PROMPTS, COMPLETIONS)
     weights = torch.rand(2, ids.shape[1] - n_prompt)

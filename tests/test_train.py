@@ -32,7 +32,9 @@ def final_weights(out_dir):
 @pytest.mark.slow
 def test_short_run_logs_finite_metrics_and_reloadable_checkpoints(tmp_path):
     printed = run_train(tmp_path, "--STEPS=2").stdout
-    assert "held-out accuracy\n| model | 2 | 3 |" in printed and "held-out format rate" in printed
+    for title in ("held-out accuracy (greedy)\n| model | 2 | 3 |", "held-out format rate", "mean response length",
+                  "held-out pass@1 (T = 0.7, 8 samples a puzzle)", "held-out pass@4", "held-out pass@8"):
+        assert title in printed, title
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rl_rows = [r for r in rows if r["kind"] == "train" and r["stage"] == "rl"]
     assert [r["step"] for r in rl_rows] == [1, 2]
@@ -43,6 +45,9 @@ def test_short_run_logs_finite_metrics_and_reloadable_checkpoints(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) >= {"initial", "warmup", "final", "seconds"}
     assert set(summary["final"]["accuracy"]) == {"2", "3"}
+    for stage in ("warmup", "final"):  # pass@k at the rollout temperature, before and after RL
+        pass_at = [summary[stage][f"pass@{k}"]["3"] for k in (1, 4, 8)]
+        assert 0 <= pass_at[0] <= pass_at[1] <= pass_at[2] <= 1, (stage, pass_at)
 
     import model as kk_model
     reloaded = kk_model.load_model(tmp_path / "checkpoints" / "final", "cpu")
@@ -129,3 +134,15 @@ def test_two_step_run_with_the_vllm_sampler_keeps_it_in_sync(tmp_path):
     assert [r["step"] for r in rl_rows] == [1, 2]
     # step 2 samples with weights synced after step 1's update: a stale engine shows a gap of ~0.1 or more
     assert all(r["sampler_logprob_diff"] < 1e-3 for r in rl_rows), [r["sampler_logprob_diff"] for r in rl_rows]
+
+
+def test_warmup_think_rate_sets_the_share_of_reasoning_targets(monkeypatch):
+    import train
+    monkeypatch.setattr(train, "SFT_STYLE", "trace")
+    for rate, low, high in ((0.0, 0.0, 0.0), (0.3, 0.2, 0.4), (1.0, 1.0, 1.0)):
+        monkeypatch.setattr(train, "WARMUP_THINK_RATE", rate)
+        styles = [style for step in range(40) for style in train.sft_styles(32, step)]
+        assert set(styles) <= {"trace", "answer"}
+        assert low <= styles.count("trace") / len(styles) <= high, rate
+    monkeypatch.setattr(train, "WARMUP_THINK_RATE", 0.5)
+    assert train.sft_styles(32, 5) == train.sft_styles(32, 5) != train.sft_styles(32, 6)  # a fixed draw per step
