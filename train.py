@@ -1,6 +1,6 @@
 """train.py — Logic-RL in one file: sample puzzles, roll out, score, compute advantages, update the policy.
 
-    python train.py                       # CPU: the tiny-model story (warm-up checkpoint -> GRPO), ~15 min
+    python train.py                       # CPU: the tiny-model story (a warm-up that mostly guesses -> GRPO)
     python train.py --ALGO=reinforce++ --LR=1e-5 --STEPS=50      # any CAPS constant below, from the command line
 
 The loop (Logic-RL, arXiv 2502.14768; algorithms in ../shared/spec/algorithms.md):
@@ -10,8 +10,9 @@ The loop (Logic-RL, arXiv 2502.14768; algorithms in ../shared/spec/algorithms.md
   4. turn rewards into advantages: GRPO / Dr. GRPO / RLOO per group, or REINFORCE++ per token   (grpo.py)
   5. PPO_EPOCHS (default 1) AdamW steps on the clipped policy loss (+ k3 KL to the reference), in micro-batches
   6. every EVAL_EVERY steps: greedy accuracy per puzzle size on held-out puzzles                 (eval.py)
-ALGO="sft" runs the same loop with supervised next-token loss on the generator's reasoning traces: the
-paper's SFT baseline and the tiny model's warm-up. Every run writes OUT_DIR/metrics.jsonl (a row per step),
+ALGO="sft" runs the same loop with supervised next-token loss on the generator's reasoning traces (a share
+WARMUP_THINK_RATE of the targets; the rest answer at once): from WARMUP_CHECKPOINT it is the paper's SFT-vs-RL
+comparison, with WARMUP_CHECKPOINT="" it makes a warm-up from MODEL. Every run writes OUT_DIR/metrics.jsonl (a row per step),
 checkpoints (HF folders in bf16 + a trainer state for exact resume), summary.json and curves.png.
 """
 import ast
@@ -44,7 +45,8 @@ from rollout import HFSampler
 ON_GPU = torch.cuda.is_available()
 MODEL = "Qwen/Qwen2.5-7B-Instruct-1M" if ON_GPU else "tiny"  # hub name, local HF folder, "tiny" or "smollm2"
 TEMPLATE = "qwen-instruct" if ON_GPU else "tiny"  # prompt template (kk_data.TEMPLATES)
-WARMUP_CHECKPOINT = "" if ON_GPU else "assets/tiny-warmup"  # start RL from this folder ("" = SFT_STEPS first)
+WARMUP_CHECKPOINT = "" if ON_GPU else "assets/tiny-warmup-mix"  # start RL (or ALGO="sft") here; "" = SFT_STEPS
+                      # first. CPU: answers at once 70% of the time, reasons 30%; assets/tiny-warmup always reasons
 ALGO = "reinforce++" if ON_GPU else "grpo"  # grpo | drgrpo | rloo | reinforce++ | reinforce++-baseline | sft
 SAMPLER = "hf"  # hf (transformers generate) | vllm (colocated engine, weights synced in place every step)
 PEOPLE = "3-7" if ON_GPU else "3"  # puzzle sizes, "a-b" or "a,b,c" (CPU warm-up: "2-3"; RL: 3, see NOTES.md)
@@ -60,7 +62,7 @@ STEPS = 3600 if ON_GPU else 40  # steps of ALGO (RL: one rollout batch each, PPO
 PROMPTS_PER_STEP = 8
 GROUP_SIZE = 8  # completions sampled per prompt
 PPO_EPOCHS = 1  # optimizer steps on each rollout batch (GRPO's mu; Logic-RL: 1, so the ratio is 1 and never clips)
-MICRO_BATCH = 4 if ON_GPU else 32  # sequences per forward/backward; must divide the batch
+MICRO_BATCH = 4 if ON_GPU else 16  # sequences per forward/backward; must divide the batch (CPU: 32 peaked at 2.5 GB)
 LR = 4e-7 if ON_GPU else 2e-5  # CPU, 3 people: 1e-5 gained less, 5e-5 lowered accuracy, 2e-4 collapsed (NOTES)
 LR_SCHEDULE = "constant"  # learning-rate schedule of RL steps: constant (Logic-RL) | cosine (to 10%)
 WARMUP_LR_STEPS = 0  # linear learning-rate warm-up steps before the schedule
@@ -153,7 +155,7 @@ def check_constants():
     need(ALGO != "oreo" or WORLD == 1, "ALGO='oreo' runs on one process here (no FSDP2 value model yet)")
     need(OREO_LEVEL in oreo.LEVELS and OREO_KL in ("full", "k3"), "OREO_LEVEL / OREO_KL: see their comments")
     need(EVAL_EVERY > 0 and SAVE_EVERY > 0, "EVAL_EVERY and SAVE_EVERY must be > 0")
-    need(ALGO == "sft" or not WARMUP_CHECKPOINT or Path(WARMUP_CHECKPOINT).is_dir(),
+    need(not WARMUP_CHECKPOINT or Path(WARMUP_CHECKPOINT).is_dir(),
          f"WARMUP_CHECKPOINT={WARMUP_CHECKPOINT!r} is not a folder (use '' to run SFT_STEPS of warm-up instead)")
 
 
@@ -517,14 +519,14 @@ def main():
     tokenizer = kk_model.load_tokenizer(start_path)
     summary = state["summary"] if state else {}
     log = MetricsLog(out, keep_until=state_global_step(state))
-    sft_steps = STEPS if ALGO == "sft" else (0 if WARMUP_CHECKPOINT else SFT_STEPS)
+    sft_steps = 0 if WARMUP_CHECKPOINT else (STEPS if ALGO == "sft" else SFT_STEPS)
     if "initial" not in summary and sft_steps:  # (RL from WARMUP_CHECKPOINT never uses the initial model)
         policy = kk_model.load_model(start_path, device)
         summary["initial"] = evaluate(HFSampler(policy, tokenizer), tokenizer, test)
         print(f"initial model: accuracy {fmt(summary['initial']['accuracy'])}")
         del policy
 
-    # Stage 1: supervised warm-up (or ALGO="sft"), unless a warm-up checkpoint is given.
+    # Stage 1: supervised warm-up (or ALGO="sft" from scratch), unless a warm-up checkpoint is given.
     warmup_path = out / "checkpoints" / "warmup"
     offset = 0
     if sft_steps and not (state and state["stage"] == "rl"):
@@ -543,8 +545,9 @@ def main():
     elif sft_steps:
         offset = sft_steps
 
-    # Stage 2: RL from the warm-up checkpoint; the frozen reference is that same checkpoint.
-    if ALGO != "sft":
+    # Stage 2: RL (or, with ALGO="sft", more SFT: the paper's SFT-vs-RL question) from the warm-up checkpoint;
+    # the frozen reference is that same checkpoint.
+    if ALGO != "sft" or WARMUP_CHECKPOINT:
         rl_start = warmup_path if warmup_path.exists() else start_path
         tokenizer = kk_model.load_tokenizer(str(rl_start))
         policy, reference = load_policy_and_reference(str(rl_start), device)
@@ -556,9 +559,9 @@ def main():
         if ALGO == "oreo":
             steps = run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, offset, str(rl_start))
         else:
-            steps = run_stage("rl", STEPS, policy, reference, sampler, tokenizer, train, test, log, summary, offset,
-                              resume_state=state) - offset
-        save_hf_checkpoint(policy, tokenizer, out, "final", "rl", steps)
+            steps = run_stage("sft" if ALGO == "sft" else "rl", STEPS, policy, reference, sampler, tokenizer, train,
+                              test, log, summary, offset, resume_state=state) - offset
+        save_hf_checkpoint(policy, tokenizer, out, "final", "sft" if ALGO == "sft" else "rl", steps)
         sampler.close()
 
     if RANK > 0:

@@ -146,3 +146,21 @@ def test_warmup_think_rate_sets_the_share_of_reasoning_targets(monkeypatch):
         assert low <= styles.count("trace") / len(styles) <= high, rate
     monkeypatch.setattr(train, "WARMUP_THINK_RATE", 0.5)
     assert train.sft_styles(32, 5) == train.sft_styles(32, 5) != train.sft_styles(32, 6)  # a fixed draw per step
+
+
+@pytest.mark.slow
+def test_sft_from_a_warmup_checkpoint_is_the_sft_instead_of_rl_comparison(tmp_path):
+    import kk_data
+    import model as kk_model
+    warmup = kk_model.build_tiny(tmp_path / "warmup", kk_data.corpus_text(), hidden=32, layers=2, heads=2,
+                                 kv_heads=2, ffn=64)
+    run_train(tmp_path / "run", "--ALGO=sft", f"--WARMUP_CHECKPOINT={warmup}", "--STEPS=2")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows if r["kind"] == "train"] == [("sft", 1), ("sft", 2)]
+    assert [r["stage"] for r in rows if r["kind"] == "eval"][0] == "warmup"  # scored before the extra SFT
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "initial" not in summary and {"warmup", "final"} <= set(summary)
+    start = kk_model.load_model(tmp_path / "run" / "checkpoints" / "warmup", "cpu").state_dict()
+    assert all(torch.equal(start[k], v) for k, v in kk_model.load_model(warmup, "cpu").state_dict().items())
+    extra = json.loads((tmp_path / "run" / "checkpoints" / "final" / "mini_logic_rl.json").read_text())
+    assert (extra["stage"], extra["step"]) == ("sft", 2)
