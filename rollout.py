@@ -8,8 +8,10 @@ prompt i's samples are rows i*G .. i*G+G-1.
 
 Two samplers with one interface (`generate(...)` -> Rollout, `sync_weights(model)`); `make_sampler` picks one:
 
-1. `HFSampler` samples with Hugging Face `model.generate` on the very module being trained, so there is nothing
-   to synchronise.
+1. `HFSampler` samples on the very Hugging Face module being trained, so there is nothing to synchronise, with a
+   plain decoding loop (`decode`): one forward over the prompts, then one token a step from the KV cache, and the
+   rows that have ended are dropped from the batch and the cache. A step then costs what the unfinished rows
+   cost (HF `generate` computes every row until the longest ends), and no step's logits are kept.
 2. `VLLMSampler` samples with a vLLM engine inside this process ("colocated", one engine per rank), which holds
    its own copy of the weights. Design (../shared/spec/algorithms.md, "vLLM in the training loop"):
    - Start-up: only the policy's config is written to a temporary folder; the engine is built from it with
@@ -45,8 +47,8 @@ the engine is seeded, not each request. Side effects of building an engine: with
 replaces `torch.set_num_threads` with a no-op (its threads are bound to cores), so set the thread count before.
 
 The sampler's log-probs must equal what `token_logprobs` (model.py) computes by teacher forcing on
-`rollout.input_ids()` / `rollout.attention_mask()`: both use positions `cumsum(mask) - 1` (HF generate derives
-positions from the attention mask the same way; vLLM sees unpadded prompts), so a mismatch means a real bug
+`rollout.input_ids()` / `rollout.attention_mask()`: both use positions `cumsum(mask) - 1` (`decode` continues
+each row's positions from its prompt's; vLLM sees unpadded prompts), so a mismatch means a real bug
 (stale weights, wrong temperature, off-by-one). tests/test_rollout.py and tests/test_vllm.py check it, and
 `logprob_gap` measures it during training.
 """
@@ -57,9 +59,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import DynamicCache
 
-from model import full_tensor, iter_full_state, pick_dtype
+from model import full_tensor, iter_full_state, pick_dtype, position_ids_from_mask
 
 
 @dataclass
@@ -87,19 +89,53 @@ def mask_through_first_eos(completion_ids, eos_id):
     return (eos_strictly_before == 0).float()
 
 
-def sampled_token_logprobs(step_logits, completion_ids, temperature):
-    """log_softmax(logits / temperature) at each sampled token: T tensors [B, V] and [B, T] -> [B, T].
+def next_token(logits, temperature, top_p):
+    """One token per row from logits [b, V] and its log-prob [b] under log_softmax(logits / temperature).
 
-    Done one step at a time so that no float32 [B, T, V] tensor is built. Greedy decoding (temperature 0) is
-    scored at temperature 1. Top-p truncation is NOT reflected: these are the log-probs of the full
-    temperature-scaled distribution, the same quantity the trainer recomputes with token_logprobs.
-    """
-    scale = temperature if temperature > 0 else 1.0
-    columns = []
-    for step, logits in enumerate(step_logits):
-        logp_all = torch.log_softmax(logits.float() / scale, dim=-1)  # [B, V]
-        columns.append(logp_all.gather(-1, completion_ids[:, step : step + 1]))  # [B, 1]
-    return torch.cat(columns, dim=1)  # [B, T]
+    temperature 0: the argmax, scored at temperature 1. Otherwise a sample from the top-p nucleus (the most
+    likely tokens whose mass before them is < top_p; top_p = 1 keeps the whole vocabulary, no top-k). The
+    log-prob is that of the full, untruncated distribution: the quantity the trainer recomputes."""
+    logp_all = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # [b, V]
+    if temperature == 0:
+        token = logp_all.argmax(dim=-1)  # [b]
+    else:
+        probs = logp_all.exp()  # [b, V]
+        if top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [b, V]
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs * (mass_before < top_p))
+        token = torch.multinomial(probs, 1).squeeze(-1)  # [b]
+    return token, logp_all.gather(-1, token[:, None]).squeeze(-1)
+
+
+def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, eos_id, pad_id):
+    """Generate up to max_new_tokens after left-padded prompts [B, P] -> (completion ids [B, T], pad after each
+    row's EOS; log-probs [B, T], 0 there). Rows that emitted EOS leave the batch and the KV cache."""
+    batch, device = prompt_ids.shape[0], prompt_ids.device
+    completion = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T]
+    logprobs = torch.zeros(batch, max_new_tokens, device=device)  # [B, T]
+    cache = DynamicCache()
+    running = torch.arange(batch, device=device)  # [b] the rows still generating
+    attention = prompt_mask  # [b, P + t]
+    positions = position_ids_from_mask(prompt_mask)  # [b, P]
+    logits = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]  # [b, V]
+    position = positions[:, -1:] + 1  # [b, 1]
+    for t in range(max_new_tokens):
+        token, logp = next_token(logits, temperature, top_p)  # [b], [b]
+        completion[running, t], logprobs[running, t] = token, logp
+        alive = token != eos_id  # [b]
+        if t + 1 == max_new_tokens or not alive.any():
+            break
+        if not alive.all():
+            keep = alive.nonzero().squeeze(-1)
+            running, token, attention, position = running[keep], token[keep], attention[keep], position[keep]
+            cache.batch_select_indices(keep)
+        attention = torch.cat([attention, attention.new_ones(len(running), 1)], dim=1)  # [b, P + t + 1]
+        logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=position,
+                       past_key_values=cache, use_cache=True).logits[:, -1]  # [b, V]
+        position = position + 1
+    return completion, logprobs
 
 
 @contextmanager
@@ -143,7 +179,7 @@ def encode_prompts(tokenizer, prompts):
 
 
 class HFSampler:
-    """Samples with `model.generate` on the trainer's own module (KV cache, left padding)."""
+    """Samples on the trainer's own module with `decode` (KV cache, left padding, ended rows dropped)."""
 
     def __init__(self, model, tokenizer):
         if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
@@ -152,52 +188,30 @@ class HFSampler:
         self.tokenizer = tokenizer
 
     def sync_weights(self, model):
-        """Nothing to copy: HF generate runs on the trainer's module itself, so it always sees the new weights."""
+        """Nothing to copy: the sampler runs the trainer's module itself, so it always sees the new weights."""
         self.model = model
 
     def close(self):
         """Nothing to free (the interface matches VLLMSampler's)."""
 
-    def generation_config(self, temperature, top_p, max_new_tokens):
-        """Every sampling knob set explicitly: temperature 0 means greedy; no top-k, no penalties."""
-        sampling = {}  # greedy decoding takes the argmax and ignores these (setting them only earns a warning)
-        if temperature > 0:
-            sampling = dict(
-                temperature=temperature,
-                top_p=top_p,
-                top_k=0,  # 0 = off; left unset, generate would apply its global default top_k=50
-            )
-        return GenerationConfig(
-            do_sample=temperature > 0,
-            **sampling,
-            repetition_penalty=1.0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            use_cache=True,
-            output_logits=True,  # the raw logits of every step, before temperature / top-p
-            return_dict_in_generate=True,
-        )
-
     @torch.no_grad()
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256) -> Rollout:
-        """Sample `n` completions for each prompt; rows i*n .. i*n+n-1 belong to prompts[i]."""
+        """Sample `n` completions for each prompt; rows i*n .. i*n+n-1 belong to prompts[i]. Temperature 0 is
+        greedy. Every knob is explicit: no top-k, no penalties, nothing from the model's generation_config."""
         check_generate_arguments(prompts, n, temperature, top_p, max_new_tokens)
         encoded = encode_prompts(self.tokenizer, prompts)
         device = self.model.device
         prompt_ids = encoded["input_ids"].repeat_interleave(n, dim=0).to(device)  # [B, P], B = len(prompts) * n
         prompt_mask = encoded["attention_mask"].repeat_interleave(n, dim=0).to(device)  # [B, P]
-
-        config = self.generation_config(temperature, top_p, max_new_tokens)
-        with generation_mode(self.model, config):
-            output = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
-        completion_ids = output.sequences[:, prompt_ids.shape[1] :]  # [B, T]; finished rows are filled with pad
-        logprobs = sampled_token_logprobs(output.logits, completion_ids, temperature)  # [B, T]
+        was_training = self.model.training
+        self.model.eval()  # (no dropout; HF skips gradient checkpointing outside training)
+        try:
+            completion_ids, logprobs = decode(self.model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens,
+                                              self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)  # [B, T]
+        finally:
+            self.model.train(was_training)
         mask = mask_through_first_eos(completion_ids, self.tokenizer.eos_token_id)  # [B, T]
-
-        # generate already fills each finished row with the pad id and stops once every row has ended; trimming
-        # to the longest row keeps C minimal whatever stopped it.
-        longest = int(mask.sum(dim=1).max().item())
+        longest = int(mask.sum(dim=1).max().item())  # trimming to the longest row keeps C minimal
         mask = mask[:, :longest]  # [B, C]
         completion_ids = completion_ids[:, :longest]  # [B, C]
         logprobs = logprobs[:, :longest] * mask  # [B, C], 0 where masked
