@@ -111,6 +111,8 @@ def test_completions_decode_without_pad_or_eos(tiny, tok):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampler_logprobs_equal_teacher_forced_logprobs(tiny, tok, temperature):
     rollout = sample(tiny, tok, temperature=temperature)
+    lengths = rollout.completion_mask.sum(dim=1)
+    assert lengths.min() < lengths.max() == rollout.completion_ids.shape[1]  # rows left the batch at different steps
     n_prompt = rollout.prompt_ids.shape[1]
     with torch.no_grad():
         trainer = M.token_logprobs(tiny, rollout.input_ids(), rollout.attention_mask(), n_prompt,
@@ -127,6 +129,17 @@ def test_greedy_is_deterministic_and_scored_at_temperature_one(tiny, tok):
         trainer = M.token_logprobs(tiny, first.input_ids(), first.attention_mask(), first.prompt_ids.shape[1])
     mask = first.completion_mask.bool()
     torch.testing.assert_close(first.sampler_logprobs[mask], trainer[mask], atol=1e-5, rtol=0)
+
+
+def test_top_p_keeps_the_nucleus_and_scores_the_full_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)  # [b, V]
+    torch.manual_seed(0)
+    token, logp = R.next_token(logits, temperature=1.0, top_p=0.75)  # nucleus: 0.5 + 0.3 (mass before 0.15: 0.8)
+    assert set(token.tolist()) == {0, 1}
+    assert 0.55 < (token == 0).float().mean() < 0.70  # renormalised: 0.5 / 0.8 = 0.625
+    torch.testing.assert_close(logp, torch.log(torch.tensor([0.5, 0.3]))[token])  # untruncated log-probs
+    token, _ = R.next_token(logits, temperature=1.0, top_p=1.0)
+    assert set(token.tolist()) == {0, 1, 2, 3}
 
 
 def test_model_generation_defaults_do_not_leak_in(tiny, tok):
