@@ -189,9 +189,34 @@ def batches_of(records_by_size, rng, count):
     return [rng.choice(records_by_size[size]) for _ in range(count)]
 
 
-def micro_batches(total):
-    step = min(MICRO_BATCH, total)
-    return [slice(i, i + step) for i in range(0, total, step)]
+def micro_batches(attention, mask, n_prompt):
+    """Micro-batches of MICRO_BATCH rows of similar completion length (shortest first), each cut to the columns
+    its rows use: [(rows [b], column slice, prompt columns kept, completion columns kept W)]. Answers at once and
+    long traces in one batch then cost what they are, not the longest row's length each (the padding cut is
+    all-pad for these rows: positions and log-probs do not change)."""
+    order = mask.sum(-1).argsort(stable=True)  # [B]
+    parts = []
+    for start in range(0, len(order), MICRO_BATCH):
+        rows = order[start:start + MICRO_BATCH]
+        width = int(mask[rows].sum(-1).max())
+        first = int(attention[rows, :n_prompt].any(0).long().argmax())  # first prompt column any of them uses
+        parts.append((rows, slice(first, n_prompt + width), n_prompt - first, width))
+    return parts
+
+
+def part_logprobs(model, input_ids, attention, part, temperature=1.0, with_entropy=False):
+    """token_logprobs of one micro-batch of micro_batches: [b, W] (and entropies [b, W])."""
+    rows, columns, n_prompt, _ = part
+    return kk_model.token_logprobs(model, input_ids[rows][:, columns], attention[rows][:, columns], n_prompt,
+                                   temperature, with_entropy=with_entropy)
+
+
+def scatter_rows(parts, pieces, like):
+    """One [B, C] tensor (zeros like `like`) from the micro-batches' [b, W] pieces."""
+    full = torch.zeros_like(like)
+    for (rows, _, _, width), piece in zip(parts, pieces):
+        full[rows, :width] = piece
+    return full
 
 
 def lr_factor(step, total, schedule):
@@ -225,9 +250,10 @@ def sft_step(policy, tokenizer, optimizer, scheduler, records, step):
     mask = target.attention_mask.float().to(DEVICE)  # [B, C]
     n_prompt, n_tokens = prompt.input_ids.shape[1], kk_model.all_reduce_sum(mask.sum())  # of ALL ranks' rows
     total = 0.0
-    for mb in micro_batches(len(records)):
-        logp = kk_model.token_logprobs(policy, input_ids[mb], attention[mb], n_prompt)  # [b, C]
-        loss = -(logp * mask[mb]).sum() / n_tokens
+    for part in micro_batches(attention, mask, n_prompt):
+        rows, width = part[0], part[3]
+        logp = part_logprobs(policy, input_ids, attention, part)  # [b, W]
+        loss = -(logp * mask[rows, :width]).sum() / n_tokens
         loss.backward()
         total += loss.item()
     grad_norm = kk_model.clip_and_step(policy, optimizer, scheduler, GRAD_CLIP)
@@ -265,11 +291,12 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     # With one optimizer step per batch and no KL in the reward, the update's own first forward gives them
     # (detached): the same numbers without a separate no-grad pass of the policy.
     reuse_update_forward = PPO_EPOCHS == 1 and KL_IN == "loss"
+    parts = micro_batches(attention, mask, n_prompt)
     with torch.no_grad():
-        logp_old = None if reuse_update_forward else torch.cat([kk_model.token_logprobs(
-            policy, input_ids[mb], attention[mb], n_prompt, TEMPERATURE) for mb in micro_batches(batch)])  # [B, C]
-        logp_ref = torch.cat([kk_model.token_logprobs(reference, input_ids[mb], attention[mb], n_prompt,
-                                                      TEMPERATURE) for mb in micro_batches(batch)])  # [B, C]
+        logp_old = None if reuse_update_forward else scatter_rows(parts, [part_logprobs(
+            policy, input_ids, attention, part, TEMPERATURE) for part in parts], mask)  # [B, C]
+        logp_ref = scatter_rows(parts, [part_logprobs(reference, input_ids, attention, part, TEMPERATURE)
+                                        for part in parts], mask)  # [B, C]
     clock.append(time.perf_counter())  # logprobs done
 
     if ALGO in GROUP_ALGOS:
@@ -283,23 +310,24 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     stats_sum, logp_first = {}, []
     n_tokens, n_tokens_all = mask.sum(), kk_model.all_reduce_sum(mask.sum())  # the loss's: of ALL ranks' rows
     for epoch in range(PPO_EPOCHS):  # after the first step the ratio moves away from 1 and the clip starts to act
-        for mb in micro_batches(batch):
-            logp, entropy = kk_model.token_logprobs(policy, input_ids[mb], attention[mb], n_prompt, TEMPERATURE,
-                                                    with_entropy=True)
+        for part in parts:
+            rows, width = part[0], part[3]
+            logp, entropy = part_logprobs(policy, input_ids, attention, part, TEMPERATURE, with_entropy=True)  # [b, W]
             if epoch == 0:
                 logp_first.append(logp.detach())  # the weights the batch was sampled with: = logp_old
             loss, stats = grpo.policy_loss(
-                logp, logp_first[-1] if reuse_update_forward else logp_old[mb], logp_ref[mb], advantages[mb],
-                mask[mb], clip_low=CLIP_LOW,
+                logp, logp_first[-1] if reuse_update_forward else logp_old[rows, :width], logp_ref[rows, :width],
+                advantages[rows, :width], mask[rows, :width], clip_low=CLIP_LOW,
                 clip_high=CLIP_HIGH, kl_coef=KL_COEF if KL_IN == "loss" else 0.0, kl_kind=KL_KIND,
                 entropy=entropy, entropy_coef=ENTROPY_COEF, mode=AGGREGATION, n_seqs=batch * WORLD,
                 n_tokens=n_tokens_all, max_len=MAX_NEW_TOKENS)
             loss.backward()
-            share = mask[mb].sum().item() / n_tokens.item() / PPO_EPOCHS  # token-weighted mean over micro-batches
+            share = mask[rows].sum().item() / n_tokens.item() / PPO_EPOCHS  # token-weighted mean over micro-batches
             for key, value in stats.items():                                 # and epochs
                 stats_sum[key] = stats_sum.get(key, 0.0) + value * share
         grad_norm = kk_model.clip_and_step(policy, optimizer, scheduler, GRAD_CLIP)
-    sampler_diff = rollout_lib.logprob_gap(rollout.sampler_logprobs.to(DEVICE), torch.cat(logp_first), mask)
+    logp_sampled = scatter_rows(parts, logp_first, mask)  # [B, C]
+    sampler_diff = rollout_lib.logprob_gap(rollout.sampler_logprobs.to(DEVICE), logp_sampled, mask)
     sync_sampler(sampler, policy)
     clock.append(time.perf_counter())  # update done
 
