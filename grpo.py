@@ -81,6 +81,7 @@ def _rewards_as_groups(rewards, group_size):
 # Group-relative advantages (GRPO, Dr. GRPO, RLOO)
 
 
+# exercise 5: group advantages (GRPO, Dr. GRPO, RLOO)
 def group_advantages(rewards, group_size, estimator="grpo", eps=1e-6):
     """One advantage per completion from the rewards of its group.
 
@@ -114,6 +115,7 @@ def zero_variance_fraction(rewards, group_size):
 # KL estimators (Schulman's k1 / k2 / k3)
 
 
+# exercise 6: the KL estimators k1, k2, k3
 def kl_estimate(logp, logp_ref, kind="k3"):
     """Per-token estimate of KL(policy || reference) from log-probs of tokens sampled by the policy. [B, C]"""
     _check_same_shape(logp=logp, logp_ref=logp_ref)
@@ -131,6 +133,7 @@ def kl_estimate(logp, logp_ref, kind="k3"):
 # Whitening (global across ranks)
 
 
+# exercise 10: whitening over the whole batch
 def masked_whiten(x, mask, eps=1e-8):
     """(x - mean) / sqrt(var + eps) with mean and POPULATION variance over positions where mask == 1.
 
@@ -167,6 +170,7 @@ def _last_valid_index(mask):
     return last
 
 
+# exercise 9: REINFORCE++ token rewards and returns
 def reinforce_pp_returns(rewards, logp_old, logp_ref, mask, kl_coef, group_size=None, gamma=1.0,
                          kl_clamp=10.0):
     """Discounted returns G_t = sum_{s>=t} gamma^(s-t) r_s of REINFORCE++'s token rewards, before whitening.
@@ -211,6 +215,7 @@ def reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, kl_coef, group_si
 # PPO-clip surrogate, aggregation, full loss
 
 
+# exercise 7: the PPO-clip surrogate
 def clipped_surrogate(logp, logp_old, advantages, clip_low=0.2, clip_high=0.2):
     """Per-token PPO-clip loss -min(rho*A, clip(rho, 1-clip_low, 1+clip_high)*A), rho = exp(logp - logp_old).
 
@@ -236,6 +241,7 @@ def clipped_surrogate(logp, logp_old, advantages, clip_low=0.2, clip_high=0.2):
     return loss_tok, clipped
 
 
+# exercise 8: loss aggregation with whole-batch normalisers
 def aggregate(loss_tok, mask, mode, n_seqs, n_tokens, max_len):
     """Reduce a per-token loss [B, C] to a scalar; n_seqs, n_tokens are totals over the WHOLE batch.
 

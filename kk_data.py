@@ -521,6 +521,7 @@ def trace_expression(statement, names, assignment):
     raise ValueError(f"unknown operator {op!r} in statement {statement!r}")
 
 
+# exercise 1: the local trace, a reasoning target a tiny model can learn
 def local_trace(record):
     """Try assignments knight-first (first person most significant); check people in order, stop at the
     first failed check; stop after the first assignment whose checks all pass (the unique solution)."""

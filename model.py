@@ -281,6 +281,7 @@ def chunk_logprobs(hidden, targets, lm_head, temperature, with_entropy):
     return logp, entropy
 
 
+# exercise 4: chunked token log-probs
 def token_logprobs(model, input_ids, attention_mask, n_prompt, temperature=1.0, with_entropy=False,
                    chunk_size=1024):
     """Log-probs `[B, C]` of the completion tokens under `model` at `temperature` (and entropies `[B, C]`).

@@ -180,6 +180,7 @@ def check_loss_inputs(logp, ref_logp, values, rewards, mask, level, step_start_m
             raise ValueError(f"step_start_mask must mark the first completion token; rows {rows} do not")
 
 
+# exercise 11: OREO's value loss and policy loss
 def losses(logp, ref_logp, values, rewards, mask, beta, level="token", step_start_mask=None):
     """OREO's (policy_loss, value_loss) -- equal values, different gradients (see the module docstring).
 
@@ -601,6 +602,7 @@ def prefix_values(value_model, prompt_ids, prefixes, pad_id):
     return value_model.last_value(input_ids, attention).float().tolist()
 
 
+# exercise 12: one step of value-guided beam search
 def keep_best(candidates, values, beam, is_finished):
     """The `beam` candidates of highest value (ties: the earlier first), split into (partial, finished) lists of
     (tokens, value) pairs."""

@@ -131,6 +131,7 @@ def add_role(roles: dict[str, str], name, role, where: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+# exercise 2: the strict format check
 def format_score(completion: str) -> float:
     """+1 if each tag occurs exactly once and they come in the order of TAGS, else -1."""
     if any(completion.count(tag) != 1 for tag in TAGS):
@@ -154,6 +155,7 @@ def claimed_role(answer: str, name: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
+# exercise 3: the answer parser
 def answer_score(answer: str, roles: dict[str, str]) -> float:
     """+2 if every role is right, -1.5 if parsed but some role is wrong, -2 if the answer cannot be parsed."""
     answer = answer.strip()

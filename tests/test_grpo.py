@@ -17,6 +17,7 @@ REWARDS = torch.tensor([0.0, 0.0, 0.0, 4.0, 2.0, 0.0, 2.0, 0.0])
 # group advantages
 
 
+@pytest.mark.exercise(5)
 def test_grpo_advantages_use_unbiased_group_std():
     # unbiased std: group 1 sqrt(12/3) = 2, group 2 sqrt(4/3) = 2/sqrt(3)
     expected = torch.tensor([-0.5, -0.5, -0.5, 1.5,
@@ -26,6 +27,7 @@ def test_grpo_advantages_use_unbiased_group_std():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.exercise(5)
 def test_grpo_advantages_population_std_when_constant_flipped(monkeypatch):
     monkeypatch.setattr(grpo, "STD_UNBIASED", False)
     # population std: group 1 sqrt(12/4) = sqrt(3), group 2 sqrt(4/4) = 1
@@ -35,18 +37,21 @@ def test_grpo_advantages_population_std_when_constant_flipped(monkeypatch):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.exercise(5)
 def test_grpo_advantages_zero_for_all_equal_group():
     got = grpo.group_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 3.0, 0.0]), group_size=3)
     assert torch.equal(got[:3], torch.zeros(3))
     assert torch.isfinite(got).all()
 
 
+@pytest.mark.exercise(5)
 def test_drgrpo_advantages_are_mean_centred_without_std():
     expected = torch.tensor([-1.0, -1.0, -1.0, 3.0, 1.0, -1.0, 1.0, -1.0])
     got = grpo.group_advantages(REWARDS, group_size=4, estimator="drgrpo")
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.exercise(5)
 def test_rloo_advantages_subtract_mean_of_the_others():
     # row 0: others (0, 0, 4) mean 4/3; row 3: others (0, 0, 0) mean 0
     # row 4: others (0, 2, 0) mean 2/3; row 5: others (2, 2, 0) mean 4/3
@@ -78,6 +83,7 @@ def test_zero_variance_fraction_counts_all_equal_groups():
 LOG2 = math.log(2.0)
 
 
+@pytest.mark.exercise(6)
 def test_kl_k1_k2_k3_on_known_numbers():
     logp = torch.log(torch.tensor([[0.5, 0.25]]))
     logp_ref = torch.log(torch.tensor([[0.25, 0.5]]))  # log_ratio = (+log 2, -log 2)
@@ -89,6 +95,7 @@ def test_kl_k1_k2_k3_on_known_numbers():
                                torch.tensor([[LOG2 - 0.5, 1.0 - LOG2]]))
 
 
+@pytest.mark.exercise(6)
 def test_kl_k3_is_nonnegative_and_zero_when_equal():
     gen = torch.Generator().manual_seed(0)
     logp = -torch.rand(4, 6, generator=gen) * 5
@@ -114,6 +121,7 @@ LOGP_REF = torch.full((2, 4), -1.0)
 LOGP_OLD = LOGP_REF + DIFF
 
 
+@pytest.mark.exercise(9)
 def test_reinforce_pp_returns_hand_example():
     # kl_coef 0.1: r row 0 = (-0.01, +0.02, -0.03 + R=1) ; r row 1 = (-0.1*10, -0.05 + R=-1)
     # reverse cumsum: row 0 = (0.98, 0.99, 0.97, 0), row 1 = (-2.05, -1.05, 0, 0)
@@ -123,6 +131,7 @@ def test_reinforce_pp_returns_hand_example():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.exercise(9)
 def test_reinforce_pp_returns_discount_with_gamma():
     # row 0 with gamma 0.5: G2 = 0.97, G1 = 0.02 + 0.5*0.97, G0 = -0.01 + 0.5*G1
     got = grpo.reinforce_pp_returns(torch.tensor([1.0, -1.0]), LOGP_OLD, LOGP_REF, MASK, kl_coef=0.1,
@@ -130,6 +139,7 @@ def test_reinforce_pp_returns_discount_with_gamma():
     torch.testing.assert_close(got[0], torch.tensor([0.2425, 0.505, 0.97, 0.0]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.exercise(9)
 def test_reinforce_pp_reward_lands_on_last_valid_token_only():
     got = grpo.reinforce_pp_returns(torch.tensor([5.0, 7.0]), LOGP_OLD, LOGP_REF, MASK, kl_coef=0.0,
                                     gamma=0.0)
@@ -138,6 +148,7 @@ def test_reinforce_pp_reward_lands_on_last_valid_token_only():
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.exercise(9)
 def test_reinforce_pp_baseline_subtracts_group_mean():
     mask = torch.ones(4, 2)
     zeros = torch.zeros(4, 2)
@@ -165,6 +176,7 @@ def test_reinforce_pp_rejects_row_without_tokens():
 # masked whitening (single process and across 2 gloo ranks)
 
 
+@pytest.mark.exercise(10)
 def test_masked_whiten_uses_population_statistics_and_zeroes_pads():
     x = torch.tensor([[1.0, 3.0, 100.0], [5.0, 7.0, -100.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
@@ -206,6 +218,7 @@ def _surrogate_at(ratio, advantage, clip_low=0.2, clip_high=0.2):
     return loss.item(), clipped.item()
 
 
+@pytest.mark.exercise(7)
 def test_surrogate_inside_clip_range_is_minus_ratio_times_advantage():
     loss, clipped = _surrogate_at(1.1, 2.0)
     assert loss == pytest.approx(-2.2) and clipped is False
@@ -213,17 +226,20 @@ def test_surrogate_inside_clip_range_is_minus_ratio_times_advantage():
     assert loss == pytest.approx(1.8) and clipped is False
 
 
+@pytest.mark.exercise(7)
 def test_surrogate_clips_positive_advantage_above_one_plus_clip():
     assert _surrogate_at(1.5, 1.0) == (pytest.approx(-1.2), True)
     # below 1 - clip the pessimistic min keeps the unclipped (smaller) objective
     assert _surrogate_at(0.5, 1.0) == (pytest.approx(-0.5), False)
 
 
+@pytest.mark.exercise(7)
 def test_surrogate_clips_negative_advantage_below_one_minus_clip():
     assert _surrogate_at(0.5, -1.0) == (pytest.approx(0.8), True)
     assert _surrogate_at(1.5, -1.0) == (pytest.approx(1.5), False)
 
 
+@pytest.mark.exercise(7)
 def test_surrogate_honours_asymmetric_clip_low_and_high():
     # clip_high = 0.28: ratio 1.25 is inside for A > 0; clip_low = 0.1: ratio 0.85 is clipped to 0.9 for A < 0
     assert _surrogate_at(1.25, 1.0, clip_low=0.1, clip_high=0.28) == (pytest.approx(-1.25), False)
@@ -231,6 +247,7 @@ def test_surrogate_honours_asymmetric_clip_low_and_high():
     assert _surrogate_at(0.85, -1.0, clip_low=0.1, clip_high=0.28) == (pytest.approx(0.9), True)
 
 
+@pytest.mark.exercise(7)
 def test_surrogate_clipped_mask_and_broadcast_of_per_sequence_advantage():
     logp = torch.log(torch.tensor([[1.0, 1.5, 0.5], [1.0, 1.5, 0.5]]))
     loss, clipped = grpo.clipped_surrogate(logp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]))
@@ -238,6 +255,7 @@ def test_surrogate_clipped_mask_and_broadcast_of_per_sequence_advantage():
     assert clipped.tolist() == [[False, True, False], [False, False, True]]
 
 
+@pytest.mark.exercise(7)
 def test_surrogate_gradient_is_minus_advantage_at_ratio_one():
     logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
     advantages = torch.tensor([[0.7, -1.3], [2.0, 0.1]])
@@ -259,6 +277,7 @@ def _uneven_mask():
     return (columns < torch.tensor(LENGTHS).unsqueeze(1)).float()  # [8, 6]
 
 
+@pytest.mark.exercise(8)
 @pytest.mark.parametrize("mode", ["seq-mean", "token-mean", "constant"])
 def test_aggregate_sum_over_micro_batches_equals_full_batch(mode):
     mask = _uneven_mask()
@@ -280,6 +299,7 @@ def test_aggregate_sum_over_micro_batches_equals_full_batch(mode):
     assert torch.allclose(micro_grad, full_grad)
 
 
+@pytest.mark.exercise(8)
 def test_aggregate_seq_mean_differs_from_token_mean_on_uneven_lengths():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     loss_tok = torch.tensor([[1.0, 1.0, 1.0], [4.0, 9.0, 9.0]])
@@ -289,6 +309,7 @@ def test_aggregate_seq_mean_differs_from_token_mean_on_uneven_lengths():
     assert grpo.aggregate(loss_tok, mask, "constant", 2, 4, 5).item() == pytest.approx(0.7)
 
 
+@pytest.mark.exercise(8)
 def test_aggregate_seq_mean_row_without_tokens_contributes_zero():
     mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
     loss = grpo.aggregate(torch.ones(2, 2), mask, "seq-mean", 2, 2, 2)

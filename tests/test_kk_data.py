@@ -322,6 +322,7 @@ def test_every_template_contains_the_quiz_verbatim():
 # ---- training targets -------------------------------------------------------------------------------------
 
 
+@pytest.mark.exercise(1)
 def test_local_trace_of_a_hand_worked_puzzle():
     # Zoey: "If Zoey is a knight then Oliver is a knave"; Oliver: "Zoey is a knight if and only if Zoey is a knave".
     record = {"names": ["Zoey", "Oliver"],
@@ -334,6 +335,7 @@ def test_local_trace_of_a_hand_worked_puzzle():
     )
 
 
+@pytest.mark.exercise(1)
 def test_local_trace_writes_not_and_or():
     statements = (("not", ("lying", 1)), ("or", ("lying", 0), ("telling-truth", 1)))
     record = {"names": ["Ava", "Jack"], "statements": str(statements)}
@@ -342,6 +344,7 @@ def test_local_trace_writes_not_and_or():
                                            "Jack knight says Ava knave F or Jack knight T = T ok ;")
 
 
+@pytest.mark.exercise(1)
 @pytest.mark.parametrize("n", [2, 3, 5, 8])
 def test_local_trace_ends_on_the_solution(n):
     for r in kk_data.generate(n, 10, seed=n):

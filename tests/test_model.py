@@ -189,6 +189,7 @@ def test_position_ids_skip_left_padding():
     assert M.position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
 
 
+@pytest.mark.exercise(4)
 def test_token_logprobs_match_naive_full_log_softmax(tiny, tok):
     ids, mask, n_prompt = left_padded_batch(tok, PROMPTS, COMPLETIONS)
     logp, entropy = M.token_logprobs(tiny, ids, mask, n_prompt, temperature=0.7, with_entropy=True)
@@ -198,6 +199,7 @@ def test_token_logprobs_match_naive_full_log_softmax(tiny, tok):
     torch.testing.assert_close(entropy, naive_entropy, atol=1e-5, rtol=0)
 
 
+@pytest.mark.exercise(4)
 def test_token_logprobs_small_chunks_equal_one_big_chunk(tiny, tok):
     ids, mask, n_prompt = left_padded_batch(tok, PROMPTS, COMPLETIONS)
     big = M.token_logprobs(tiny, ids, mask, n_prompt, with_entropy=True, chunk_size=1024)
@@ -206,6 +208,7 @@ def test_token_logprobs_small_chunks_equal_one_big_chunk(tiny, tok):
     torch.testing.assert_close(small[1], big[1], atol=1e-6, rtol=0)
 
 
+@pytest.mark.exercise(4)
 def test_left_padding_does_not_change_a_rows_logprobs(tiny, tok):
     short_prompt, completion = "Oliver is a knight ?\n<think>", "try Oliver knave ;"
     alone_ids, alone_mask, alone_n = left_padded_batch(tok, [short_prompt], [completion])
@@ -226,6 +229,7 @@ def test_a_training_forwards_logprobs_equal_a_no_grad_pass_exactly(tiny, tok):
     assert in_update.requires_grad and torch.equal(in_update.detach(), separate)
 
 
+@pytest.mark.exercise(4)
 def test_token_logprobs_gradients_equal_naive_gradients(tiny, tok):
     ids, mask, n_prompt = left_padded_batch(tok, PROMPTS, COMPLETIONS)
     weights = torch.rand(2, ids.shape[1] - n_prompt)

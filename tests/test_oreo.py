@@ -103,6 +103,7 @@ def close(a, b):
 # Loss values and gradients against the original code
 # ----------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.exercise(11)
 @pytest.mark.parametrize("level", ["token", "step"])
 def test_value_loss_matches_reference(ref, level):
     _, value_loss, _, values = run_losses(ref, level)
@@ -110,6 +111,7 @@ def test_value_loss_matches_reference(ref, level):
     assert close(grad(value_loss, values), ref["grad"](f"grad_value_loss_{level}_wrt_values"))
 
 
+@pytest.mark.exercise(11)
 @pytest.mark.parametrize("level", ["token", "step", "response"])
 def test_policy_loss_matches_reference(ref, level):
     policy_loss, _, logp, _ = run_losses(ref, level)
@@ -117,6 +119,7 @@ def test_policy_loss_matches_reference(ref, level):
     assert close(grad(policy_loss, logp), ref["grad"](f"grad_policy_loss_{level}_wrt_policy_logps"))
 
 
+@pytest.mark.exercise(11)
 def test_response_level_value_loss_scores_only_the_first_state(ref):
     _, value_loss, _, values = run_losses(ref, "response")
     assert close(value_loss, ref["out"]["policy_loss_response"])             # same value as the policy loss
@@ -124,6 +127,7 @@ def test_response_level_value_loss_scores_only_the_first_state(ref):
     assert g[:, 1:].abs().max() == 0 and g[:, 0].abs().min() > 0
 
 
+@pytest.mark.exercise(11)
 @pytest.mark.parametrize("level", ["token", "step", "response"])
 def test_stop_gradients_separate_the_two_losses(ref, level):
     policy_loss, value_loss, logp, values = run_losses(ref, level)
@@ -189,6 +193,7 @@ def test_reverse_cumsum():
     assert torch.equal(oreo.reverse_cumsum(x), torch.tensor([[6.0, 5.0, 3.0], [3.0, -1.0, -1.0]]))
 
 
+@pytest.mark.exercise(11)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_token_level_gradients_have_the_closed_form(seed):
     logp, ref_logp, values, rewards, mask = random_batch(seed)
@@ -202,6 +207,7 @@ def test_token_level_gradients_have_the_closed_form(seed):
     assert close(grad(policy_loss, logp), 2 * beta * delta * mask / (B * n))
 
 
+@pytest.mark.exercise(11)
 def test_policy_and_value_losses_have_equal_values():
     logp, ref_logp, values, rewards, mask = random_batch(3)
     starts = oreo.step_starts_from_newlines(torch.randint(0, 4, mask.shape), mask, [0])
@@ -210,6 +216,7 @@ def test_policy_and_value_losses_have_equal_values():
         assert close(policy_loss, value_loss), level
 
 
+@pytest.mark.exercise(11)
 def test_padding_does_not_change_the_losses():
     logp, ref_logp, values, rewards, mask = random_batch(4)
     noise = torch.randn_like(logp) * (1 - mask)                    # garbage in the padded columns
@@ -219,6 +226,7 @@ def test_padding_does_not_change_the_losses():
         assert close(torch.stack(clean), torch.stack(dirty)), level
 
 
+@pytest.mark.exercise(11)
 def test_step_level_with_every_token_a_step_is_token_level():
     logp, ref_logp, values, rewards, mask = random_batch(5)
     logp.requires_grad_()

@@ -1,5 +1,6 @@
 """Tests for OREO's test-time search (oreo.beam_search) and its use in eval.py (--search beam), on a tiny model."""
 import json
+import types
 
 import pytest
 import torch
@@ -48,6 +49,7 @@ def test_through_first_stop():
     assert oreo.through_first_stop([5, 6], {7}) == [5, 6]
 
 
+@pytest.mark.exercise(12)
 def test_keep_best_takes_the_top_values_and_splits_off_the_finished():
     candidates = [[1], [2, 0], [3], [4, 0]]                        # 0 plays EOS
     values = [0.1, 0.9, 0.5, 0.2]
@@ -56,9 +58,34 @@ def test_keep_best_takes_the_top_values_and_splits_off_the_finished():
     assert finished == [([2, 0], 0.9), ([4, 0], 0.2)]
 
 
+@pytest.mark.exercise(12)
 def test_keep_best_breaks_ties_by_order():
     partial, _ = oreo.keep_best([[1], [2], [3]], [0.0, 0.0, 0.0], 2, is_finished=lambda tokens: False)
     assert [tokens for tokens, _ in partial] == [[1], [2]]
+
+
+@pytest.mark.exercise(12)
+def test_beam_search_rounds_expand_only_the_kept_partial_candidates(monkeypatch):
+    """beam_search with scripted steps and values (no model): each round keeps the B best candidates, sends the
+    finished ones (ending in EOS = 0) to the pool and expands only the kept partial ones."""
+    steps = {(): [[1], [2]], (2,): [[4], [0]], (1,): [[3], [5]], (1, 5): [[0], [7]]}
+    values = {(1,): 0.1, (2,): 0.9, (2, 4): 0.2, (2, 0): 0.95, (1, 3): 0.5, (1, 5): 0.8, (1, 5, 0): 0.4,
+              (1, 5, 7): 0.6}
+    expanded = []
+
+    def sample_next_steps(policy, tokenizer, prompt_ids, prefix, n, *args):
+        expanded.append(prefix)
+        return steps[tuple(prefix)][:n]
+
+    monkeypatch.setattr(oreo, "encode_prompts", lambda tokenizer, prompts: {"input_ids": torch.tensor([[9]])})
+    monkeypatch.setattr(oreo, "sample_next_steps", sample_next_steps)
+    monkeypatch.setattr(oreo, "prefix_values", lambda vm, prompt_ids, prefixes, pad: [values[tuple(c)] for c in prefixes])
+    tokenizer = types.SimpleNamespace(eos_token_id=0, pad_token_id=0,
+                                      decode=lambda ids, skip_special_tokens: " ".join(map(str, ids)))
+    result = oreo.beam_search(None, None, tokenizer, "prompt", 2, [], max_expansions=3, max_new_tokens=100)
+    # round 2 expands the kept [2] then [1], best first; round 3 only [1, 5]: [2, 0] finished, [1, 3] and [2, 4] lost
+    assert expanded == [[], [2], [1], [1, 5]]
+    assert (result.token_ids, result.value, result.finished, result.expansions) == ([2, 0], 0.95, True, 3)
 
 
 def test_sample_next_steps_stop_at_a_step_end(models, prompt):
