@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from model import full_tensor, iter_full_state, pick_dtype
+from model import NonFiniteError, full_tensor, iter_full_state, pick_dtype
 
 
 @dataclass
@@ -190,7 +190,13 @@ class HFSampler:
 
         config = self.generation_config(temperature, top_p, max_new_tokens)
         with generation_mode(self.model, config):
-            output = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+            try:
+                output = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                             generation_config=config)
+            except RuntimeError as error:  # torch.multinomial refuses NaN or infinite probabilities
+                if "probability tensor" not in str(error):
+                    raise
+                raise NonFiniteError("the model's sampling probabilities are not finite") from None
         completion_ids = output.sequences[:, prompt_ids.shape[1] :]  # [B, T]; finished rows are filled with pad
         logprobs = sampled_token_logprobs(output.logits, completion_ids, temperature)  # [B, T]
         mask = mask_through_first_eos(completion_ids, self.tokenizer.eos_token_id)  # [B, T]
