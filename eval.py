@@ -364,11 +364,12 @@ PANELS = [  # (title, keys of train rows drawn as lines, keys of eval rows drawn
 
 
 def read_metrics(run_dir):
-    """The rows of run_dir/metrics.jsonl; a row that is not a JSON object raises ValueError naming file:line."""
+    """The rows of run_dir/metrics.jsonl; a row that is not a JSON object raises ValueError naming file:line, a
+    truncated last line (a run killed, or still writing) is dropped with a warning."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no metrics log here (is {run_dir} a train.py output folder?)")
-    return kk_data.read_jsonl(path, check_is_object)
+    return kk_data.read_jsonl(path, check_is_object, truncated_tail_ok=True)
 
 
 def check_is_object(row):
@@ -439,8 +440,9 @@ def plot_run(run_dir, out_name="curves.png"):
         ax.axis("off")
     fig.tight_layout()
     out = Path(run_dir) / out_name
-    fig.savefig(out, dpi=100)
+    fig.savefig(out.with_name(out.name + ".tmp"), dpi=100, format="png")
     plt.close(fig)
+    out.with_name(out.name + ".tmp").replace(out)  # a kill mid-write leaves the previous curves whole
     return out
 
 
@@ -512,6 +514,13 @@ def parse_args(argv):
             args.people = kk_data.parse_sizes(args.people)
         except ValueError:
             parser.error(f'--people {args.people!r}: write sizes as "a-b" or "a,b,c"')
+    for option, path in (("--out", args.out), ("--completions", args.completions),
+                         ("--plot", args.plot and Path(args.plot) / "curves.png")):
+        try:  # before any evaluation: an unwritable output must not cost a whole run
+            if path:
+                kk_data.check_writable(path)
+        except ValueError as error:
+            parser.error(f"{option}: {error}")
     return args
 
 
@@ -578,13 +587,10 @@ def print_tables(results):
 
 def write_outputs(args, results, rows):
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        kk_data.write_atomically(args.out, json.dumps(results, indent=1) + "\n")
         print(f"\nwrote {args.out}")
     if args.completions:
-        Path(args.completions).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.completions, "w", encoding="utf-8") as file:
-            file.writelines(json.dumps(row) + "\n" for row in rows)
+        kk_data.save_jsonl(rows, args.completions)
         print(f"wrote {args.completions} ({len(rows)} completions)")
 
 

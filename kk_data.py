@@ -23,8 +23,10 @@ Command line (writes {out}/train/people{n}_num{train}.jsonl and {out}/test/peopl
 import argparse
 import ast
 import json
+import os
 import random
 import re
+import sys
 from itertools import product
 from pathlib import Path
 
@@ -415,27 +417,42 @@ def check_record(record):
     names, solution = record["names"], record["solution"]
     if len(names) != len(solution):
         raise ValueError(f"{len(names)} names but {len(solution)} roles in solution")
+    if len(set(names)) != len(names) or not all(re.search(rf"\b{re.escape(n)}\b", record["quiz"]) for n in names):
+        raise ValueError(f"names {names} must be distinct and each must occur in the quiz")
     statements = parse_statements(record["statements"], len(names))
     for i, statement in enumerate(statements):
         if evaluate(statement, solution) != solution[i]:
             raise ValueError(f"solution {solution} does not satisfy the statement of person {i} ({names[i]}): "
                              f"{statement!r}")
+    for field, render in (("solution_text", solution_text), ("solution_text_format", solution_text_format)):
+        if record[field] != render(names, solution):  # the reward grades against solution_text_format
+            raise ValueError(f"field {field!r} is {record[field]!r}, but names and solution say "
+                             f"{render(names, solution)!r}")
 
 
-def read_jsonl(path, check_row):
-    """The rows of a JSONL file (blank lines skipped); invalid JSON, or a row for which check_row raises
-    ValueError, raises ValueError naming path:line. Also used for OREO's offline data and metrics logs."""
-    rows = []
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
+def read_jsonl(path, check_row, key=None, truncated_tail_ok=False):
+    """The rows of a JSONL file (blank lines skipped); bytes that are not UTF-8, invalid JSON, a row for which
+    check_row raises ValueError, or two rows with the same key(row) raise ValueError naming path:line. With
+    truncated_tail_ok, an unparsable LAST line without its newline (a writer killed mid-line) is dropped with a
+    warning. Also used for OREO's offline data and metrics logs."""
+    rows, first_line = [], {}  # key -> the line it was first seen on
+    with open(path, "rb") as file:
+        for line_number, raw in enumerate(file, start=1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: invalid JSON ({error})") from None
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                if truncated_tail_ok and not raw.endswith(b"\n"):
+                    print(f"warning: {path}:{line_number}: dropped a truncated last line", file=sys.stderr)
+                    break
+                what = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else "invalid JSON"
+                raise ValueError(f"{path}:{line_number}: {what} ({error})") from None
             try:
                 check_row(row)
+                if key is not None and first_line.setdefault(key(row), line_number) != line_number:
+                    raise ValueError(f"a duplicate of line {first_line[key(row)]}")
             except ValueError as error:
                 raise ValueError(f"{path}:{line_number}: {error}") from None
             rows.append(row)
@@ -443,17 +460,37 @@ def read_jsonl(path, check_row):
 
 
 def load_jsonl(path):
-    """Records of a benchmark-format JSONL file, unchanged; a bad row raises ValueError naming path:line."""
-    return read_jsonl(path, check_record)
+    """Records of a benchmark-format JSONL file, unchanged; a bad row, or a quiz seen on an earlier line, raises
+    ValueError naming path:line."""
+    return read_jsonl(path, check_record, key=lambda record: record["quiz"])
+
+
+def write_atomically(path, text):
+    """Write `text` to `path` through a temporary file and a rename (creating the parent folders): a kill
+    mid-write leaves the old file or none, never a truncated one. Every file a run writes goes through here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def save_jsonl(records, path):
-    """One JSON object per line, the benchmark's layout; creates the parent folders."""
+    """One JSON object per line, the benchmark's layout; written atomically, parent folders created."""
+    write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def check_writable(path, folder=False):
+    """ValueError unless `path` can be written, as a file (or with folder=True a folder), checked before any
+    work and creating nothing: it is not the other kind, and its nearest existing folder is writable."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as file:
-        for record in records:
-            file.write(json.dumps(record) + "\n")
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{path} is {'a file, not a folder' if folder else 'a folder, not a file'}")
+    existing = next(p for p in ([path] if folder else []) + list(path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{path} cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{path} cannot be written: the folder {existing} is not writable")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -598,11 +635,13 @@ def corpus_words(texts):
 # ----------------------------------------------------------------------------------------------------------
 # 10. Command line.
 def parse_sizes(text):
-    """ "3-7" -> [3, 4, 5, 6, 7];  "2,4" -> [2, 4];  "5" -> [5]."""
-    if "-" in text:
-        low, high = text.split("-")
-        return list(range(int(low), int(high) + 1))
-    return [int(part) for part in text.split(",")]
+    """ "3-7" -> [3, 4, 5, 6, 7];  "2,4" -> [2, 4];  "5" -> [5]; anything else ("7-3", "x") raises ValueError."""
+    span = re.fullmatch(r"(\d+)-(\d+)", text)
+    if span and int(span[1]) <= int(span[2]):
+        return list(range(int(span[1]), int(span[2]) + 1))
+    if re.fullmatch(r"\d+(,\d+)*", text):
+        return [int(part) for part in text.split(",")]
+    raise ValueError(f'sizes are written "a-b" (a <= b), "a,b,c" or "a", got {text!r}')
 
 
 def main():

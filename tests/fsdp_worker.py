@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/fsdp_worker.py step MODEL_DIR OUT_JSON
     torchrun --nproc_per_node 2 tests/fsdp_worker.py stop-after RL_STEP --NAME=value ...   (train.py's arguments)
+    python tests/fsdp_worker.py stop-after oreo:1 --NAME=value ...                         (another stage, 1 process)
 
 "step": one training step under FSDP2 vs the same global batch in one process. Every rank builds the same
 global batch of 4 sequences and first takes, alone and unsharded, one AdamW step on all of it: the reference.
@@ -10,8 +11,8 @@ sharded policy and a sharded frozen reference, takes its own 2 sequences in 2 mi
 whole-batch token counts, as train.py does), clips the global gradient norm and steps. Rank 0 writes, per
 variant, the largest differences from the single-process run to OUT_JSON.
 
-"stop-after": train.py, killed (os._exit, no clean-up) right after the trainer state of RL step RL_STEP is
-saved, as a crash or a pre-empted job would stop it.
+"stop-after": train.py, killed (os._exit, no clean-up) right after the trainer state of RL step RL_STEP (or
+STAGE:STEP) is saved, as a crash or a pre-empted job would stop it.
 """
 import json
 import os
@@ -120,14 +121,15 @@ def step(model_dir, out_json):
     torch.distributed.destroy_process_group()
 
 
-def stop_after(rl_step, *train_args):
+def stop_after(stage_step, *train_args):
     import train
 
     save_trainer_state = train.save_trainer_state
+    stop_stage, _, stop_step = stage_step.rpartition(":")
 
-    def save_then_die(out_dir, stage, step, *args):
-        save_trainer_state(out_dir, stage, step, *args)
-        if stage == "rl" and step == int(rl_step):
+    def save_then_die(out_dir, stage, step, *args, **kwargs):
+        save_trainer_state(out_dir, stage, step, *args, **kwargs)
+        if stage == (stop_stage or "rl") and step == int(stop_step):
             os._exit(3)
 
     train.save_trainer_state = save_then_die

@@ -396,3 +396,23 @@ def test_cli_vllm_sampler_without_make_sampler(tiny_dir, monkeypatch, capsys):
     monkeypatch.delattr(R, "make_sampler", raising=False)
     message = one_line_error(capsys, [str(tiny_dir), "--sampler", "vllm", "--people", "2", "--per-size", "1"])
     assert "make_sampler" in message
+
+
+@pytest.mark.parametrize("option", ["--out", "--completions", "--plot"])
+def test_cli_unwritable_output_is_refused_before_the_evaluation(tiny_dir, tmp_path, monkeypatch, capsys, option):
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setattr(E, "evaluate_models", lambda args: pytest.fail("evaluated before checking the output"))
+    monkeypatch.setattr(E, "plot_run", lambda run_dir: pytest.fail("plotted before checking the output"))
+    target = tmp_path / "a_file" / ("" if option == "--plot" else "out.json")
+    argv = [option, str(target)] if option == "--plot" else [str(tiny_dir), option, str(target)]
+    with pytest.raises(SystemExit) as exit_info:
+        E.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{option}: " in err and "a_file is a file, not a folder" in err
+
+
+def test_read_metrics_drops_a_truncated_last_line(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train"}\n{"kind": "ev')  # a run killed mid-write
+    assert E.read_metrics(tmp_path) == [{"kind": "train"}]
+    assert "dropped a truncated last line" in capsys.readouterr().err

@@ -231,11 +231,67 @@ def good_row(**changes):
     (json.dumps(good_row(solution=[T, F, T])), "2 names but 3 roles"),
     (json.dumps(good_row(solution=[T, T])), "does not satisfy the statement of person 0"),
     (json.dumps(good_row(statements="(('lying', 5), ('lying', 0))")), "person 5 out of range"),
+    # the reward grades against solution_text_format: it must say what solution says
+    (json.dumps(good_row(solution_text_format="(1) Zoey is a knight\n(2) Oliver is a knight")),
+     "field 'solution_text_format' is '(1) Zoey is a knight\\n(2) Oliver is a knight', but names and solution say"),
+    (json.dumps(good_row(solution_text="Zoey is a knight, and Oliver is a knight.")), "field 'solution_text' is"),
+    (json.dumps(good_row(names=["Zoey", "Zoe"])), "must be distinct and each must occur in the quiz"),
+    (json.dumps(good_row(names=["Zoey", "Zoey"])), "must be distinct"),
+    (json.dumps(good_row()), "a duplicate of line 1"),
 ])
 def test_load_jsonl_errors_name_file_and_line(tmp_path, bad_line, message):
     path = write_lines(tmp_path, [json.dumps(good_row()), "", bad_line])
     with pytest.raises(ValueError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(message)):
         kk_data.load_jsonl(path)
+
+
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(json.dumps(good_row()).encode() + b"\n" + b'{"quiz": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not UTF-8 text")):
+        kk_data.load_jsonl(path)
+
+
+def test_a_truncated_last_line_is_dropped_with_a_warning_only_when_asked(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # a writer killed mid-line
+    assert kk_data.read_jsonl(path, dict, truncated_tail_ok=True) == [{"step": 1}, {"step": 2}]
+    assert f"warning: {path}:3: dropped a truncated last line" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=":3: invalid JSON"):
+        kk_data.read_jsonl(path, dict)
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}')  # a broken line that is not the last one
+    with pytest.raises(ValueError, match=":2: invalid JSON"):
+        kk_data.read_jsonl(path, dict, truncated_tail_ok=True)
+    path.write_text('{"step": 1}\n{"step": 2}')  # a whole last line without its newline is kept
+    assert kk_data.read_jsonl(path, dict, truncated_tail_ok=True) == [{"step": 1}, {"step": 2}]
+
+
+def test_save_jsonl_that_fails_midway_leaves_the_old_file_whole(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    kk_data.save_jsonl(sample_records(), path)
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        kk_data.save_jsonl([sample_records()[0], {"not json": object()}], path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
+def test_check_writable_refuses_before_creating_anything(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    kk_data.check_writable(tmp_path / "new" / "deeper" / "out.json")  # parents may be missing: made on write
+    kk_data.check_writable(tmp_path / "new" / "run", folder=True)
+    with pytest.raises(ValueError, match="a_file is a file, not a folder"):
+        kk_data.check_writable(tmp_path / "a_file" / "out.json")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        kk_data.check_writable(tmp_path / "a_file", folder=True)
+    with pytest.raises(ValueError, match="is a folder, not a file"):
+        kk_data.check_writable(tmp_path, folder=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.parametrize("text", ["3-2", "x", "1-2-3", "", "3,", "-3"])
+def test_parse_sizes_refuses_what_is_not_a_size_list(text):
+    with pytest.raises(ValueError, match="sizes are written"):
+        kk_data.parse_sizes(text)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -311,3 +311,40 @@ def test_load_trainer_state_is_none_without_a_file(tmp_path):
 
 def test_mean_over_ranks_is_the_identity_on_one_process():
     assert M.mean_over_ranks({"a": 1.5, "b": 2}) == {"a": 1.5, "b": 2.0}
+
+
+# ---- non-finite guards --------------------------------------------------------------------------------------
+
+def test_check_finite_passes_numbers_and_names_a_nan_or_inf():
+    assert M.check_finite(torch.tensor(2.5), "loss") == 2.5
+    for bad in (float("nan"), float("inf"), torch.tensor(float("-inf"))):
+        with pytest.raises(M.NonFiniteError, match="the RL loss is"):
+            M.check_finite(bad, "RL loss")
+
+
+def test_no_save_replaces_the_last_good_state_with_non_finite_weights(tmp_path, tiny_dir, tok):
+    model = M.load_model(tiny_dir, "cpu", dtype=torch.float32)
+    optimizer = one_adam_step(model)
+    M.save_trainer_state(tmp_path / "state.pt", model, optimizer, {"step": 1})
+    good = (tmp_path / "state.pt").read_bytes()
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    with pytest.raises(M.NonFiniteError, match="policy weights hold NaN"):
+        M.save_trainer_state(tmp_path / "state.pt", model, optimizer, {"step": 2})
+    with pytest.raises(M.NonFiniteError):
+        M.save_hf(model, tok, tmp_path / "final")
+    assert (tmp_path / "state.pt").read_bytes() == good and not (tmp_path / "final").exists()
+
+
+def test_check_tiny_sizes_names_what_build_tiny_needs():
+    M.check_tiny_sizes(SIZES)
+    for bad in ({"hidden": 30, "heads": 4}, {"width": 8}, {"layers": 0}, {"ffn": 2.5}, {"seed": 1}):
+        with pytest.raises(ValueError, match="whole numbers >= 1 for keys among"):
+            M.check_tiny_sizes(bad)
+
+
+def test_has_chat_template_reads_local_folders(tmp_path, tiny_dir):
+    assert M.has_chat_template("tiny") is False and M.has_chat_template(tiny_dir) is False
+    assert M.has_chat_template("Qwen/Qwen2.5-7B-Instruct-1M") is None  # a hub name: not known before loading
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert M.has_chat_template(tmp_path) is True

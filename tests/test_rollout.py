@@ -205,3 +205,10 @@ def test_generate_rejects_bad_arguments(tiny, tok):
         sampler.generate("Zoey says\n<think>")
     with pytest.raises(ValueError, match="temperature"):
         sampler.generate(PROMPTS, temperature=-1.0)
+
+
+def test_sampling_from_non_finite_weights_raises_non_finite_error(tiny, tok):
+    with torch.no_grad():
+        tiny.lm_head.bias[3] = float("inf")  # inf - inf in the softmax: NaN probabilities
+    with pytest.raises(M.NonFiniteError, match="sampling probabilities are not finite"):
+        sample(tiny, tok, temperature=1.0)

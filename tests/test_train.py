@@ -3,6 +3,7 @@ checkpoints, resumes exactly, and refuses bad constants before doing any work.""
 import importlib
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -63,7 +64,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run_train(straight, "--STEPS=3")
     run_train(interrupted, "--STEPS=1")  # stops after RL step 1, like a run killed right after its save
-    run_train(interrupted, "--STEPS=3", "--RESUME=True")
+    with (interrupted / "metrics.jsonl").open("a") as log:
+        log.write('{"kind": "train", "stage": "rl", "st')  # and killed in the middle of writing a row
+    resumed = run_train(interrupted, "--STEPS=3", "--RESUME=True")
+    assert "dropped a truncated last line" in resumed.stderr and "RESUME: STEPS 1 -> 3" in resumed.stdout
     a, b = final_weights(straight), final_weights(interrupted)
     assert a.keys() == b.keys()
     for name in a:
@@ -80,7 +84,7 @@ def test_ppo_epochs_take_that_many_optimizer_steps_per_rollout_batch(tmp_path):
     assert {s["step"].item() for s in state["optimizer"]["state"].values()} == {6.0}  # 2 batches x 3 epochs
 
 
-@pytest.mark.parametrize("arg, message", [
+@pytest.mark.parametrize("args, message", [
     ("--ALGO=ppo", "ALGO='ppo' is unknown"),
     ("--MICRO_BATCH=3", "MICRO_BATCH=3 must divide"),
     ("--NOT_A_CONSTANT=1", "unknown constant 'NOT_A_CONSTANT'"),
@@ -89,14 +93,88 @@ def test_ppo_epochs_take_that_many_optimizer_steps_per_rollout_batch(tmp_path):
     ("--PEOPLE=1-3", "PEOPLE='1-3'"),
     ("--STEPS=many", "--STEPS expects a int"),
     ("--PPO_EPOCHS=0", "PPO_EPOCHS=0 must be >= 1"),
+    # each of these once passed the checks (or died in them) and failed later, most after the out folder was made
+    ("--GRAD_CLIP=-1", "GRAD_CLIP=-1.0 must be > 0 and finite"),  # would train by gradient ascent
+    ("--MICRO_BATCH=0", "MICRO_BATCH=0 must be >= 1"),  # was a ZeroDivisionError inside the check
+    ("--MICRO_BATCH=-1", "MICRO_BATCH=-1 must be >= 1"),
+    ("--PROMPTS_PER_STEP=0", "PROMPTS_PER_STEP=0 must be >= 1"),
+    ("--PEOPLE=3-2", "PEOPLE='3-2': sizes are written \"a-b\" (a <= b)"),
+    ("--TOP_P=0", "TOP_P=0.0 must be in (0, 1]"),
+    ("--TOP_P=2", "TOP_P=2.0 must be in (0, 1]"),
+    ("--MAX_NEW_TOKENS=0", "MAX_NEW_TOKENS=0 must be >= 1"),
+    ("--ADAM_BETAS=(2.0,3.0)", "ADAM_BETAS=(2.0, 3.0) must be two numbers in [0, 1)"),
+    ("--CLIP_LOW=-1", "CLIP_LOW=-1.0 must be in [0, 1)"),
+    ("--CLIP_HIGH=-1", "CLIP_HIGH=-1.0 must be >= 0"),
+    ("--KL_COEF=-1", "KL_COEF=-1.0 must be >= 0"),
+    ("--LR=1e999", "LR=inf must be > 0 and finite"),
+    ("--VALUE_LR=0", "VALUE_LR=0.0 must be > 0 and finite"),
+    ("--MODEL=tiny --TEMPLATE=chat", "TEMPLATE='chat' needs a tokenizer with a chat template; there is none in tiny"),
+    ("--MODEL=/nonexistent", "MODEL='/nonexistent': /nonexistent: no such model folder"),
+    ("--TEST_PER_SIZE=0", "TEST_PER_SIZE=0 must be >= 1"),  # was blamed on torchrun's WORLD_SIZE
+    ("--MODEL=tiny --TINY_SIZES={'hidden':30}", "TINY_SIZES={'hidden': 30}: give whole numbers >= 1"),
+    ("--SFT_STYLE=prose", "SFT_STYLE='prose'"),
+    ("--OREO_LEVEL=word", "OREO_LEVEL='word'"),
+    ("--OUT_DIR=", "OUT_DIR='': name a folder"),
 ])
-def test_bad_constants_are_refused_with_a_message_naming_them(arg, message):
+def test_bad_constants_are_refused_with_a_message_naming_them(args, message):
     import train
     importlib.reload(train)  # fresh constants: parse_overrides changes module globals
     with pytest.raises(SystemExit) as error:
-        train.parse_overrides([arg])
+        train.parse_overrides(args.split(" "))
         train.check_constants()
     assert message in str(error.value)
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    import train
+    importlib.reload(train)
+    (tmp_path / "a_file").write_text("x")
+    train.parse_overrides([f"--OUT_DIR={tmp_path / 'a_file' / 'run'}"])
+    with pytest.raises(SystemExit, match="OUT_DIR: .*a_file is a file, not a folder"):
+        train.check_constants()
+
+
+def check_out_dir(out_dir, *args):
+    """train.check_out_dir with fresh constants and these overrides (a fresh import, not a reload, which would
+    count the names defined below the constants, DEVICE..., as constants too)."""
+    sys.modules.pop("train", None)
+    train = importlib.import_module("train")
+    train.parse_overrides([f"--OUT_DIR={out_dir}", *args])
+    return train.check_out_dir(out_dir)
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_another_run(tmp_path):
+    assert check_out_dir(tmp_path)["OUT_DIR"] == str(tmp_path)  # an empty folder is fine
+    for held in ("config.json", "metrics.jsonl", "checkpoints"):
+        (tmp_path / held).mkdir()
+        with pytest.raises(SystemExit, match=f"holds another run \\({held}\\): continue it with --RESUME=True, "
+                                             "or give this run another --OUT_DIR"):
+            check_out_dir(tmp_path)
+        (tmp_path / held).rmdir()
+
+
+def test_resume_refuses_other_constants_and_lists_them(tmp_path, capsys):
+    saved = check_out_dir(tmp_path, "--ALGO=sft", "--SFT_LR=1e-3", "--STEPS=30")
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit) as error:  # a finished SFT run continued as RL at another learning rate
+        check_out_dir(tmp_path, "--RESUME=True", "--ALGO=grpo", "--SFT_LR=2e-3", "--STEPS=30")
+    assert "ALGO 'sft' -> 'grpo'; SFT_LR 0.001 -> 0.002" in str(error.value)
+    assert check_out_dir(tmp_path, "--RESUME=True", "--ALGO=sft", "--SFT_LR=1e-3", "--STEPS=30") == {
+        **saved, "RESUME": True}
+    capsys.readouterr()
+    assert check_out_dir(tmp_path, "--RESUME=True", "--ALGO=sft", "--SFT_LR=1e-3", "--STEPS=50")["STEPS"] == 50
+    assert "RESUME: STEPS 30 -> 50 (config.json updated)" in capsys.readouterr().out
+
+
+def test_a_run_refused_in_a_folder_holding_another_run_changes_nothing_there(tmp_path):
+    (tmp_path / "config.json").write_text('{"ALGO": "rloo"}')
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "global_step": 1}\n')
+    result = run_train(tmp_path, "--STEPS=1", check=False)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"error: OUT_DIR='{tmp_path}' holds another run (config.json, metrics.jsonl): continue it with "
+        "--RESUME=True, or give this run another --OUT_DIR"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert (tmp_path / "config.json").read_text() == '{"ALGO": "rloo"}'
 
 
 def test_string_constants_take_the_text_as_given():
@@ -164,3 +242,52 @@ def test_sft_from_a_warmup_checkpoint_is_the_sft_instead_of_rl_comparison(tmp_pa
     assert all(torch.equal(start[k], v) for k, v in kk_model.load_model(warmup, "cpu").state_dict().items())
     extra = json.loads((tmp_path / "run" / "checkpoints" / "final" / "mini_logic_rl.json").read_text())
     assert (extra["stage"], extra["step"]) == ("sft", 2)
+
+
+def train_rows(run_dir):
+    """The rows of a run's metrics.jsonl without its timings."""
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("seconds") and not k.endswith("per_s")} for r in rows]
+
+
+OREO = ["--ALGO=oreo", "--OREO_PROMPTS=4", "--OREO_SAMPLES=2", "--OREO_BATCH=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, args", [
+    ("sft", ["--ALGO=sft", "--STEPS=4", "--SFT_LR=1e9"]),  # NaN loss from step 2 on
+    ("rl", ["--STEPS=4", "--LR=1e9"]),  # weights of 1e9 and more, then NaN sampling probabilities
+    ("oreo", [*OREO, "--STEPS=4", "--LR=1e9", "--VALUE_LR=1e9"]),
+])
+def test_a_non_finite_value_stops_the_run_and_keeps_the_last_good_state(tmp_path, stage, args):
+    result = run_train(tmp_path, *args, check=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    failed = re.fullmatch(rf"error: {stage} step (\d+): the [\w' ]+ (is (nan|inf)|are not finite); stopped, the last "
+                          rf"good state stays in {re.escape(str(tmp_path))}/checkpoints", last)
+    assert failed, last
+    step = int(failed[1])
+    state = torch.load(tmp_path / "checkpoints" / "trainer_state.pt", weights_only=False)
+    assert (state["stage"], state["step"]) == (stage, step - 1)  # SAVE_EVERY=1: the step before the bad one
+    weights = {**state["model"], **state.get("value", {})}
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    logged = [r["step"] for r in train_rows(tmp_path) if r["kind"] == "train" and r["stage"] == stage]
+    assert logged == list(range(1, step)) and not (tmp_path / "checkpoints" / "final").exists()
+
+
+@pytest.mark.slow
+def test_oreo_killed_and_resumed_matches_an_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_train(straight, *OREO, "--STEPS=3")
+    stop = [sys.executable, "tests/fsdp_worker.py", "stop-after", "oreo:1", *TINY, f"--OUT_DIR={killed}", *OREO,
+            "--STEPS=3"]  # killed (os._exit) right after the trainer state of OREO step 1 is saved
+    assert subprocess.run(stop, cwd=ROOT, capture_output=True, text=True, timeout=300).returncode == 3
+    resumed = run_train(killed, *OREO, "--STEPS=3", "--RESUME=True")
+    assert "starting from scratch" not in resumed.stdout and "initial model" not in resumed.stdout  # not rerun
+    a = torch.load(straight / "checkpoints" / "trainer_state.pt", weights_only=False)
+    b = torch.load(killed / "checkpoints" / "trainer_state.pt", weights_only=False)
+    assert (b["stage"], b["step"]) == ("oreo", 3)
+    for part in ("model", "value"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][name], b[part][name]) for name in a[part]), part
+    assert train_rows(killed) == train_rows(straight)  # the rows of step 1 kept, steps 2-3 written once
