@@ -12,9 +12,11 @@ The loop (Logic-RL, arXiv 2502.14768; algorithms in ../shared/spec/algorithms.md
   6. every EVAL_EVERY steps: greedy accuracy per puzzle size on held-out puzzles                 (eval.py)
 ALGO="sft" runs the same loop with supervised next-token loss on the generator's reasoning traces: the
 paper's SFT baseline and the tiny model's warm-up. Every run writes OUT_DIR/metrics.jsonl (a row per step),
-checkpoints (HF folders in bf16 + a trainer state for exact resume), summary.json and curves.png.
+checkpoints (HF folders in bf16 + a trainer state for exact resume), summary.json, curves.png and report.md
+(tables, curves and the model's own completions of a few fixed held-out puzzles at every evaluation).
 """
 import ast
+import importlib.util
 import json
 import math
 import os
@@ -93,6 +95,8 @@ OREO_KL = "full"  # full (exact reverse KL over the vocabulary) | k3 (sampled es
 VALUE_LR = 5e-6 if ON_GPU else 1e-4  # OREO critic learning rate (policy: LR); both Adam (0.9, 0.95), cosine
 CPU_THREADS = 1  # torch threads on CPU: on a busy 2-core machine 2 threads made tiny matmuls ~20x slower
 TINY_SIZES = dict(hidden=128, layers=4, heads=4, kv_heads=4, ffn=512)  # the 1M-parameter CPU model
+WANDB = False  # also send every metrics row and evaluation to wandb (optional: pip install wandb; WANDB_MODE=offline)
+WANDB_PROJECT = "mini-logic-rl"
 
 GROUP_ALGOS = ("grpo", "drgrpo", "rloo")
 ALGOS = GROUP_ALGOS + ("reinforce++", "reinforce++-baseline", "sft", "oreo")
@@ -152,6 +156,8 @@ def check_constants():
     need(EVAL_EVERY > 0 and SAVE_EVERY > 0, "EVAL_EVERY and SAVE_EVERY must be > 0")
     need(ALGO == "sft" or not WARMUP_CHECKPOINT or Path(WARMUP_CHECKPOINT).is_dir(),
          f"WARMUP_CHECKPOINT={WARMUP_CHECKPOINT!r} is not a folder (use '' to run SFT_STEPS of warm-up instead)")
+    need(not WANDB or importlib.util.find_spec("wandb"), "WANDB=True needs the wandb package, which is not installed: "
+         "pip install wandb (WANDB_MODE=offline logs with no network), or leave WANDB=False")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,7 +315,8 @@ def save_trainer_state(out_dir, stage, step, policy, optimizer, scheduler, data_
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON object per row; on resume, rows after the checkpoint are dropped."""
+    """metrics.jsonl, one JSON object per row; on resume, rows after the checkpoint are dropped. Every eval row
+    rewrites report.md and curves.png (eval.write_report); with WANDB every row also goes to a wandb run."""
 
     def __init__(self, out_dir, keep_until=None):
         self.path = Path(out_dir) / "metrics.jsonl"
@@ -317,12 +324,24 @@ class MetricsLog:
         kept = [r for r in rows if r.strip() and json.loads(r)["global_step"] <= keep_until]
         if RANK == 0:  # under torchrun only rank 0 writes
             self.path.write_text("".join(r + "\n" for r in kept))
+        config = {k: globals()[k] for k in CONSTANTS}
+        self.wandb = kk_eval.start_wandb(WANDB_PROJECT, config, out_dir) if WANDB and RANK == 0 else None
 
     def write(self, row):
         if RANK > 0:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.wandb:
+            kk_eval.wandb_log(self.wandb, row)
+        if row["kind"] == "eval":
+            kk_eval.write_report(self.path.parent)
+
+    def close(self):
+        """At the end, after summary.json: the final report.md, and the wandb run finished."""
+        kk_eval.write_report(self.path.parent)
+        if self.wandb:
+            self.wandb.finish()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -417,7 +436,8 @@ def batches_of_all_sizes(records_by_size, count):
 
 def evaluate(sampler, tokenizer, test):
     """Greedy held-out scores (under torchrun each rank scores its share and the numbers are pooled)."""
-    return kk_eval.evaluate(sampler, test, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS, batch_size=EVAL_BATCH)
+    return kk_eval.evaluate(sampler, test, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS, batch_size=EVAL_BATCH,
+                            examples=kk_eval.REPORT_EXAMPLES)  # a few completions kept for report.md
 
 
 def fmt(per_size):
@@ -457,6 +477,7 @@ def sync_sampler(sampler, policy):
 
 def main():
     global RANK, WORLD
+    defaults = {k: globals()[k] for k in CONSTANTS}  # before the command line: report.md lists what differs
     parse_overrides(sys.argv[1:])
     RANK, WORLD = kk_model.init_distributed()  # (0, 1) without torchrun
     check_constants()
@@ -473,6 +494,8 @@ def main():
         print(f"RESUME: no trainer state in {out}/checkpoints yet; starting from scratch")
     if RANK == 0:
         (out / "config.json").write_text(json.dumps({k: globals()[k] for k in CONSTANTS}, indent=1))
+        (out / "defaults.json").write_text(json.dumps(defaults, indent=1))
+        (out / "summary.json").unlink(missing_ok=True)  # an earlier run's; report.md reads it as "finished"
     device = kk_model.pick_device()
     began = time.perf_counter()  # wall time of this process (a resumed run counts from its restart)
     train, test = make_datasets()
@@ -487,6 +510,7 @@ def main():
     if "initial" not in summary:
         policy = kk_model.load_model(start_path, device)
         summary["initial"] = evaluate(HFSampler(policy, tokenizer), tokenizer, test)
+        log.write({"kind": "eval", "stage": "initial", "step": 0, "global_step": 0, **summary["initial"]})
         print(f"initial model: accuracy {fmt(summary['initial']['accuracy'])}")
         del policy
 
@@ -534,7 +558,7 @@ def main():
     summary["final"] = {k: final[-1][k] for k in ("accuracy", "format_rate", "lenient_accuracy", "mean_length")}
     summary["seconds"] = time.perf_counter() - began
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    kk_eval.plot_run(out)
+    log.close()  # report.md and curves.png
     stages = {stage: summary[stage] for stage in ("initial", "warmup", "final") if stage in summary}
     for metric in ("accuracy", "format_rate"):  # held-out, greedy; columns are puzzle sizes
         print(f"\nheld-out {metric.replace('_', ' ')}\n" + kk_eval.markdown_table(stages, metric))
