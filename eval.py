@@ -37,15 +37,18 @@ nothing else, into the table numbers.
     python eval.py MODEL --samples 8 --temperature 0.7                      # mean accuracy and pass@8
     python eval.py MODEL --search beam --beam 7 --value runs/x/checkpoints/value   # OREO's beam search
     python eval.py --plot runs/x                                            # writes runs/x/curves.png
+    python eval.py --report runs/x                      # writes runs/x/report.md (and curves.png), as train.py does
 
-train.py uses evaluate(sampler, records_by_size, template, tokenizer, max_new_tokens=...),
-markdown_table(rows) and plot_run(run_dir).
+train.py uses evaluate(sampler, records_by_size, template, tokenizer, max_new_tokens=..., examples=...),
+markdown_table(rows), write_report(run_dir) and, with WANDB on, start_wandb / wandb_log.
 """
 import argparse
+import importlib.util
 import json
 import math
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -235,10 +238,14 @@ def summarize_completions(rows, k=None, pass_ks=()):
 
 
 def evaluate(sampler, records_by_size, template, tokenizer=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-             temperature=0.0, samples=1, top_p=1.0, batch_size=EVAL_BATCH, progress=False, pass_ks=()):
+             temperature=0.0, samples=1, top_p=1.0, batch_size=EVAL_BATCH, progress=False, pass_ks=(), examples=0):
     """{metric: {size: value}} for one sampler, greedy by default; with samples > 1 also pass_at_k (k = samples)
     and "pass@j" for each j <= samples of pass_ks.
-    Under torchrun (train.py) each rank scores every WORLD-th puzzle and every rank gets the pooled numbers."""
+    Under torchrun (train.py) each rank scores every WORLD-th puzzle and every rank gets the pooled numbers.
+
+    examples > 0 adds "examples": the first sample of the first `examples` puzzles of each size, as they were
+    scored here (no second generation): size, record (position in records_by_size[size]), quiz, solution,
+    completion, length, format, answer, total. train.py keeps them in metrics.jsonl for report.md."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = {size: records[rank::world] for size, records in records_by_size.items()}
     rows = score_completions(sampler, shard, template, tokenizer, samples=samples,
@@ -250,7 +257,16 @@ def evaluate(sampler, records_by_size, template, tokenizer=None, max_new_tokens=
         parts = [None] * world
         dist.all_gather_object(parts, rows)
         rows = [row for part in parts for row in part]
-    return summarize_completions(rows, k=samples if samples > 1 else None, pass_ks=pass_ks)
+    result = summarize_completions(rows, k=samples if samples > 1 else None, pass_ks=pass_ks)
+    if examples:
+        shown = sorted((r for r in rows if r["record"] < examples and r["sample"] == 0),
+                       key=lambda r: (r["size"], r["record"]))
+        result["examples"] = [{"size": r["size"], "record": r["record"],
+                               "quiz": records_by_size[r["size"]][r["record"]]["quiz"],
+                               "solution": records_by_size[r["size"]][r["record"]]["solution_text_format"],
+                               **{k: r[k] for k in ("completion", "length", "format", "answer", "total")}}
+                              for r in shown]
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -380,7 +396,9 @@ def check_is_object(row):
 def curves(rows):
     """[(panel title, [(label, [(step, value), ...], marker)])] for the PANELS that have data; others skipped."""
     train = [r for r in rows if r.get("kind") == "train" and "global_step" in r]
-    evals = [r for r in rows if r.get("kind") == "eval" and "global_step" in r]
+    # one evaluation per step, the last: the initial model's is dropped when a warm-up checkpoint's shares its step
+    evals = sorted({r["global_step"]: r for r in rows if r.get("kind") == "eval" and "global_step" in r}.values(),
+                   key=lambda r: r["global_step"])
     panels = []
     for title, train_keys, eval_keys in PANELS:
         lines = []
@@ -447,13 +465,202 @@ def plot_run(run_dir, out_name="curves.png"):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Command line.
+# 7. report.md of a run: a pure function of its folder (config.json, defaults.json, metrics.jsonl, summary.json,
+# curves.png), written by train.py after every evaluation and at the end, and by `eval.py --report RUN_DIR`.
+REPORT_EXAMPLES = 3  # held-out puzzles per size whose greedy completion every train.py evaluation keeps
+REPORT_MAX_EVALS = 8  # report.md shows each such puzzle at most at this many evaluations (first, last, spread)
+REPORT_WIDTH = 110  # completions are wrapped at spaces to this width in report.md (metrics.jsonl has them verbatim)
+SCORE_MEANING = {3.0: "correct", -0.5: "parsed, a role wrong", -1.0: "format fine, answer unparseable",
+                 -3.0: "format broken"}
+STAGE_LABELS = {"initial": "initial model", "warmup": "warm-up (start of RL)"}
+
+
+def write_report(run_dir, plot=True):
+    """Write run_dir/report.md (first redrawing curves.png when plot and matplotlib is there); returns its path."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    if plot:
+        try:
+            plot_run(run_dir)
+        except ValueError:  # nothing to draw yet
+            pass
+    out = run_dir / "report.md"
+    out.write_text(report_markdown(run_dir, rows), encoding="utf-8")
+    return out
+
+
+def read_json(path, default=None):
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def changed_constants(run_dir):
+    """([(name, value, default)] of config.json's constants that differ from the defaults, where the defaults
+    came from): train.py saves its defaults in defaults.json; a run without one is compared with train.py's
+    defaults on this machine."""
+    config = read_json(run_dir / "config.json", {})
+    defaults, source = read_json(run_dir / "defaults.json"), "defaults.json (train.py's, as the run started)"
+    if defaults is None:  # a fresh copy of train.py: its module-level constants are the defaults
+        spec = importlib.util.spec_from_file_location("train_defaults", Path(__file__).with_name("train.py"))
+        train = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(train)
+        defaults = json.loads(json.dumps({k: getattr(train, k) for k in train.CONSTANTS}))
+        source = "train.py's defaults on the machine that wrote this report (the run saved none)"
+    return [(k, v, defaults.get(k)) for k, v in config.items() if defaults.get(k, object()) != v], source
+
+
+def eval_label(row):
+    return STAGE_LABELS.get(row.get("stage"), f"{row.get('stage')} step {row.get('step')}")
+
+
+def code_block(text, width=REPORT_WIDTH):
+    """text in a fenced block whose fence is longer than any run of backticks inside it; lines longer than width
+    are wrapped at spaces (a code block does not wrap, and one 400-token line is unreadable)."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    lines = [part for line in text.splitlines() or [""] for part in
+             (textwrap.wrap(line, width, break_long_words=False, break_on_hyphens=False) or [line])]
+    return f"{fence}text\n" + "\n".join(lines) + f"\n{fence}"
+
+
+def spread(items, n):
+    """At most n of items: the first, the last and evenly spaced ones between."""
+    if len(items) <= n:
+        return items
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
+
+
+def cell(value):
+    return "`" + json.dumps(value).replace("|", "\\|") + "`"
+
+
+def report_markdown(run_dir, rows):
+    config = read_json(run_dir / "config.json", {})
+    summary = read_json(run_dir / "summary.json")
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    if summary and "initial" in summary and not any(r.get("stage") == "initial" for r in evals):
+        evals.insert(0, {"kind": "eval", "stage": "initial", "step": 0, "global_step": 0, **summary["initial"]})
+    labels = [eval_label(r) + (" (final)" if summary and i == len(evals) - 1 and r.get("stage") != "initial"
+                               else "") for i, r in enumerate(evals)]
+    setup = ", ".join(f"{k} {config[k]}" for k in ("MODEL", "ALGO", "PEOPLE", "STEPS") if k in config)
+    if summary:
+        status = f"Finished in {summary['seconds'] / 60:.1f} min." if "seconds" in summary else "Finished."
+    elif evals:
+        status = f"In progress: the latest evaluation is {labels[-1]} (global step {evals[-1].get('global_step')})."
+    else:
+        status = "In progress: no evaluation yet."
+    name = config.get("OUT_DIR", "RUN_DIR")  # as the run named its folder: the report depends on its files only
+    lines = [f"# Run report: {name}", "", f"{setup}. {status}", "",
+             "Written by `train.py` after every evaluation and at the end; `python eval.py --report "
+             f"{name}` writes it again from this folder's files. Evaluations are greedy, on "
+             f"{config.get('TEST_PER_SIZE', 'the')} held-out puzzles per size, scored by `reward.score` (the "
+             "training reward).", "", "## Constants that differ from the defaults", ""]
+    changed, source = changed_constants(run_dir)
+    if changed:
+        lines += ["| constant | this run | default |", "|---|---|---|"]
+        lines += [f"| {k} | {cell(v)} | {cell(d)} |" for k, v, d in changed]
+        lines += ["", f"Defaults from {source}; every constant is in config.json."]
+    else:
+        lines += [f"None: the run used the defaults ({source})."]
+    lines += ["", "## Held-out results", ""]
+    table_rows = dict(zip(labels, evals))
+    for metric, title in METRIC_TITLES.items():
+        if any(metric in r for r in evals):
+            digits = 0 if metric == "mean_length" else 2
+            lines += [f"### {title}", "", markdown_table(table_rows, metric, digits), ""]
+    for key in sorted({k for r in evals for k, v in r.items() if k.startswith("pass_at_k") and isinstance(v, dict)}):
+        for k, table in pass_at_k_tables(table_rows, key).items():
+            lines += [f"### pass@{k} (`{key}`: chance that one of {k} sampled completions is right)", "",
+                      markdown_table(table, key), ""]
+    if not evals:
+        lines += ["No evaluation yet.", ""]
+    if (run_dir / "curves.png").is_file():
+        lines += ["## Curves", "", "![training curves](curves.png)", ""]
+    lines += example_sections(evals, labels)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def pass_at_k_tables(table_rows, key):
+    """{k: {label: {key: {size: value}}}} from rows whose `key` holds {size: {k: value}} (train.py) or
+    {size: value} (k not recorded)."""
+    tables = {}
+    for label, row in table_rows.items():
+        for size, value in (row.get(key) or {}).items():
+            for k, x in value.items() if isinstance(value, dict) else [("k", value)]:
+                tables.setdefault(k, {}).setdefault(label, {key: {}})[key][size] = x
+    return dict(sorted(tables.items(), key=lambda item: int(item[0]) if str(item[0]).isdigit() else math.inf))
+
+
+def example_sections(evals, labels):
+    """For every puzzle some evaluation kept an example of: the puzzle, the right answer, and what the model
+    wrote at (up to REPORT_MAX_EVALS of) the evaluations, each with its score."""
+    by_puzzle = {}
+    for row, label in zip(evals, labels):
+        for example in row.get("examples") or []:
+            by_puzzle.setdefault((int(example["size"]), example["record"]), []).append((label, row, example))
+    if not by_puzzle:
+        return []
+    lines = ["## What the model wrote", "",
+             "The greedy completion of the first held-out puzzles of each size at each evaluation (the same "
+             "puzzles every time), as kept in metrics.jsonl (\"examples\" of the eval rows). Score = format (+1 "
+             "or -1) + answer (+2 right, -1.5 a role wrong, -2 unparseable); length in generated tokens. Long "
+             "lines are wrapped at spaces here; metrics.jsonl has the text verbatim.", ""]
+    for (size, record), shown in sorted(by_puzzle.items()):
+        first = shown[0][2]
+        lines += [f"### {size} people, held-out puzzle {record + 1}", ""]
+        lines += ["> " + line for line in first["quiz"].strip().splitlines()]
+        lines += ["", f"Right answer: {' '.join(first['solution'].split())}", ""]
+        picked = spread(shown, REPORT_MAX_EVALS)
+        if len(picked) < len(shown):
+            lines += [f"({len(picked)} of its {len(shown)} evaluations shown; all are in metrics.jsonl.)", ""]
+        for label, row, example in picked:
+            meaning = SCORE_MEANING.get(example["total"], "")
+            lines += [f"**{label}** (global step {row.get('global_step')}): total {example['total']:g} "
+                      f"({meaning}) = format {example['format']:+g} + answer {example['answer']:+g}; "
+                      f"{example['length']} tokens", "", code_block(example["completion"]), ""]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. wandb, when train.py's WANDB is on (wandb is optional: train.py refuses WANDB=True before any work when the
+# package is missing). WANDB_MODE=offline keeps the run on disk (OUT_DIR/wandb) with no network.
+def start_wandb(project, config, run_dir):
+    import wandb
+    return wandb.init(project=project, name=Path(run_dir).name, dir=str(run_dir), config=config)
+
+
+def wandb_log(run, row):
+    """One metrics.jsonl row to a wandb run at its global step: numbers as "<kind>/<key>" ("eval/accuracy/3" per
+    puzzle size), an eval row's examples as a table "examples/<stage>"."""
+    data = {}
+
+    def add(name, value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                add(f"{name}/{key}", inner)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            data[name] = value
+
+    kind = row.get("kind", "row")
+    for key, value in row.items():
+        if key not in ("examples", "global_step"):
+            add(f"{kind}/{key}", value)
+    if row.get("examples"):
+        import wandb
+        columns = ["stage", "step", "size", "record", "total", "format", "answer", "length", "completion"]
+        data[f"examples/{row.get('stage')}"] = wandb.Table(columns=columns, data=[
+            [row.get("stage"), row.get("step")] + [e[c] for c in columns[2:]] for e in row["examples"]])
+    run.log(data, step=row.get("global_step"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Command line.
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("models", nargs="*", metavar="MODEL",
                         help="local HF folder (e.g. runs/x/checkpoints/final) or hub name")
     parser.add_argument("--plot", metavar="RUN_DIR", help="draw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl")
+    parser.add_argument("--report", metavar="RUN_DIR", help="write RUN_DIR/report.md (and curves.png) from the "
+                                                            "run folder's files, as train.py does")
     parser.add_argument("--data", metavar="DIR", help="folder of people{n}_num{k}.jsonl test files "
                                                       "(default: a generated split)")
     parser.add_argument("--people", help='puzzle sizes, "a-b" or "a,b,c" (default: 2-8, or every file of --data)')
@@ -483,10 +690,12 @@ def parse_args(argv):
     parser.add_argument("--out", metavar="FILE", help="write the numbers and settings as JSON")
     parser.add_argument("--completions", metavar="FILE", help="write every scored completion as JSONL")
     args = parser.parse_args(argv)
-    if args.plot and args.models:
-        parser.error("--plot RUN_DIR takes no MODEL")
-    if not args.plot and not args.models:
-        parser.error("give at least one MODEL (or --plot RUN_DIR)")
+    if args.plot and args.report:
+        parser.error("give --plot or --report, not both (--report also draws the curves)")
+    if (args.plot or args.report) and args.models:
+        parser.error(f"{'--plot' if args.plot else '--report'} RUN_DIR takes no MODEL")
+    if not (args.plot or args.report) and not args.models:
+        parser.error("give at least one MODEL (or --plot RUN_DIR, or --report RUN_DIR)")
     if len(set(args.models)) != len(args.models):
         parser.error("a MODEL is given twice")
     if args.temperature is None:
@@ -603,6 +812,9 @@ def main(argv=None):
             if out is None:
                 return 2
             print(f"wrote {out}")
+            return 0
+        if args.report:
+            print(f"wrote {write_report(args.report)}")
             return 0
         results, rows = evaluate_models(args)
     except (ValueError, OSError) as error:

@@ -12,8 +12,9 @@ The loop (Logic-RL, arXiv 2502.14768; algorithms in ../shared/spec/algorithms.md
   6. every EVAL_EVERY steps: greedy accuracy per puzzle size on held-out puzzles                 (eval.py)
 ALGO="sft" runs the same loop with supervised next-token loss on the generator's reasoning traces (a share
 WARMUP_THINK_RATE of the targets; the rest answer at once): from WARMUP_CHECKPOINT it is the paper's SFT-vs-RL
-comparison, with WARMUP_CHECKPOINT="" it makes a warm-up from MODEL. Every run writes OUT_DIR/metrics.jsonl (a row per step),
-checkpoints (HF folders in bf16 + a trainer state for exact resume), summary.json and curves.png.
+comparison, with WARMUP_CHECKPOINT="" it makes a warm-up from MODEL. Every run writes OUT_DIR/metrics.jsonl (a
+row per step), checkpoints (HF folders in bf16 + a trainer state for exact resume), summary.json, curves.png and
+report.md (tables, curves and the model's own completions of a few fixed held-out puzzles at every evaluation).
 """
 import ast
 import importlib.util
@@ -99,6 +100,8 @@ OREO_KL = "full"  # full (exact reverse KL over the vocabulary) | k3 (sampled es
 VALUE_LR = 5e-6 if ON_GPU else 1e-4  # OREO critic learning rate (policy: LR); both Adam (0.9, 0.95), cosine
 CPU_THREADS = 1  # torch threads on CPU: on a busy 2-core machine 2 threads made tiny matmuls ~20x slower
 TINY_SIZES = dict(hidden=128, layers=4, heads=4, kv_heads=4, ffn=512)  # the 1M-parameter CPU model
+WANDB = False  # also send every metrics row and evaluation to wandb (optional: pip install wandb; WANDB_MODE=offline)
+WANDB_PROJECT = "mini-logic-rl"
 
 GROUP_ALGOS = ("grpo", "drgrpo", "rloo")
 ALGOS = GROUP_ALGOS + ("reinforce++", "reinforce++-baseline", "sft", "oreo")
@@ -201,6 +204,8 @@ def check_constants():
          f"none in {', '.join(templateless)}")
     need(OUT_DIR != "", "OUT_DIR='': name a folder for the run's outputs")
     need_ok("OUT_DIR", kk_data.check_writable, OUT_DIR, True)
+    need(not WANDB or importlib.util.find_spec("wandb"), "WANDB=True needs the wandb package, which is not installed: "
+         "pip install wandb (WANDB_MODE=offline logs with no network), or leave WANDB=False")
 
 
 MAY_CHANGE_ON_RESUME = ("OUT_DIR", "STEPS", "EVAL_EVERY", "SAVE_EVERY", "EVAL_BATCH", "SAMPLER",
@@ -426,19 +431,32 @@ def save_trainer_state(out_dir, stage, step, policy, optimizer, summary, **extra
 
 class MetricsLog:
     """metrics.jsonl, one JSON object per row; on resume, rows after the checkpoint are dropped (and a truncated
-    last line, a kill mid-write, with a warning)."""
+    last line, a kill mid-write, with a warning). Every eval row rewrites report.md and curves.png
+    (eval.write_report); with WANDB every row also goes to a wandb run."""
 
     def __init__(self, out_dir, keep_until=None):
         self.path = Path(out_dir) / "metrics.jsonl"
         rows = kk_eval.read_metrics(out_dir) if self.path.exists() and keep_until is not None else []
         if RANK == 0:  # under torchrun only rank 0 writes
             kk_data.save_jsonl([r for r in rows if r["global_step"] <= keep_until], self.path)
+        config = {k: globals()[k] for k in CONSTANTS}
+        self.wandb = kk_eval.start_wandb(WANDB_PROJECT, config, out_dir) if WANDB and RANK == 0 else None
 
     def write(self, row):
         if RANK > 0:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.wandb:
+            kk_eval.wandb_log(self.wandb, row)
+        if row["kind"] == "eval":
+            kk_eval.write_report(self.path.parent)
+
+    def close(self):
+        """At the end, after summary.json: the final report.md, and the wandb run finished."""
+        kk_eval.write_report(self.path.parent)
+        if self.wandb:
+            self.wandb.finish()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -543,7 +561,7 @@ def evaluate(sampler, tokenizer, test, with_pass_at_k=False):
     with_pass_at_k also pass@k at the rollout temperature on the first PASS_K_PER_SIZE puzzles of each size
     ("sampled_length": those samples' mean length)."""
     result = kk_eval.evaluate(sampler, test, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS,
-                              batch_size=EVAL_BATCH)
+                              batch_size=EVAL_BATCH, examples=kk_eval.REPORT_EXAMPLES)  # completions for report.md
     if with_pass_at_k and PASS_K_PER_SIZE:
         subset = {size: records[:PASS_K_PER_SIZE] for size, records in test.items()}
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if ON_GPU else []):
@@ -593,6 +611,7 @@ def sync_sampler(sampler, policy):
 
 def main():
     global RANK, WORLD
+    defaults = {k: globals()[k] for k in CONSTANTS}  # before the command line: report.md lists what differs
     parse_overrides(sys.argv[1:])
     RANK, WORLD = kk_model.init_distributed()  # (0, 1) without torchrun
     check_constants()
@@ -612,6 +631,8 @@ def main():
         print(f"RESUME: no trainer state in {out}/checkpoints yet; starting from scratch")
     if RANK == 0:
         kk_data.write_atomically(out / "config.json", json.dumps(config, indent=1))
+        kk_data.write_atomically(out / "defaults.json", json.dumps(defaults, indent=1))
+        (out / "summary.json").unlink(missing_ok=True)  # an earlier run's; report.md reads it as "finished"
     device = kk_model.pick_device()
     began = time.perf_counter()  # wall time of this process (a resumed run counts from its restart)
     print(f"data: {sum(map(len, train.values()))} training puzzles, {sum(map(len, test.values()))} held-out, "
@@ -626,6 +647,7 @@ def main():
     if "initial" not in summary and sft_steps:  # (RL from WARMUP_CHECKPOINT never uses the initial model)
         policy = kk_model.load_model(start_path, device)
         summary["initial"] = evaluate(HFSampler(policy, tokenizer), tokenizer, test)
+        log.write({"kind": "eval", "stage": "initial", "step": 0, "global_step": 0, **summary["initial"]})
         print(f"initial model: accuracy {fmt(summary['initial']['accuracy'])}")
         del policy
 
@@ -676,7 +698,7 @@ def main():
     summary["final"] = {k: v for k, v in final[-1].items() if k in titles or k == "lenient_accuracy"}
     summary["seconds"] = time.perf_counter() - began
     kk_data.write_atomically(out / "summary.json", json.dumps(summary, indent=1))
-    kk_eval.plot_run(out)
+    log.close()  # report.md and curves.png
     stages = {stage: summary[stage] for stage in ("initial", "warmup", "final") if stage in summary}
     for metric, title in titles.items():  # held-out; columns are puzzle sizes
         if any(metric in row for row in stages.values()):

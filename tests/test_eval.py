@@ -152,6 +152,23 @@ def test_score_completions_groups_samples_by_prompt_and_batches_by_sequences(sam
     assert E.summarize_completions(rows, k=3)["pass_at_k"] == {2: 1.0}
 
 
+def test_evaluate_keeps_examples_from_its_own_generation(sample_records):
+    grouped = by_size(sample_records)
+    texts = {kk_data.make_prompt(r, "qwen-instruct"): [correct(r)[len("<think>"):]] for r in sample_records}
+    plain, with_examples = ScriptedSampler(texts), ScriptedSampler(texts)
+    numbers = E.evaluate(plain, grouped, "qwen-instruct", max_new_tokens=16)
+    result = E.evaluate(with_examples, grouped, "qwen-instruct", max_new_tokens=16, examples=2)
+    assert with_examples.calls == plain.calls  # no second generation pass
+    assert {k: v for k, v in result.items() if k != "examples"} == numbers and "examples" not in numbers
+    assert [(e["size"], e["record"]) for e in result["examples"]] == [
+        (n, i) for n in sorted(grouped) for i in range(min(2, len(grouped[n])))]
+    for example in result["examples"]:
+        record = grouped[example["size"]][example["record"]]
+        assert (example["quiz"], example["solution"]) == (record["quiz"], record["solution_text_format"])
+        assert example["completion"] == correct(record) and example["length"] == 7
+        assert (example["format"], example["answer"], example["total"]) == (1.0, 2.0, 3.0)
+
+
 def test_several_samples_without_temperature_is_refused(sample_records):
     with pytest.raises(ValueError, match="temperature"):
         E.score_completions(ScriptedSampler({}), {2: sample_records[:1]}, "tiny", samples=4, temperature=0.0)
@@ -278,6 +295,13 @@ def test_curves_draw_held_out_length_and_pass_at_k_before_and_after(tmp_path):
         "held-out, 3 people (pass@1)", "held-out, 3 people (pass@8)"]
 
 
+def test_curves_keep_the_last_evaluation_of_a_step():
+    rows = [{"kind": "eval", "stage": "initial", "global_step": 0, "accuracy": {"3": 0.0}},
+            {"kind": "eval", "stage": "warmup", "global_step": 0, "accuracy": {"3": 0.4}},
+            {"kind": "eval", "stage": "rl", "global_step": 20, "accuracy": {"3": 0.5}}]
+    assert dict(E.curves(rows))["accuracy"][0][1] == [(0, 0.4), (20, 0.5)]
+
+
 def test_trailing_mean_averages_the_last_window_values():
     assert E.trailing_mean([2, 4, 6, 8], 2) == [2, 3, 5, 7]
     assert E.trailing_mean([1, 2, 3], 10) == [1, 1.5, 2]
@@ -295,6 +319,82 @@ def test_read_metrics_names_a_bad_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train"}\n{oops\n')
     with pytest.raises(ValueError, match=r"metrics\.jsonl:2: invalid JSON"):
         E.read_metrics(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# report.md
+def example(size, record, completion, total, fmt, answer, length=12):
+    return {"size": size, "record": record, "quiz": f"Puzzle {size}-{record}: who is a knight?",
+            "solution": "(1) Ann is a knight\n(2) Bob is a knave", "completion": completion, "length": length,
+            "format": fmt, "answer": answer, "total": total}
+
+
+def synthetic_run(run_dir, finished=True):
+    """A run folder as train.py leaves it: config and defaults, an initial, warm-up and two RL evaluations."""
+    (run_dir / "config.json").write_text(json.dumps({"MODEL": "tiny", "ALGO": "grpo", "STEPS": 40, "LR": 5e-5,
+                                                     "PEOPLE": "3", "TEST_PER_SIZE": 200}))
+    (run_dir / "defaults.json").write_text(json.dumps({"MODEL": "tiny", "ALGO": "grpo", "STEPS": 40, "LR": 2e-5,
+                                                       "PEOPLE": "3", "TEST_PER_SIZE": 200}))
+    evals = [("initial", 0, 0, 0.0, 0.0, example(3, 0, "<think> knave knave knave", -3.0, -1.0, -2.0, 400)),
+             ("warmup", 0, 0, 0.40, 0.92, example(3, 0, "<think> try ``` </think><answer> (1) Ann is a knave "
+                                                     "</answer>", -0.5, 1.0, -1.5)),
+             ("rl", 20, 20, 0.42, 0.97, None),
+             ("rl", 40, 40, 0.45, 0.99, example(3, 0, "<think> try </think><answer> (1) Ann is a knight (2) Bob "
+                                                  "is a knave </answer>", 3.0, 1.0, 2.0, 57))]
+    rows = [{"kind": "train", "stage": "rl", "step": s, "global_step": s, "reward": 0.1 * s} for s in (1, 2)]
+    for stage, step, global_step, accuracy, format_rate, shown in evals:
+        row = {"kind": "eval", "stage": stage, "step": step, "global_step": global_step,
+               "accuracy": {"3": accuracy}, "format_rate": {"3": format_rate}, "mean_length": {"3": 100.0 - step}}
+        if stage == "rl":
+            row["pass_at_k"] = {"3": {"1": accuracy, "8": accuracy + 0.3}}
+        if shown:
+            row["examples"] = [shown]
+        rows.append(row)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if finished:
+        (run_dir / "summary.json").write_text(json.dumps({"seconds": 768.0}))
+
+
+def test_report_has_changed_constants_tables_curves_and_scored_completions(tmp_path):
+    synthetic_run(tmp_path)
+    text = E.write_report(tmp_path).read_text()
+    assert "Finished in 12.8 min." in text
+    assert "| LR | `5e-05` | `2e-05` |" in text and "| STEPS |" not in text
+    assert "| initial model | 0.00 |" in text and "| warm-up (start of RL) | 0.40 |" in text
+    assert "| rl step 40 (final) | 0.45 |" in text and "| rl step 40 (final) | 60 |" in text  # accuracy, length
+    assert "### pass@8" in text and "| rl step 20 | 0.72 |" in text and "| warm-up (start of RL) | - |" not in \
+        text.split("### pass@8")[1].split("###")[0]
+    assert "![training curves](curves.png)" in text and (tmp_path / "curves.png").is_file()
+    assert "> Puzzle 3-0: who is a knight?" in text and "Right answer: (1) Ann is a knight (2) Bob is a knave" in text
+    assert "**initial model** (global step 0): total -3 (format broken) = format -1 + answer -2; 400 tokens" in text
+    assert "**rl step 40 (final)** (global step 40): total 3 (correct) = format +1 + answer +2; 57 tokens" in text
+    assert "````text\n<think> try ``` </think>" in text  # a fence longer than the completion's own backticks
+    assert text.count("```text\n") == 3  # the three kept completions of that one puzzle, in order
+    order = [text.index(label) for label in ("initial model** (", "warm-up (start of RL)** (", "(final)** (")]
+    assert order == sorted(order)
+
+
+def test_report_of_a_run_in_progress_and_without_defaults(tmp_path):
+    synthetic_run(tmp_path, finished=False)
+    (tmp_path / "defaults.json").unlink()
+    text = E.write_report(tmp_path, plot=False).read_text()
+    assert "In progress: the latest evaluation is rl step 40 (global step 40)." in text
+    assert "(final)" not in text and "defaults on the machine that wrote this report" in text
+
+
+def test_report_shows_at_most_a_spread_of_evaluations():
+    assert E.spread(list(range(20)), 4) == [0, 6, 13, 19]
+    assert E.spread([1, 2], 8) == [1, 2]
+
+
+def test_wandb_log_flattens_a_row_to_numbers_at_its_step():
+    class Run:
+        def log(self, data, step=None):
+            self.logged = data, step
+    run = Run()
+    E.wandb_log(run, {"kind": "eval", "stage": "rl", "step": 2, "global_step": 7, "accuracy": {"3": 0.5},
+                      "pass_at_k": {"3": {"8": 0.75}}, "done": True})
+    assert run.logged == ({"eval/step": 2, "eval/accuracy/3": 0.5, "eval/pass_at_k/3/8": 0.75}, 7)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -341,6 +441,18 @@ def test_cli_plot(tmp_path, capsys):
     synthetic_metrics(tmp_path)
     assert E.main(["--plot", str(tmp_path)]) == 0
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_cli_report_rewrites_the_report_from_the_run_folder(tmp_path, capsys):
+    synthetic_run(tmp_path)
+    expected = E.write_report(tmp_path).read_text()
+    (tmp_path / "report.md").unlink()
+    assert E.main(["--report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").read_text() == expected
+    moved = shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-moved")  # depends on the files only
+    assert E.main(["--report", str(moved)]) == 0 and (moved / "report.md").read_text() == expected
+    assert E.main(["--report", str(tmp_path / "nothing")]) == 2
+    assert "no metrics log here" in capsys.readouterr().err
 
 
 def one_line_error(capsys, argv):

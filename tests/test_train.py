@@ -3,6 +3,7 @@ checkpoints, resumes exactly, and refuses bad constants before doing any work.""
 import importlib
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -30,9 +31,16 @@ def final_weights(out_dir):
     return torch.load(out_dir / "checkpoints" / "trainer_state.pt", weights_only=False)["model"]
 
 
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A finished 2-step run (2 SFT steps, then 2 GRPO steps): (its folder, what it printed)."""
+    out_dir = tmp_path_factory.mktemp("short_run")
+    return out_dir, run_train(out_dir, "--STEPS=2").stdout
+
+
 @pytest.mark.slow
-def test_short_run_logs_finite_metrics_and_reloadable_checkpoints(tmp_path):
-    printed = run_train(tmp_path, "--STEPS=2").stdout
+def test_short_run_logs_finite_metrics_and_reloadable_checkpoints(short_run):
+    tmp_path, printed = short_run
     for title in ("held-out accuracy (greedy)\n| model | 2 | 3 |", "held-out format rate", "mean response length",
                   "held-out pass@1 (T = 0.7, 8 samples a puzzle)", "held-out pass@4", "held-out pass@8"):
         assert title in printed, title
@@ -57,6 +65,56 @@ def test_short_run_logs_finite_metrics_and_reloadable_checkpoints(tmp_path):
         expected = trained[name].to(torch.bfloat16).float()  # HF folders are saved in bf16
         assert torch.equal(tensor, expected), name
     assert json.loads((tmp_path / "checkpoints" / "final" / "mini_logic_rl.json").read_text())["template"] == "tiny"
+
+
+@pytest.mark.slow
+def test_short_run_writes_a_report_that_eval_py_rewrites_the_same(short_run):
+    out_dir, _ = short_run
+    report = (out_dir / "report.md").read_text()
+    assert "Finished in" in report and "| STEPS | `2` | `40` |" in report
+    for title in ("accuracy (strict reward = 3)", "format rate", "mean completion length (tokens)"):
+        assert f"### {title}\n\n| model | 2 | 3 |" in report
+    assert "| initial model |" in report and "| warm-up (start of RL) |" in report and "| rl step 2 (final) |" in report
+    assert "![training curves](curves.png)" in report and (out_dir / "curves.png").is_file()
+    assert re.search(r"\*\*rl step 2 \(final\)\*\* \(global step 4\): total -?[\d.]+ \(.+\) = format [+-]1 \+ "
+                     r"answer [+-][\d.]+; \d+ tokens\n\n```text\n<think>", report)
+    evals = [json.loads(r) for r in (out_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in r]
+    assert [(r["stage"], r["global_step"]) for r in evals] == [("initial", 0), ("sft", 2), ("warmup", 2), ("rl", 4)]
+    for row in evals:  # the first 3 held-out puzzles of each size, every time
+        assert [(e["size"], e["record"]) for e in row["examples"]] == [(n, i) for n in (2, 3) for i in range(3)]
+    import eval as kk_eval
+    (out_dir / "report.md").unlink()
+    assert kk_eval.main(["--report", str(out_dir)]) == 0
+    assert (out_dir / "report.md").read_text() == report
+
+
+def test_wandb_without_the_package_is_refused_before_any_work(tmp_path, monkeypatch):
+    import train
+    importlib.reload(train)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed (find_spec then answers None)
+    train.parse_overrides(["--WANDB=True"])
+    with pytest.raises(SystemExit, match="WANDB=True needs the wandb package.*pip install wandb"):
+        train.check_constants()
+    out_dir = tmp_path / "out"  # and the whole command stops before it creates its output folder
+    script = ("import runpy, sys; sys.modules['wandb'] = None; "
+              f"sys.argv = ['train.py', '--WANDB=True', '--OUT_DIR={out_dir}']; "
+              "runpy.run_path('train.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "pip install wandb" in result.stderr and not out_dir.exists()
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_gets_the_rows(tmp_path):
+    pytest.importorskip("wandb")  # optional: not in requirements.txt, so CI skips this
+    result = subprocess.run([sys.executable, "train.py", *TINY, "--STEPS=1", "--SFT_STEPS=0", "--WANDB=True",
+                             f"--OUT_DIR={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    tables = sorted(p.name.split("_")[0] for p in runs[0].parent.glob("files/media/table/examples/*.table.json"))
+    assert tables == ["initial", "rl", "warmup"]  # each evaluation's completions, as a wandb table
+    assert (tmp_path / "report.md").is_file()
 
 
 @pytest.mark.slow
