@@ -644,7 +644,7 @@ def main():
     summary = state["summary"] if state else {}
     log = MetricsLog(out, keep_until=state_global_step(state))
     sft_steps = 0 if WARMUP_CHECKPOINT else (STEPS if ALGO == "sft" else SFT_STEPS)
-    if "initial" not in summary and sft_steps:  # (RL from WARMUP_CHECKPOINT never uses the initial model)
+    if "initial" not in summary and not WARMUP_CHECKPOINT:  # (a run from WARMUP_CHECKPOINT never uses it)
         policy = kk_model.load_model(start_path, device)
         summary["initial"] = evaluate(HFSampler(policy, tokenizer), tokenizer, test)
         log.write({"kind": "eval", "stage": "initial", "step": 0, "global_step": 0, **summary["initial"]})
