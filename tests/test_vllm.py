@@ -218,6 +218,7 @@ def test_full_weights_always_include_the_tied_lm_head(setup):
 
 # ---- eval.py --sampler vllm, as a user runs it --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_eval_cli_with_the_vllm_sampler_scores_like_the_hf_sampler(tmp_path):
     warmup = ROOT / "assets" / "tiny-warmup"
     args = [str(warmup), "--people", "2", "--per-size", "4", "--device", "cpu"]
