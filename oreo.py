@@ -53,7 +53,8 @@ The rest of the file is the algorithm around the losses, in the order it runs:
     6. offline data     sample K completions per training prompt from the starting model, reward 1 if strictly
                         correct else 0, optionally keep at most m correct and m wrong per prompt; JSONL rows
                         {"prompt", "response", "reward", "size", "index"}
-    7. training step    per micro-batch: log-probs without grad -> critic loss, step -> actor loss + alpha*KL, step
+    7. training step    per micro-batch: log-probs without grad -> critic loss -> actor loss + alpha*KL, gradients
+                        accumulating over the batch; then one step of the critic and one of the policy
     8. test-time search value-guided step-level beam search
 """
 import math
@@ -448,7 +449,7 @@ def warmup_cosine(step, total_steps, warmup_steps, floor=0.1):
 def make_oreo_optimizers(policy, value_model, lr_policy, lr_value, total_steps, warmup_frac=0.03):
     """(policy_opt, value_opt, policy_scheduler, value_scheduler): Adam (0.9, 0.95) without weight decay, and a
     cosine schedule with warmup_frac of total_steps of linear warm-up. total_steps counts OPTIMIZER steps, and
-    oreo_step makes one per micro-batch (see there)."""
+    oreo_step makes one per batch, whatever its micro-batch size (see there)."""
     if total_steps < 1:
         raise ValueError(f"make_oreo_optimizers: total_steps must be >= 1, got {total_steps}")
     warmup_steps = math.ceil(warmup_frac * total_steps)
@@ -463,21 +464,28 @@ def make_oreo_optimizers(policy, value_model, lr_policy, lr_value, total_steps, 
 
 def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, rows, beta, alpha, level,
               micro_batch, step_ids=None, grad_clip=1.0, kl="full", policy_scheduler=None, value_scheduler=None):
-    """Train the critic and the policy on one batch of offline rows; returns mean metrics (floats).
+    """Train the critic and the policy on one batch of offline rows: ONE optimizer step of each; mean metrics.
 
-    For every micro-batch of `micro_batch` rows, in the spec's order ("joint updates on every micro-batch"):
+    The batch is the spec's global batch (128 rows on the GPU defaults); it goes through the models in micro-batches
+    of `micro_batch` rows whose gradients accumulate. For every micro-batch, in the spec's order:
       1. policy and reference log-probs of the completion tokens, without gradient;
-      2. critic: values V [b, C] -> value loss (oreo.losses) -> backward, clip, value_opt step;
-      3. actor: policy log-probs with gradient -> policy loss with the values of 2., i.e. computed BEFORE this
-         micro-batch's critic update, + alpha * KL -> backward, clip, policy_opt step.
-    So there is one optimizer step of each model per micro-batch (no gradient accumulation); with
-    micro_batch >= len(rows) it is one step per batch. The schedulers (if given) step with the optimizers.
+      2. critic: values V [b, C] -> value loss (oreo.losses) -> backward (accumulates);
+      3. actor: policy log-probs with gradient -> policy loss with the values of 2. + alpha * KL -> backward.
+    Then, once per batch: clip and step the critic, then clip and step the policy (the order does not matter: the
+    two models share no parameter, and both gradients were taken before either step).
+    "The actor sees the critic's values from before the critic's update" (spec: "V here is the critic's value
+    before this micro-batch's critic update") holds for every micro-batch: the critic only moves at the end of the
+    batch, so every micro-batch's actor loss uses the values of the critic as it was when the batch began. The
+    original code reaches the same with DeepSpeed's gradient accumulation, whose optimizer step only acts at the
+    end of the global batch. Each micro-batch's losses are weighted by its share of the rows, so the accumulated
+    gradient is that of the per-sequence-then-batch mean over the WHOLE batch: any `micro_batch` gives the same step.
+    The schedulers (if given) step with the optimizers.
 
     level: "token" | "step" | "response"; step_ids: ids of the tokens that END a step (level "step"; default
     step_end_ids(tokenizer)). kl: "full" = the exact reverse KL over the vocabulary (the paper's; needs the
     [b, C, V] logits of policy and reference, see completion_logits) or "k3" = the sampled estimate.
     Metrics: value_loss, policy_loss, kl, value_first (mean V at the first state, before the update), reward
-    (mean R), completion_length, grad_norm_value, grad_norm_policy.
+    (mean R), completion_length, grad_norm_value, grad_norm_policy (of the accumulated gradients, before clipping).
     """
     if kl not in ("full", "k3"):
         raise ValueError(f"kl must be 'full' or 'k3', got {kl!r}")
@@ -498,6 +506,7 @@ def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, 
         mb = slice(start, start + micro_batch)
         ids, attention, rewards = batch["input_ids"][mb], batch["attention_mask"][mb], batch["rewards"][mb]
         starts = None if step_starts is None else step_starts[mb]
+        share = len(rewards) / len(rows)                                                # micro-batch means -> batch
 
         # 1. log-probs without gradient: the critic's targets are data
         with torch.no_grad():
@@ -508,14 +517,13 @@ def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, 
                 ref_logp = token_logprobs(reference, ids, attention, n_prompt)          # [b, C]
             logp_now = token_logprobs(policy, ids, attention, n_prompt)                 # [b, C]
 
-        # 2. critic update
+        # 2. critic gradient (the critic steps once, after the last micro-batch)
         values = value_model(ids, attention, n_prompt)                                  # [b, C]
         _, value_loss = losses(logp_now, ref_logp, values, rewards, mask[mb], beta, level, starts)
-        value_loss.backward()
-        grad_norm_value = clip_and_step(value_model, value_opt, value_scheduler, grad_clip, "value model")
+        (value_loss * share).backward()
         values_before_update = values.detach()                                          # [b, C]
 
-        # 3. actor update, against the values from before the critic step
+        # 3. actor gradient, against the values of the critic as it was when the batch began
         if kl == "full":
             logits = completion_logits(policy, ids, attention, n_prompt)                # [b, C, V]
             logp = logprobs_from_logits(logits, completion_ids[mb])                     # [b, C]
@@ -524,15 +532,14 @@ def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, 
             logp = token_logprobs(policy, ids, attention, n_prompt)                     # [b, C]
             kl_value = k3_kl(logp, ref_logp, mask[mb])
         policy_loss, _ = losses(logp, ref_logp, values_before_update, rewards, mask[mb], beta, level, starts)
-        (policy_loss + alpha * kl_value).backward()
-        grad_norm_policy = clip_and_step(policy, policy_opt, policy_scheduler, grad_clip, "policy")
+        ((policy_loss + alpha * kl_value) * share).backward()
 
-        share = len(rewards) / len(rows)                                                # micro-batch means -> batch
         for name, value in (("value_loss", value_loss.item()), ("policy_loss", policy_loss.item()),
                             ("kl", kl_value.item()), ("value_first", values_before_update[:, 0].mean().item()),
-                            ("reward", rewards.mean().item()), ("completion_length", mask[mb].sum(-1).mean().item()),
-                            ("grad_norm_value", grad_norm_value), ("grad_norm_policy", grad_norm_policy)):
+                            ("reward", rewards.mean().item()), ("completion_length", mask[mb].sum(-1).mean().item())):
             totals[name] = totals.get(name, 0.0) + value * share
+    totals["grad_norm_value"] = clip_and_step(value_model, value_opt, value_scheduler, grad_clip, "value model")
+    totals["grad_norm_policy"] = clip_and_step(policy, policy_opt, policy_scheduler, grad_clip, "policy")
     return totals
 
 

@@ -50,7 +50,8 @@ TEMPLATE = "qwen-instruct" if ON_GPU else "tiny"  # prompt template (kk_data.TEM
 WARMUP_CHECKPOINT = "" if ON_GPU else "assets/tiny-warmup-mix"  # start RL (or ALGO="sft") here; "" = SFT_STEPS
                       # first. CPU: answers at once 70% of the time, reasons 30%; assets/tiny-warmup always reasons
 ALGO = "reinforce++" if ON_GPU else "grpo"  # grpo | drgrpo | rloo | reinforce++ | reinforce++-baseline | sft
-SAMPLER = "hf"  # hf (transformers generate) | vllm (colocated engine, weights synced in place every step)
+SAMPLER = "vllm" if ON_GPU else "hf"  # vllm (colocated engine, weights synced in place every step) | hf (generate;
+                                      # on GPU it keeps per-step logits: ~40 GB at 7B, NOTES.md)
 PEOPLE = "3-7" if ON_GPU else "3"  # puzzle sizes, "a-b" or "a,b,c" (CPU warm-up: "2-3"; RL: 3, see NOTES.md)
 TRAIN_PER_SIZE = 900 if ON_GPU else 3000  # generated training puzzles per size (2 people has only ~400)
 TEST_PER_SIZE = 100 if ON_GPU else 200  # held-out puzzles per size
@@ -75,7 +76,8 @@ CLIP_LOW, CLIP_HIGH = 0.2, 0.2  # PPO ratio clip range [1 - CLIP_LOW, 1 + CLIP_H
 KL_COEF = 0.001
 KL_KIND = "k3"  # k1 | k2 | k3 estimator of KL(policy || reference)
 KL_IN = "loss"  # "loss" (GRPO, Logic-RL paper) or "reward" (classic REINFORCE++: k1 folded into token rewards)
-AGGREGATION = "seq-mean"  # seq-mean (GRPO) | token-mean (DAPO) | constant (Dr. GRPO)
+AGGREGATION = ""  # "" = the ALGO's own (grpo.OWN_AGGREGATION: seq-mean for grpo and rloo, constant for drgrpo,
+                  # token-mean for reinforce++ and reinforce++-baseline) | seq-mean | token-mean (DAPO) | constant
 ENTROPY_COEF = 0.001 if ON_GPU else 0.0
 TEMPERATURE = 0.7  # rollout temperature (paper: 0.7); log-probs use the same temperature
 TOP_P = 1.0
@@ -94,10 +96,11 @@ RESUME = False  # continue from OUT_DIR/checkpoints/trainer_state.pt if it exist
 OREO_SAMPLES = 16 if ON_GPU else 4  # OREO offline data: completions sampled per training prompt
 OREO_PROMPTS = 4096 if ON_GPU else 300  # OREO offline data: training prompts sampled from (over all sizes)
 OREO_BALANCE = 4 if ON_GPU else 0  # keep at most this many correct and this many wrong per prompt (0 = all)
-OREO_BATCH = 128 if ON_GPU else 32  # offline rows per OREO step
+OREO_BATCH = 128 if ON_GPU else 32  # offline rows per OREO optimizer step (micro-batches of MICRO_BATCH accumulate)
 OREO_LEVEL = "token"  # token | step | response (OREO's three granularities; the KL weight follows the level)
 OREO_KL = "full"  # full (exact reverse KL over the vocabulary) | k3 (sampled estimate)
-VALUE_LR = 5e-6 if ON_GPU else 1e-4  # OREO critic learning rate (policy: LR); both Adam (0.9, 0.95), cosine
+OREO_LR = 5e-6 if ON_GPU else 2e-5  # OREO policy learning rate (the paper's 5e-6; RL's is LR)
+VALUE_LR = 5e-6 if ON_GPU else 1e-4  # OREO critic learning rate; both Adam (0.9, 0.95), cosine
 CPU_THREADS = 1  # torch threads on CPU: on a busy 2-core machine 2 threads made tiny matmuls ~20x slower
 TINY_SIZES = dict(hidden=128, layers=4, heads=4, kv_heads=4, ffn=512)  # the 1M-parameter CPU model
 WANDB = False  # also send every metrics row and evaluation to wandb (optional: pip install wandb; WANDB_MODE=offline)
@@ -139,7 +142,7 @@ RANGES = {  # allowed values: (test, the numeric constants that must pass it); e
     ">= 0": (lambda x: x >= 0, "STEPS SFT_STEPS WARMUP_LR_STEPS OREO_BALANCE WEIGHT_DECAY CLIP_HIGH KL_COEF "
              "ENTROPY_COEF PASS_K_PER_SIZE"),
     "in [0, 1]": (lambda x: 0 <= x <= 1, "WARMUP_THINK_RATE"),
-    "> 0": (lambda x: x > 0, "LR SFT_LR VALUE_LR GRAD_CLIP TEMPERATURE"),
+    "> 0": (lambda x: x > 0, "LR SFT_LR OREO_LR VALUE_LR GRAD_CLIP TEMPERATURE"),
     "in [0, 1)": (lambda x: 0 <= x < 1, "CLIP_LOW"),
     "in (0, 1]": (lambda x: 0 < x <= 1, "TOP_P"),
 }
@@ -174,7 +177,7 @@ def check_constants():
     need(KL_IN == "loss" or ALGO.startswith("reinforce++"), "KL_IN='reward' is only defined for REINFORCE++ ALGOs")
     need(LR_SCHEDULE in ("constant", "cosine") and SFT_SCHEDULE in ("constant", "cosine"),
          "LR_SCHEDULE and SFT_SCHEDULE must be 'constant' or 'cosine'")
-    need(AGGREGATION in ("seq-mean", "token-mean", "constant"), f"AGGREGATION={AGGREGATION!r} is unknown")
+    need(AGGREGATION in ("",) + grpo.AGGREGATION_MODES, f"AGGREGATION={AGGREGATION!r} is unknown")
     need(all(2 <= n <= 8 for n in need_ok(f"PEOPLE={PEOPLE!r}", kk_data.parse_sizes, PEOPLE)),
          f"PEOPLE={PEOPLE!r}: sizes must lie in 2..8")
     need(PROMPTS_PER_STEP % WORLD == 0 and SFT_BATCH % WORLD == 0 and TEST_PER_SIZE >= WORLD,
@@ -183,7 +186,8 @@ def check_constants():
     rows = (PROMPTS_PER_STEP * GROUP_SIZE // WORLD, SFT_BATCH // WORLD)  # sequences per process and step
     need(all(n % min(MICRO_BATCH, n) == 0 for n in rows), f"MICRO_BATCH={MICRO_BATCH} must divide (or exceed) "
          f"each process's PROMPTS_PER_STEP*GROUP_SIZE and SFT_BATCH shares {rows}")
-    need(GROUP_SIZE >= 2 or ALGO not in GROUP_ALGOS, f"GROUP_SIZE={GROUP_SIZE}: group baselines need >= 2")
+    need(GROUP_SIZE >= 2 or ALGO not in GROUP_ALGOS + ("reinforce++-baseline",),
+         f"GROUP_SIZE={GROUP_SIZE}: group baselines need >= 2 (ALGO='reinforce++' needs no groups)")
     need(ALGO != "oreo" or WORLD == 1, "ALGO='oreo' runs on one process here (no FSDP2 value model yet)")
     need(OREO_LEVEL in oreo.LEVELS, f"OREO_LEVEL={OREO_LEVEL!r}: choose one of {oreo.LEVELS}")
     need(OREO_KL in ("full", "k3"), f"OREO_KL={OREO_KL!r}: choose 'full' or 'k3'")
@@ -389,8 +393,8 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
                 logp, logp_first[-1] if reuse_update_forward else logp_old[rows, :width], logp_ref[rows, :width],
                 advantages[rows, :width], mask[rows, :width], clip_low=CLIP_LOW,
                 clip_high=CLIP_HIGH, kl_coef=KL_COEF if KL_IN == "loss" else 0.0, kl_kind=KL_KIND,
-                entropy=entropy, entropy_coef=ENTROPY_COEF, mode=AGGREGATION, n_seqs=batch * WORLD,
-                n_tokens=n_tokens_all, max_len=MAX_NEW_TOKENS)
+                entropy=entropy, entropy_coef=ENTROPY_COEF, mode=grpo.aggregation_for(ALGO, AGGREGATION),
+                n_seqs=batch * WORLD, n_tokens=n_tokens_all, max_len=MAX_NEW_TOKENS)
             kk_model.check_finite(loss, "RL loss")  # before backward: a NaN never reaches the weights
             loss.backward()
             share = mask[rows].sum().item() / n_tokens.item() / PPO_EPOCHS  # token-weighted mean over micro-batches
@@ -405,8 +409,9 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     metrics = {f"reward_{k}" if k in ("format", "answer") else k: v for k, v in summarize(scores).items()}
     metrics.update(stats_sum, grad_norm=grad_norm, sampler_logprob_diff=sampler_diff,
                    completion_length=mask.sum(-1).mean().item(),
-                   zero_variance_groups=grpo.zero_variance_fraction(rewards, GROUP_SIZE),
                    sampled_tokens_per_s=n_tokens.item() / (clock[1] - clock[0]))
+    if GROUP_SIZE > 1:  # REINFORCE++ with one sample per prompt has no groups
+        metrics["zero_variance_groups"] = grpo.zero_variance_fraction(rewards, GROUP_SIZE)
     for phase, start, end in zip(("generate", "score", "logprobs", "update"), clock, clock[1:]):
         metrics[f"seconds_{phase}"] = end - start
     return metrics
@@ -516,8 +521,7 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
     random.Random(SEED).shuffle(rows)
     batches = [rows[i:i + OREO_BATCH] for i in range(0, len(rows), OREO_BATCH)][:STEPS]
     value_model = oreo.ValueModel.from_pretrained(start_path, DEVICE)
-    optimizers = oreo.make_oreo_optimizers(policy, value_model, LR, VALUE_LR, sum(
-        math.ceil(len(b) / MICRO_BATCH) for b in batches))  # (policy_opt, value_opt, policy_sched, value_sched)
+    optimizers = oreo.make_oreo_optimizers(policy, value_model, OREO_LR, VALUE_LR, len(batches))  # one step a batch
     parts = dict(zip(("value", "value_optimizer", "scheduler", "value_scheduler"), (value_model, *optimizers[1:])))
     first = 0
     if resume_state is not None:  # the policy and its optimizer as in SFT and RL, the rest in `parts`
@@ -579,10 +583,11 @@ def fmt(per_size):
 
 
 def load_policy(path, device):
-    """The trainable policy; under torchrun sharded with FSDP2 (fp32 master weights, model.shard_model)."""
+    """The trainable policy in fp32 master weights (bf16 ones would round a 4e-7 step away); on a GPU it computes in
+    bf16: under torchrun FSDP2's mixed precision (model.shard_model), in one process autocast (token_logprobs)."""
     if WORLD > 1:
         return kk_model.load_sharded(path, device, torch.float32, GRADIENT_CHECKPOINTING, CPU_OFFLOAD)
-    return kk_model.load_model(path, device, gradient_checkpointing=GRADIENT_CHECKPOINTING)
+    return kk_model.load_model(path, device, dtype=torch.float32, gradient_checkpointing=GRADIENT_CHECKPOINTING)
 
 
 def load_policy_and_reference(path, device):

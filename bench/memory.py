@@ -20,6 +20,10 @@ Per-GPU memory, in the layout of model.shard_model (../shared/spec/algorithms.md
   unit (embedding + LM head) all-gathered in bf16 twice (running + prefetched) plus its bf16 and fp32 gradient.
 Peak = resident + sampler copy + max(generation, training). Not counted: the CUDA context and allocator
 fragmentation (we keep MARGIN_GB free for them).
+
+Host RAM at start (`host_ram_at_start`): model.load_sharded builds every rank's model on the meta device and only
+rank 0 reads the checkpoint (the fp32 policy, then the bf16 reference), sending it tensor by tensor; before, every
+rank read the whole fp32 model into host RAM before sharding it.
 """
 import argparse
 
@@ -103,6 +107,12 @@ def peak(parts, offload, checkpointing, hf_logits):
     return resident + parts["sampler copy bf16 (full)"] + max(generation, training)
 
 
+def host_ram_at_start(n_params, ranks_per_node):
+    """GB of host RAM for the full weights while the policy loads, per node: (every rank reads it, rank 0 only)."""
+    full_fp32 = 4 * n_params / GB
+    return ranks_per_node * full_fp32, full_fp32
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=int, default=4, help="GPUs (torchrun ranks) in all")
@@ -138,6 +148,9 @@ def main():
     offloaded = 18 * parts["_params"] / args.world / GB  # 16 bytes/param of policy state + 2 of reference
     print(f"\nwith CPU offload each rank keeps {offloaded:.1f} GB in host RAM ({offloaded * args.world:.0f} GB per "
           f"{args.world} ranks), and AdamW steps on the CPU")
+    every_rank, rank0 = host_ram_at_start(parts["_params"], args.world)
+    print(f"host RAM for the full weights at start, {args.world} ranks on a node: {rank0:.1f} GB (rank 0 reads the "
+          f"fp32 policy, model.load_sharded); {every_rank:.0f} GB when every rank read it")
 
 
 def verdict(hf, lean, gpu_gb):

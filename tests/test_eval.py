@@ -528,3 +528,21 @@ def test_read_metrics_drops_a_truncated_last_line(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train"}\n{"kind": "ev')  # a run killed mid-write
     assert E.read_metrics(tmp_path) == [{"kind": "train"}]
     assert "dropped a truncated last line" in capsys.readouterr().err
+
+
+def test_cli_vllm_sampler_gets_the_loaded_model_not_its_name(tiny_dir, monkeypatch, capsys, tmp_path):
+    built = []
+
+    def recording_make_sampler(kind, model, tokenizer, **options):  # stands in for the vLLM engine
+        built.append((kind, model, options))
+        return R.HFSampler(model, tokenizer)
+
+    monkeypatch.setattr(R, "make_sampler", recording_make_sampler)
+    out = tmp_path / "results.json"
+    assert E.main([str(tiny_dir), "--sampler", "vllm", "--people", "2", "--per-size", "1", "--max-new-tokens", "5",
+                   "--out", str(out)]) == 0
+    (kind, model, options), = built
+    assert kind == "vllm" and isinstance(model, torch.nn.Module) and model.config.architectures
+    assert options["max_model_len"] == min(E.VLLM_PROMPT_TOKENS + 5, model.config.max_position_embeddings)
+    assert not model.training
+    assert json.loads(out.read_text())[str(tiny_dir)]["settings"]["sampler"] == "vllm"

@@ -3,9 +3,12 @@
 The `dist` tests launch `torchrun --standalone --nproc_per_node 2` in a subprocess (tests/fsdp_worker.py or
 train.py itself), each launch once per module, and check what the processes wrote:
 1. one training step on 2 ranks equals the same global batch in one process (plain, CPU offload, activation
-   checkpointing; bf16 mixed precision only approximately), and the sampler's unsharded copy follows;
+   checkpointing, an untied LM head; bf16 mixed precision only approximately), every rank's logged grad_norm
+   is the one process's, and the sampler's unsharded copy follows; model.load_sharded reads the checkpoint on
+   rank 0 only; the embedding + LM-head unit is all-gathered once per token_logprobs forward;
 2. a 2-rank train.py run killed after RL step 1 and resumed ends at step 3 with exactly the weights, Adam
-   state and logged metrics of an uninterrupted run;
+   state and logged metrics of an uninterrupted run (an untied model: Qwen2.5-7B does not tie its embeddings;
+   the tied ones are covered by the single-process resume test in tests/test_train.py);
 3. its final HF folder reloads in transformers with the trained weights rounded to bf16.
 """
 import json
@@ -23,10 +26,11 @@ import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(hidden=32, layers=2, heads=2, kv_heads=2, ffn=64)
-TRAIN_ARGS = ["--MODEL=tiny", "--TINY_SIZES=" + repr(TINY), "--WARMUP_CHECKPOINT=", "--SFT_STEPS=1",
+TRAIN_ARGS = ["--MODEL=tiny", "--TINY_SIZES=" + repr({**TINY, "tie_embeddings": False}), "--WARMUP_CHECKPOINT=",
+              "--SFT_STEPS=1",
               "--SFT_BATCH=4", "--STEPS=3", "--PROMPTS_PER_STEP=2", "--GROUP_SIZE=2", "--MAX_NEW_TOKENS=30",
               "--PEOPLE=2-2", "--TRAIN_PER_SIZE=20", "--TEST_PER_SIZE=2", "--EVAL_EVERY=100", "--SAVE_EVERY=1"]
-EXACT = ["plain", "cpu_offload", "checkpointing"]  # fp32 variants, compared with the single-process step
+EXACT = ["plain", "cpu_offload", "checkpointing", "untied"]  # fp32 variants, compared with the single-process step
 
 
 def torchrun(*args, check=True):
@@ -54,7 +58,8 @@ def train_rows(run_dir):
 def step_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp_step")
     model_dir = M.build_tiny(tmp / "tiny", kk_data.corpus_text(), **TINY)
-    torchrun("tests/fsdp_worker.py", "step", model_dir, tmp / "results.json")
+    untied_dir = M.build_tiny(tmp / "untied", kk_data.corpus_text(), tie_embeddings=False, **TINY)
+    torchrun("tests/fsdp_worker.py", "step", model_dir, untied_dir, tmp / "results.json")
     return json.loads((tmp / "results.json").read_text())
 
 
@@ -81,7 +86,16 @@ def test_two_ranks_take_the_same_step_as_one_process(step_results, variant):
     # up to lr = 1e-3, the weights agree to 1e-6 (a missing or doubled gradient share would be off by ~1e-3).
     assert result["max_grad_rel_diff"] < 1e-5
     assert result["max_param_diff"] < 1e-6 < result["max_update"]
-    assert result["grad_norm"] == pytest.approx(result["single_grad_norm"], rel=1e-5)
+    assert result["tied"] == (variant != "untied")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("variant", EXACT)
+def test_every_rank_logs_the_grad_norm_of_the_whole_model(step_results, variant):
+    # model.clip_and_step's norm (train.py's grad_norm, averaged over ranks): this rank's shard alone would be
+    # smaller, by about 1/sqrt(2) here
+    result = step_results[variant]
+    assert result["grad_norm_of_each_rank"] == pytest.approx([result["single_grad_norm"]] * 2, rel=1e-5)
 
 
 @pytest.mark.dist
@@ -96,13 +110,34 @@ def test_mixed_precision_step_is_close_to_the_fp32_step(step_results):
     result = step_results["mixed_precision"]
     # bf16 compute keeps ~3 significant digits; a wrong reduction (mean for sum, a missing rank) is off by 50%
     assert result["max_grad_rel_diff"] < 0.05
-    assert result["grad_norm"] == pytest.approx(result["single_grad_norm"], rel=0.01)
+    assert result["grad_norm_of_each_rank"] == pytest.approx([result["single_grad_norm"]] * 2, rel=0.01)
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("variant", EXACT)
 def test_the_samplers_unsharded_copy_follows_the_update(step_results, variant):
     assert step_results[variant]["sampler_copy_logprob_diff"] < 1e-5
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("suffix", ["", "_untied"])
+def test_load_sharded_reads_the_checkpoint_on_rank_0_only(step_results, suffix):
+    result = step_results["load_sharded" + suffix]
+    assert result["checkpoint_reads_per_rank"] == [2, 0]  # policy + reference on rank 0; nothing on rank 1
+    assert result["max_weight_diff"] == 0 and result["reference_bf16_exact"] and result["reference_frozen"]
+    assert result["logprob_gap"] < 1e-6  # the rotary buffers (in no checkpoint) were rebuilt
+    assert result["tied"] == (suffix == "")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("suffix", ["", "_untied"])
+def test_head_unit_is_gathered_once_per_token_logprobs_call_and_released_after_no_grad(step_results, suffix):
+    # without model.head_unit_gathered, FSDP2 gathers it for the embedding and again after the first LM-head chunk
+    # (forward 2), and leaves it gathered after a no-grad call
+    counts = step_results["head_unit_all_gathers" + suffix]
+    assert counts["chunks"] >= 3
+    assert counts["forward_with_grad"] == 1 and counts["backward"] == 1
+    assert counts["no_grad"] == [1, 1] and counts["released_after_no_grad"]
 
 
 # ---- 2. kill and resume under torchrun ----------------------------------------------------------------------

@@ -30,6 +30,17 @@ def tiny(tiny_dir):
 
 
 @pytest.fixture(scope="module")
+def untied_dir(tmp_path_factory):
+    """The tiny model with an LM head of its own, as Qwen2.5-7B has (every other test model ties them)."""
+    return M.build_tiny(tmp_path_factory.mktemp("untied"), TEXTS, tie_embeddings=False, **SIZES)
+
+
+@pytest.fixture(params=["tied", "untied"])
+def tiny_either(request, tiny_dir, untied_dir):
+    return M.load_model(tiny_dir if request.param == "tied" else untied_dir, "cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
 def tok():
     return M.build_word_tokenizer(TEXTS)
 
@@ -264,14 +275,16 @@ def test_save_hf_writes_bf16_safetensors_and_extra(tmp_path, tiny, tok):
     assert tiny.dtype == torch.float32  # the live model is not cast
 
 
-def test_save_hf_reloads_to_trained_weights_up_to_bf16_rounding(tmp_path, tiny, tok):
+def test_save_hf_reloads_to_trained_weights_up_to_bf16_rounding(tmp_path, tiny_either, tok):
     with torch.no_grad():  # stand-in for training: move every weight away from its initial value
-        for p in tiny.parameters():
+        for p in tiny_either.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    M.save_hf(tiny, tok, tmp_path)
-    reloaded = M.load_model(tmp_path, "cpu", dtype=torch.float32).state_dict()
-    for name, trained in tiny.state_dict().items():
-        assert torch.equal(reloaded[name], trained.to(torch.bfloat16).float()), name
+    M.save_hf(tiny_either, tok, tmp_path)
+    reloaded = M.load_model(tmp_path, "cpu", dtype=torch.float32)
+    for name, trained in tiny_either.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], trained.to(torch.bfloat16).float()), name
+    tied = tiny_either.config.tie_word_embeddings
+    assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) == tied  # an untied head stays its own
 
 
 # ---- resumable trainer state --------------------------------------------------------------------------------
@@ -284,7 +297,9 @@ def one_adam_step(model):
     return optimizer
 
 
-def test_trainer_state_restores_weights_optimizer_rng_and_extra(tmp_path, tiny_dir):
+@pytest.mark.parametrize("tied", [True, False])
+def test_trainer_state_restores_weights_optimizer_rng_and_extra(tmp_path, tiny_dir, untied_dir, tied):
+    tiny_dir = tiny_dir if tied else untied_dir
     model = M.load_model(tiny_dir, "cpu", dtype=torch.float32)
     optimizer = one_adam_step(model)
     torch.manual_seed(5)

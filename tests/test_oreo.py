@@ -604,32 +604,56 @@ def test_oreo_step_losses_equal_a_hand_computation(tiny_dirs, rows, kl):
 
 
 def test_actor_loss_uses_the_values_from_before_the_critic_update(tiny_dirs, rows, monkeypatch):
-    policy, reference, value_model, tokenizer = tiny_models(tiny_dirs)
+    policy, reference, value_model, tokenizer = tiny_models(tiny_dirs, head_seed=3)
     calls, real_losses = [], oreo.losses
 
     def recording_losses(logp, ref_logp, values, *args, **kwargs):
         calls.append(values.detach().clone())
         return real_losses(logp, ref_logp, values, *args, **kwargs)
 
-    monkeypatch.setattr(oreo, "losses", recording_losses)
-    oreo.oreo_step(policy, reference, value_model, *adam_pair(policy, value_model), tokenizer, rows[:2],
-                   beta=0.03, alpha=0.01, level="token", micro_batch=2)
-    critic_values, actor_values = calls                            # one micro-batch: critic call, then actor call
-    batch = oreo.encode_offline_batch(tokenizer, rows[:2], "cpu")
+    batch = oreo.encode_offline_batch(tokenizer, rows, "cpu")
+    args = batch["input_ids"], batch["attention_mask"], batch["n_prompt"]
     with torch.no_grad():
-        after_update = value_model(batch["input_ids"], batch["attention_mask"], batch["n_prompt"])
-    assert torch.equal(actor_values, critic_values)
-    assert not torch.allclose(actor_values, after_update)
+        before_update = value_model(*args)                            # [4, C]
+    monkeypatch.setattr(oreo, "losses", recording_losses)
+    oreo.oreo_step(policy, reference, value_model, *adam_pair(policy, value_model), tokenizer, rows,
+                   beta=0.03, alpha=0.01, level="token", micro_batch=2)
+    critic_1, actor_1, critic_2, actor_2 = calls                   # per micro-batch: critic call, then actor call
+    assert torch.equal(actor_1, critic_1) and torch.equal(actor_2, critic_2)
+    # the second micro-batch still sees the critic of the batch's start: it steps once, after the last micro-batch
+    torch.testing.assert_close(torch.cat([critic_1, critic_2]), before_update, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        after_update = value_model(*args)
+    assert not torch.allclose(after_update, before_update)
 
 
-def test_one_optimizer_step_of_each_model_per_micro_batch(tiny_dirs, rows):
+def test_one_optimizer_step_of_each_model_per_batch(tiny_dirs, rows):
     policy, reference, value_model, tokenizer = tiny_models(tiny_dirs)
     policy_opt, value_opt, policy_sched, value_sched = oreo.make_oreo_optimizers(policy, value_model, 1e-3, 1e-3,
                                                                                  total_steps=10)
     oreo.oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, rows, beta=0.03, alpha=0.01,
                    level="token", micro_batch=3, policy_scheduler=policy_sched, value_scheduler=value_sched)
-    assert policy_sched.last_epoch == value_sched.last_epoch == 2   # 4 rows in micro-batches of 3: 2 steps each
-    assert all(state["step"] == 2 for state in policy_opt.state.values())
+    assert policy_sched.last_epoch == value_sched.last_epoch == 1   # 4 rows in micro-batches of 3: one step each
+    assert all(state["step"] == 1 for opt in (policy_opt, value_opt) for state in opt.state.values())
+
+
+@pytest.mark.parametrize("kl", ["full", "k3"])
+def test_micro_batches_accumulate_to_the_step_of_the_whole_batch(tiny_dirs, rows, kl):
+    CLIP = 0.01
+    results = []
+    for micro_batch in (len(rows), 1, 3):
+        policy, reference, value_model, tokenizer = tiny_models(tiny_dirs, head_seed=3)
+        optimizers = (torch.optim.SGD(policy.parameters(), lr=0.1), torch.optim.SGD(value_model.parameters(), lr=0.1))
+        metrics = oreo.oreo_step(policy, reference, value_model, *optimizers, tokenizer, rows, beta=0.03, alpha=0.01,
+                                 level="token", micro_batch=micro_batch, kl=kl, grad_clip=CLIP)
+        results.append((metrics, snapshot(policy), snapshot(value_model)))
+    (whole, policy_whole, value_whole), *split = results
+    assert min(whole["grad_norm_policy"], whole["grad_norm_value"]) > CLIP   # the clip acts on the summed gradient
+    for metrics, policy_weights, value_weights in split:
+        assert metrics == pytest.approx(whole, rel=1e-6)            # (token_logprobs works in float32)
+        for name, weight in {**policy_weights, **value_weights}.items():
+            expected = {**policy_whole, **value_whole}[name]
+            torch.testing.assert_close(weight, expected, rtol=0, atol=1e-7, msg=name)
 
 
 def test_actor_gradient_has_the_closed_form_with_frozen_zero_values(tiny_dirs, rows):

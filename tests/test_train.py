@@ -11,7 +11,11 @@ import sys
 import pytest
 import torch
 
+import grpo
+import kk_data
+import model as kk_model
 from conftest import ROOT
+from rollout import HFSampler
 
 TINY = ["--TINY_SIZES={'hidden': 32, 'layers': 2, 'heads': 2, 'kv_heads': 2, 'ffn': 64}",
         "--TRAIN_PER_SIZE=40", "--TEST_PER_SIZE=4", "--PEOPLE=2-3", "--MAX_NEW_TOKENS=24",
@@ -250,7 +254,8 @@ def test_a_bad_constant_stops_the_run_before_it_writes_anything(tmp_path):
 
 @pytest.mark.slow
 def test_oreo_runs_end_to_end_and_saves_policy_and_value_model(tmp_path):
-    run_train(tmp_path, "--ALGO=oreo", "--OREO_PROMPTS=4", "--OREO_SAMPLES=2", "--OREO_BATCH=4", "--STEPS=2")
+    run_train(tmp_path, "--ALGO=oreo", "--OREO_PROMPTS=4", "--OREO_SAMPLES=2", "--OREO_BATCH=4", "--STEPS=2",
+              "--MICRO_BATCH=2")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     oreo_rows = [r for r in rows if r["kind"] == "train" and r["stage"] == "oreo"]
     assert [r["step"] for r in oreo_rows] == [1, 2]
@@ -258,6 +263,9 @@ def test_oreo_runs_end_to_end_and_saves_policy_and_value_model(tmp_path):
     assert len((tmp_path / "offline.jsonl").read_text().splitlines()) == 8  # 4 prompts x 2 samples
     assert (tmp_path / "checkpoints" / "value" / "value_head.safetensors").exists()
     assert (tmp_path / "checkpoints" / "final" / "config.json").exists()
+    modules = torch.load(tmp_path / "checkpoints" / "oreo_state.pt", weights_only=False)["modules"]
+    policy_opt, value_opt = modules[2], modules[3]  # micro-batches of 2 accumulate: one step per batch of 4
+    assert {s["step"].item() for opt in (policy_opt, value_opt) for s in opt["state"].values()} == {2.0}
 
 
 @pytest.mark.slow
@@ -349,3 +357,70 @@ def test_oreo_killed_and_resumed_matches_an_uninterrupted_run(tmp_path):
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][name], b[part][name]) for name in a[part]), part
     assert train_rows(killed) == train_rows(straight)  # the rows of step 1 kept, steps 2-3 written once
+
+# ---- one RL step in this process (no subprocess, no evaluation): cheap checks of rl_step's glue ------------------
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return kk_model.build_tiny(tmp_path_factory.mktemp("tiny"), kk_data.corpus_text(), hidden=32, layers=2, heads=2,
+                               kv_heads=2, ffn=64)
+
+
+def one_rl_step(tiny_path, monkeypatch, *overrides):
+    """train.rl_step once with these constants on 2 puzzles; returns (metrics, aggregation modes of the loss)."""
+    import train
+    importlib.reload(train)
+    train.parse_overrides(["--PROMPTS_PER_STEP=2", "--GROUP_SIZE=2", "--MAX_NEW_TOKENS=8", *overrides])
+    train.check_constants()
+    modes, policy_loss = [], grpo.policy_loss
+    monkeypatch.setattr(grpo, "policy_loss", lambda *args, **kwargs: modes.append(kwargs["mode"]) or
+                        policy_loss(*args, **kwargs))
+    policy, reference = kk_model.load_model(tiny_path, "cpu"), kk_model.load_reference(tiny_path, "cpu")
+    tokenizer = kk_model.load_tokenizer(tiny_path)
+    optimizer, scheduler = train.make_optimizer(policy, train.LR, 1, "constant")
+    metrics = train.rl_step(policy, reference, HFSampler(policy, tokenizer), tokenizer, optimizer, scheduler,
+                            kk_data.generate(2, 2, seed=3))
+    return metrics, modes
+
+
+def test_reinforce_pp_takes_a_step_with_one_sample_per_prompt(tiny_path, monkeypatch):
+    metrics, _ = one_rl_step(tiny_path, monkeypatch, "--ALGO=reinforce++", "--GROUP_SIZE=1", "--ENTROPY_COEF=0.01")
+    assert math.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
+    assert "zero_variance_groups" not in metrics  # no groups, so no share of all-equal groups
+
+
+def test_reinforce_pp_baseline_needs_groups():
+    import train
+    importlib.reload(train)
+    train.parse_overrides(["--ALGO=reinforce++-baseline", "--GROUP_SIZE=1"])
+    with pytest.raises(SystemExit, match="GROUP_SIZE=1"):
+        train.check_constants()
+
+
+@pytest.mark.parametrize("algo, override, mode", [
+    ("grpo", "", "seq-mean"),            # the CPU default run: unchanged
+    ("drgrpo", "", "constant"),
+    ("reinforce++", "", "token-mean"),   # spec: "PPO-clip token mean"
+    ("reinforce++", "seq-mean", "seq-mean"),
+])
+def test_each_algo_aggregates_its_loss_its_own_way_unless_told(tiny_path, monkeypatch, algo, override, mode):
+    _, modes = one_rl_step(tiny_path, monkeypatch, f"--ALGO={algo}", f"--AGGREGATION={override}")
+    assert modes and set(modes) == {mode}
+
+
+def test_gpu_defaults_follow_the_specs(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # train.py's constants as a GPU machine sees them
+    spec = importlib.util.spec_from_file_location("train_on_gpu", ROOT / "train.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    assert gpu.SAMPLER == "vllm"  # HF generate keeps every step's logits (~40 GB per GPU at 7B)
+    assert (gpu.ALGO, grpo.aggregation_for(gpu.ALGO, gpu.AGGREGATION)) == ("reinforce++", "token-mean")
+    assert (gpu.LR, gpu.OREO_LR, gpu.VALUE_LR, gpu.OREO_BATCH) == (4e-7, 5e-6, 5e-6, 128)
+    loaded = []
+    monkeypatch.setattr(kk_model, "load_model", lambda path, device, **kwargs: loaded.append(kwargs))
+    gpu.load_policy("folder", "cuda")  # one process: fp32 master weights (bf16 ones would round 4e-7 steps away)
+    assert loaded[0]["dtype"] == torch.float32
+    monkeypatch.undo()
+    import train
+    importlib.reload(train)  # the CPU constants: the default run is unchanged
+    assert train.SAMPLER == "hf" and grpo.aggregation_for(train.ALGO, train.AGGREGATION) == "seq-mean"

