@@ -202,7 +202,7 @@ def check_constants():
         need_ok(f"TINY_SIZES={TINY_SIZES!r}", kk_model.check_tiny_sizes, TINY_SIZES)
     need(not WARMUP_CHECKPOINT or Path(WARMUP_CHECKPOINT).is_dir(),
          f"WARMUP_CHECKPOINT={WARMUP_CHECKPOINT!r} is not a folder (use '' to run SFT_STEPS of warm-up instead)")
-    starts = [MODEL] + ([WARMUP_CHECKPOINT] if WARMUP_CHECKPOINT else [])  # whose tokenizers run
+    starts = [WARMUP_CHECKPOINT or MODEL]  # whose tokenizer writes the prompts (with a warm-up, MODEL's never does)
     templateless = [path for path in starts if kk_model.has_chat_template(path) is False]
     need(TEMPLATE != "chat" or not templateless, f"TEMPLATE='chat' needs a tokenizer with a chat template; there is "
          f"none in {', '.join(templateless)}")

@@ -170,7 +170,9 @@ def test_ppo_epochs_take_that_many_optimizer_steps_per_rollout_batch(tmp_path):
     ("--KL_COEF=-1", "KL_COEF=-1.0 must be >= 0"),
     ("--LR=1e999", "LR=inf must be > 0 and finite"),
     ("--VALUE_LR=0", "VALUE_LR=0.0 must be > 0 and finite"),
-    ("--MODEL=tiny --TEMPLATE=chat", "TEMPLATE='chat' needs a tokenizer with a chat template; there is none in tiny"),
+    ("--MODEL=tiny --WARMUP_CHECKPOINT= --TEMPLATE=chat", "TEMPLATE='chat' needs a tokenizer with a chat template; "
+                                                          "there is none in tiny"),
+    ("--WARMUP_CHECKPOINT=assets/tiny-warmup --TEMPLATE=chat", "there is none in assets/tiny-warmup"),
     ("--MODEL=/nonexistent", "MODEL='/nonexistent': /nonexistent: no such model folder"),
     ("--TEST_PER_SIZE=0", "TEST_PER_SIZE=0 must be >= 1"),  # was blamed on torchrun's WORLD_SIZE
     ("--MODEL=tiny --TINY_SIZES={'hidden':30}", "TINY_SIZES={'hidden': 30}: give whole numbers >= 1"),
@@ -329,8 +331,8 @@ def test_a_non_finite_value_stops_the_run_and_keeps_the_last_good_state(tmp_path
     result = run_train(tmp_path, *args, check=False)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    failed = re.fullmatch(rf"error: {stage} step (\d+): the [\w' ]+ (is (nan|inf)|are not finite); stopped, the last "
-                          rf"good state stays in {re.escape(str(tmp_path))}/checkpoints", last)
+    failed = re.fullmatch(rf"error: {stage} step (\d+): the [\w' ]+ (is (nan|inf)|are not finite); stopped, the "
+                          rf"last good state stays in {re.escape(str(tmp_path))}/checkpoints", last)
     assert failed, last
     step = int(failed[1])
     state = torch.load(tmp_path / "checkpoints" / "trainer_state.pt", weights_only=False)
