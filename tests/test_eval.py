@@ -504,12 +504,6 @@ def test_cli_refuses_samples_without_temperature(tiny_dir):
     assert exit_info.value.code == 2
 
 
-def test_cli_vllm_sampler_without_make_sampler(tiny_dir, monkeypatch, capsys):
-    monkeypatch.delattr(R, "make_sampler", raising=False)
-    message = one_line_error(capsys, [str(tiny_dir), "--sampler", "vllm", "--people", "2", "--per-size", "1"])
-    assert "make_sampler" in message
-
-
 @pytest.mark.parametrize("option", ["--out", "--completions", "--plot"])
 def test_cli_unwritable_output_is_refused_before_the_evaluation(tiny_dir, tmp_path, monkeypatch, capsys, option):
     (tmp_path / "a_file").write_text("x")
