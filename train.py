@@ -50,8 +50,8 @@ TEMPLATE = "qwen-instruct" if ON_GPU else "tiny"  # prompt template (kk_data.TEM
 WARMUP_CHECKPOINT = "" if ON_GPU else "assets/tiny-warmup-mix"  # start RL (or ALGO="sft") here; "" = SFT_STEPS
                       # first. CPU: answers at once 70% of the time, reasons 30%; assets/tiny-warmup always reasons
 ALGO = "reinforce++" if ON_GPU else "grpo"  # grpo | drgrpo | rloo | reinforce++ | reinforce++-baseline | sft
-SAMPLER = "vllm" if ON_GPU else "hf"  # vllm (colocated engine, weights synced in place every step) | hf (generate;
-                                      # on GPU it keeps per-step logits: ~40 GB at 7B, NOTES.md)
+SAMPLER = "vllm" if ON_GPU else "hf"  # vllm (colocated engine, weights synced in place every step, asleep while
+                                      # training) | hf (rollout.decode; under torchrun a full copy per GPU)
 PEOPLE = "3-7" if ON_GPU else "3"  # puzzle sizes, "a-b" or "a,b,c" (CPU warm-up: "2-3"; RL: 3, see NOTES.md)
 TRAIN_PER_SIZE = 900 if ON_GPU else 3000  # generated training puzzles per size (2 people has only ~400)
 TEST_PER_SIZE = 100 if ON_GPU else 200  # held-out puzzles per size

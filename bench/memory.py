@@ -12,14 +12,17 @@ per sequence, every term grows linearly with the number of tokens.
 Per-GPU memory, in the layout of model.shard_model (../shared/spec/algorithms.md, "FSDP2"):
 - resident shards: fp32 master weights, fp32 gradients, AdamW's two fp32 moments (16 bytes/param / world),
   and the frozen reference in bf16 (2 bytes/param / world); with CPU offload all of these live in host RAM;
-- the sampler's unsharded bf16 copy of the policy (2 bytes/param, every rank: train.make_sampler);
-- while generating: the KV cache, and for HFSampler the float32 logits of every step, which Hugging Face
-  `generate(output_logits=True)` keeps until the end (rows x steps x vocab x 4 bytes; vLLM keeps none);
+- the sampler's unsharded bf16 copy of the policy (2 bytes/param, every rank: train.make_sampler): the HF
+  sampler's copy stays on the GPU all the time; vLLM's engine sleeps while the trainer works (its weights in host
+  RAM, its KV cache freed: rollout.VLLMSampler), so its copy only counts while generating;
+- while generating: the KV cache and one step's float32 logits (rows x vocab x 4 bytes: rollout.decode keeps only
+  the last step's, as vLLM does);
 - while training: activations of one micro-batch (all layers, or with checkpointing each layer's input plus
   one layer being recomputed), the LM head's chunk (model.token_logprobs), and FSDP's working set: the largest
   unit (embedding + LM head) all-gathered in bf16 twice (running + prefetched) plus its bf16 and fp32 gradient.
-Peak = resident + sampler copy + max(generation, training). Not counted: the CUDA context and allocator
-fragmentation (we keep MARGIN_GB free for them).
+Peak = resident + max(generation, training), the sampler copy in the phases where it is on the GPU. Not counted:
+the CUDA context and allocator fragmentation (we keep MARGIN_GB free for them), and vLLM's reservation: it takes
+gpu_memory_utilization (0.3) of the GPU for its weights and KV cache, which must hold the bf16 copy.
 
 Host RAM at start (`host_ram_at_start`): model.load_sharded builds every rank's model on the meta device and only
 rank 0 reads the checkpoint (the fp32 policy, then the bf16 reference), sending it tensor by tensor; before, every
@@ -33,6 +36,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Rot
 
 GB = 1e9
 MARGIN_GB = 4  # CUDA context, NCCL buffers, fragmentation
+VLLM_UTILIZATION = 0.3  # rollout.VLLMSampler's gpu_memory_utilization default, which train.py keeps
 
 # Qwen2.5-7B(-Instruct-1M): the values of its config.json that decide memory.
 QWEN25_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -88,7 +92,7 @@ def plan(config, world, micro_batch, prompt, gen, rollout_rows, chunk, per_token
         "reference bf16 shard": 2 * n / world / GB,
         "sampler copy bf16 (full)": 2 * n / GB,
         "KV cache": rollout_rows * (prompt + gen) * layers * 2 * kv_dim * 2 / GB,
-        "HF generate logits fp32": rollout_rows * gen * vocab * 4 / GB,
+        "sampler logits fp32 (one step)": rollout_rows * vocab * 4 / GB,
         "activations, no checkpointing": train_tokens * (layers * per_token_layer + 2 * hidden) / GB,
         "activations, checkpointing": train_tokens * (layers * 2 * hidden + per_token_layer + 2 * hidden) / GB,
         "LM head chunk (~5 fp32 [chunk, V])": 5 * 4 * chunk * vocab / GB,
@@ -97,14 +101,16 @@ def plan(config, world, micro_batch, prompt, gen, rollout_rows, chunk, per_token
     }
 
 
-def peak(parts, offload, checkpointing, hf_logits):
-    """Peak GB on one GPU: resident + sampler weights + the larger of the generation and training phases."""
+def peak(parts, offload, checkpointing, sampler):
+    """Peak GB on one GPU: resident + the larger of the generation and training phases; the sampler's copy is on
+    the GPU in both phases for "hf", only while generating for "vllm" (asleep while the trainer works)."""
     resident = 0.0 if offload else sum(parts[k] for k in ("params fp32 shard", "grads fp32 shard",
                                                           "AdamW moments fp32 shard", "reference bf16 shard"))
-    generation = parts["KV cache"] + (parts["HF generate logits fp32"] if hf_logits else 0.0)
+    copy = parts["sampler copy bf16 (full)"]
+    generation = copy + parts["KV cache"] + parts["sampler logits fp32 (one step)"]
     activations = parts["activations, checkpointing" if checkpointing else "activations, no checkpointing"]
     training = activations + parts["LM head chunk (~5 fp32 [chunk, V])"] + parts["FSDP working set"]
-    return resident + parts["sampler copy bf16 (full)"] + max(generation, training)
+    return resident + max(generation, training + (copy if sampler == "hf" else 0.0))
 
 
 def host_ram_at_start(n_params, ranks_per_node):
@@ -138,13 +144,15 @@ def main():
         if not name.startswith("_"):
             print(f"  {name:<38} {value:8.1f} GB")
     print(f"\npeak per GPU (GB; + {MARGIN_GB} GB margin must fit):")
-    print(f"  {'CPU offload':<12} {'checkpointing':<14} {'HF sampler':>11} {'no stored logits':>17}   fits 80 / 40 GB")
+    print(f"  {'CPU offload':<12} {'checkpointing':<14} {'HF sampler':>11} {'vLLM (sleeps)':>14}   fits 80 / 40 GB")
     for offload in (False, True):
         for checkpointing in (False, True):
-            hf = peak(parts, offload, checkpointing, hf_logits=True)
-            lean = peak(parts, offload, checkpointing, hf_logits=False)
-            print(f"  {str(offload):<12} {str(checkpointing):<14} {hf:11.1f} {lean:17.1f}   "
-                  f"{verdict(hf, lean, 80)} / {verdict(hf, lean, 40)}")
+            hf, vllm = (peak(parts, offload, checkpointing, sampler) for sampler in ("hf", "vllm"))
+            print(f"  {str(offload):<12} {str(checkpointing):<14} {hf:11.1f} {vllm:14.1f}   "
+                  f"{verdict(hf, vllm, 80)} / {verdict(hf, vllm, 40)}")
+    engine = parts["sampler copy bf16 (full)"] + parts["KV cache"]
+    print(f"vLLM reserves gpu_memory_utilization ({VLLM_UTILIZATION}) of the GPU, {VLLM_UTILIZATION * 80:.0f} / "
+          f"{VLLM_UTILIZATION * 40:.0f} GB on 80 / 40 GB, for its copy and KV cache, which need {engine:.1f} GB")
     offloaded = 18 * parts["_params"] / args.world / GB  # 16 bytes/param of policy state + 2 of reference
     print(f"\nwith CPU offload each rank keeps {offloaded:.1f} GB in host RAM ({offloaded * args.world:.0f} GB per "
           f"{args.world} ranks), and AdamW steps on the CPU")
@@ -153,11 +161,11 @@ def main():
           f"fp32 policy, model.load_sharded); {every_rank:.0f} GB when every rank read it")
 
 
-def verdict(hf, lean, gpu_gb):
-    """Does the peak fit a GPU of gpu_gb: with the HF sampler, only with a sampler that stores no logits, or no."""
+def verdict(hf, vllm, gpu_gb):
+    """Does the peak fit a GPU of gpu_gb: with either sampler, only with vLLM (asleep while training), or no."""
     if hf + MARGIN_GB <= gpu_gb:
         return "yes"
-    return "without stored logits" if lean + MARGIN_GB <= gpu_gb else "no"
+    return "vLLM only" if vllm + MARGIN_GB <= gpu_gb else "no"
 
 
 if __name__ == "__main__":

@@ -266,7 +266,8 @@ def test_oreo_runs_end_to_end_and_saves_policy_and_value_model(tmp_path):
     assert (tmp_path / "checkpoints" / "value" / "value_head.safetensors").exists()
     assert (tmp_path / "checkpoints" / "final" / "config.json").exists()
     state = torch.load(tmp_path / "checkpoints" / "trainer_state.pt", weights_only=False)
-    policy_opt, value_opt = state["optimizer"], state["value_optimizer"]  # micro-batches of 2: one step a batch
+    policy_opt, value_opt = state["optimizer"], state["value_optimizer"]
+    # micro-batches of 2 accumulate: one optimizer step of each model per batch of 4, so 2 after 2 batches
     assert {s["step"].item() for opt in (policy_opt, value_opt) for s in opt["state"].values()} == {2.0}
 
 
