@@ -569,27 +569,18 @@ def report_markdown(run_dir, rows):
         if any(metric in r for r in evals):
             digits = 0 if metric == "mean_length" else 2
             lines += [f"### {title}", "", markdown_table(table_rows, metric, digits), ""]
-    for key in sorted({k for r in evals for k, v in r.items() if k.startswith("pass_at_k") and isinstance(v, dict)}):
-        for k, table in pass_at_k_tables(table_rows, key).items():
-            lines += [f"### pass@{k} (`{key}`: chance that one of {k} sampled completions is right)", "",
-                      markdown_table(table, key), ""]
+    for key in sorted({k for r in evals for k in r if k.startswith("pass@")}, key=lambda k: int(k[5:])) + (
+            ["sampled_length"] if any("sampled_length" in r for r in evals) else []):  # measured before/after only
+        title = (f"{key} at the rollout temperature (chance that one of {key[5:]} sampled completions is right)"
+                 if key != "sampled_length" else "mean length of those samples (tokens)")
+        measured = {label: row for label, row in table_rows.items() if key in row}
+        lines += [f"### {title}", "", markdown_table(measured, key, 0 if key == "sampled_length" else 2), ""]
     if not evals:
         lines += ["No evaluation yet.", ""]
     if (run_dir / "curves.png").is_file():
         lines += ["## Curves", "", "![training curves](curves.png)", ""]
     lines += example_sections(evals, labels)
     return "\n".join(lines).rstrip() + "\n"
-
-
-def pass_at_k_tables(table_rows, key):
-    """{k: {label: {key: {size: value}}}} from rows whose `key` holds {size: {k: value}} (train.py) or
-    {size: value} (k not recorded)."""
-    tables = {}
-    for label, row in table_rows.items():
-        for size, value in (row.get(key) or {}).items():
-            for k, x in value.items() if isinstance(value, dict) else [("k", value)]:
-                tables.setdefault(k, {}).setdefault(label, {key: {}})[key][size] = x
-    return dict(sorted(tables.items(), key=lambda item: int(item[0]) if str(item[0]).isdigit() else math.inf))
 
 
 def example_sections(evals, labels):

@@ -346,7 +346,7 @@ def synthetic_run(run_dir, finished=True):
         row = {"kind": "eval", "stage": stage, "step": step, "global_step": global_step,
                "accuracy": {"3": accuracy}, "format_rate": {"3": format_rate}, "mean_length": {"3": 100.0 - step}}
         if stage == "rl":
-            row["pass_at_k"] = {"3": {"1": accuracy, "8": accuracy + 0.3}}
+            row["pass@1"], row["pass@8"] = {"3": accuracy}, {"3": accuracy + 0.3}  # as train.py logs them
         if shown:
             row["examples"] = [shown]
         rows.append(row)
@@ -540,3 +540,17 @@ def test_cli_vllm_sampler_gets_the_loaded_model_not_its_name(tiny_dir, monkeypat
     assert options["max_model_len"] == min(E.VLLM_PROMPT_TOKENS + 5, model.config.max_position_embeddings)
     assert not model.training
     assert json.loads(out.read_text())[str(tiny_dir)]["settings"]["sampler"] == "vllm"
+
+
+def test_report_shows_pass_at_k_before_and_after(tmp_path):
+    synthetic_metrics(tmp_path)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        for step, value in ((0, 0.2), (6, 0.35)):
+            f.write(json.dumps({"kind": "eval", "stage": "rl", "step": step, "global_step": step,
+                                "accuracy": {"3": value}, "pass@1": {"3": value}, "pass@8": {"3": 0.7},
+                                "sampled_length": {"3": 50.0}}) + "\n")
+    E.write_report(tmp_path, plot=False)
+    text = (tmp_path / "report.md").read_text()
+    assert "### pass@1 at the rollout temperature" in text and "### pass@8 at the rollout temperature" in text
+    assert text.index("### pass@1") < text.index("### pass@8")
+    assert "| 0.35 |" in text and "### mean length of those samples" in text
