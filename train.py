@@ -681,7 +681,10 @@ def main():
     if ALGO != "sft" or WARMUP_CHECKPOINT:
         rl_start = warmup_path if warmup_path.exists() else start_path
         tokenizer = kk_model.load_tokenizer(str(rl_start))
-        policy, reference = load_policy_and_reference(str(rl_start), device)
+        if ALGO == "sft":  # supervised steps need no frozen reference
+            policy, reference = load_policy(str(rl_start), device), None
+        else:
+            policy, reference = load_policy_and_reference(str(rl_start), device)
         sampler = make_sampler(policy, str(rl_start), tokenizer)
         if "warmup" not in summary:
             summary["warmup"] = evaluate(sampler, tokenizer, test, with_pass_at_k=True)
