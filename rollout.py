@@ -59,7 +59,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from model import NonFiniteError, full_tensor, iter_full_state, pick_dtype, position_ids_from_mask
 
@@ -108,13 +108,39 @@ def next_token(logits, temperature, top_p):
     return token, logp_all.gather(-1, token[:, None]).squeeze(-1)
 
 
+class PreallocatedLayer(DynamicLayer):
+    """One layer's KV cache in a buffer [b, heads, capacity, d] allocated once: a step writes one column in place
+    (HF's DynamicLayer concatenates, copying the whole cache every step) and attention reads the filled columns
+    as a view. Dropping finished rows copies the buffer, once per step in which some rows end."""
+
+    def __init__(self, capacity):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):  # states [b, heads, t, d]
+        if not self.is_initialized:
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            shape = (*key_states.shape[:2], self.capacity, key_states.shape[-1])
+            self.key_buffer, self.value_buffer = key_states.new_zeros(shape), value_states.new_zeros(shape)
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length:end], self.value_buffer[:, :, self.length:end] = key_states, value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]  # [b, heads, L, d]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices):
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
+
 def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, eos_id, pad_id):
     """Generate up to max_new_tokens after left-padded prompts [B, P] -> (completion ids [B, T], pad after each
     row's EOS; log-probs [B, T], 0 there). Rows that emitted EOS leave the batch and the KV cache."""
     batch, device = prompt_ids.shape[0], prompt_ids.device
     completion = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T]
     logprobs = torch.zeros(batch, max_new_tokens, device=device)  # [B, T]
-    cache = DynamicCache()
+    capacity = prompt_ids.shape[1] + max_new_tokens
+    cache = Cache(layers=[PreallocatedLayer(capacity) for _ in range(model.config.num_hidden_layers)])
     running = torch.arange(batch, device=device)  # [b] the rows still generating
     attention = prompt_mask  # [b, P + t]
     positions = position_ids_from_mask(prompt_mask)  # [b, P]
