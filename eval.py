@@ -645,6 +645,36 @@ def wandb_log(run, row):
     run.log(data, step=row.get("global_step"))
 
 
+class MetricsLog:
+    """train.py's writer of metrics.jsonl, one JSON object per row (read back by read_metrics); on resume the rows
+    after step keep_until are dropped (and a truncated last line, a kill mid-write, with a warning). Every eval row
+    rewrites report.md and curves.png; with a wandb project every row also goes to a wandb run. Under torchrun
+    only rank 0 writes."""
+
+    def __init__(self, out_dir, keep_until, config, rank=0, wandb_project=None):
+        self.path, self.rank = Path(out_dir) / "metrics.jsonl", rank
+        rows = read_metrics(out_dir) if self.path.exists() and keep_until is not None else []
+        if rank == 0:
+            kk_data.save_jsonl([r for r in rows if r["global_step"] <= keep_until], self.path)
+        self.wandb = start_wandb(wandb_project, config, out_dir) if wandb_project and rank == 0 else None
+
+    def write(self, row):
+        if self.rank > 0:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb:
+            wandb_log(self.wandb, row)
+        if row["kind"] == "eval":
+            write_report(self.path.parent)
+
+    def close(self):
+        """At the end, after summary.json: the final report.md, and the wandb run finished."""
+        write_report(self.path.parent)
+        if self.wandb:
+            self.wandb.finish()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 9. Command line.
 def parse_args(argv):

@@ -146,6 +146,10 @@ RANGES = {  # allowed values: (test, the numeric constants that must pass it); e
     "in [0, 1)": (lambda x: 0 <= x < 1, "CLIP_LOW"),
     "in (0, 1]": (lambda x: 0 < x <= 1, "TOP_P"),
 }
+CHOICES = {"ALGO": ALGOS, "SAMPLER": ("hf", "vllm"), "TEMPLATE": kk_data.TEMPLATES, "KL_KIND": grpo.KL_KINDS,
+           "KL_IN": ("loss", "reward"), "LR_SCHEDULE": ("constant", "cosine"), "SFT_SCHEDULE": ("constant", "cosine"),
+           "AGGREGATION": ("",) + grpo.AGGREGATION_MODES, "OREO_LEVEL": oreo.LEVELS, "OREO_KL": ("full", "k3"),
+           "SFT_STYLE": ("trace", "cot")}  # the allowed values of the text constants
 
 
 def need(ok, message):
@@ -169,15 +173,9 @@ def check_constants():
             value = globals()[name]
             need(math.isfinite(value) and test(value), f"{name}={value!r} must be {allowed}"
                  + (" and finite" if isinstance(value, float) else ""))
-    need(ALGO in ALGOS, f"ALGO={ALGO!r} is unknown; choose one of {ALGOS}")
-    need(SAMPLER in ("hf", "vllm"), f"SAMPLER={SAMPLER!r} is unknown; choose 'hf' or 'vllm'")
-    need(TEMPLATE in kk_data.TEMPLATES, f"TEMPLATE={TEMPLATE!r} is unknown; choose one of {kk_data.TEMPLATES}")
-    need(KL_KIND in ("k1", "k2", "k3"), f"KL_KIND={KL_KIND!r}: choose k1, k2 or k3")
-    need(KL_IN in ("loss", "reward"), f"KL_IN={KL_IN!r}: choose 'loss' or 'reward'")
+    for name, allowed in CHOICES.items():
+        need(globals()[name] in allowed, f"{name}={globals()[name]!r} is unknown; choose one of {allowed}")
     need(KL_IN == "loss" or ALGO.startswith("reinforce++"), "KL_IN='reward' is only defined for REINFORCE++ ALGOs")
-    need(LR_SCHEDULE in ("constant", "cosine") and SFT_SCHEDULE in ("constant", "cosine"),
-         "LR_SCHEDULE and SFT_SCHEDULE must be 'constant' or 'cosine'")
-    need(AGGREGATION in ("",) + grpo.AGGREGATION_MODES, f"AGGREGATION={AGGREGATION!r} is unknown")
     need(all(2 <= n <= 8 for n in need_ok(f"PEOPLE={PEOPLE!r}", kk_data.parse_sizes, PEOPLE)),
          f"PEOPLE={PEOPLE!r}: sizes must lie in 2..8")
     need(PROMPTS_PER_STEP % WORLD == 0 and SFT_BATCH % WORLD == 0 and TEST_PER_SIZE >= WORLD,
@@ -189,9 +187,6 @@ def check_constants():
     need(GROUP_SIZE >= 2 or ALGO not in GROUP_ALGOS + ("reinforce++-baseline",),
          f"GROUP_SIZE={GROUP_SIZE}: group baselines need >= 2 (ALGO='reinforce++' needs no groups)")
     need(ALGO != "oreo" or WORLD == 1, "ALGO='oreo' runs on one process here (no FSDP2 value model yet)")
-    need(OREO_LEVEL in oreo.LEVELS, f"OREO_LEVEL={OREO_LEVEL!r}: choose one of {oreo.LEVELS}")
-    need(OREO_KL in ("full", "k3"), f"OREO_KL={OREO_KL!r}: choose 'full' or 'k3'")
-    need(SFT_STYLE in ("trace", "cot"), f"SFT_STYLE={SFT_STYLE!r}: choose 'trace' or 'cot'")
     need(len(ADAM_BETAS) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in ADAM_BETAS),
          f"ADAM_BETAS={ADAM_BETAS!r} must be two numbers in [0, 1)")
     if MODEL not in ("tiny", "smollm2"):
@@ -434,36 +429,6 @@ def save_trainer_state(out_dir, stage, step, policy, optimizer, summary, **extra
                                 {"stage": stage, "step": step, "summary": summary, **extra})
 
 
-class MetricsLog:
-    """metrics.jsonl, one JSON object per row; on resume, rows after the checkpoint are dropped (and a truncated
-    last line, a kill mid-write, with a warning). Every eval row rewrites report.md and curves.png
-    (eval.write_report); with WANDB every row also goes to a wandb run."""
-
-    def __init__(self, out_dir, keep_until=None):
-        self.path = Path(out_dir) / "metrics.jsonl"
-        rows = kk_eval.read_metrics(out_dir) if self.path.exists() and keep_until is not None else []
-        if RANK == 0:  # under torchrun only rank 0 writes
-            kk_data.save_jsonl([r for r in rows if r["global_step"] <= keep_until], self.path)
-        config = {k: globals()[k] for k in CONSTANTS}
-        self.wandb = kk_eval.start_wandb(WANDB_PROJECT, config, out_dir) if WANDB and RANK == 0 else None
-
-    def write(self, row):
-        if RANK > 0:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.wandb:
-            kk_eval.wandb_log(self.wandb, row)
-        if row["kind"] == "eval":
-            kk_eval.write_report(self.path.parent)
-
-    def close(self):
-        """At the end, after summary.json: the final report.md, and the wandb run finished."""
-        kk_eval.write_report(self.path.parent)
-        if self.wandb:
-            self.wandb.finish()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # A stage is a loop of optimizer steps of one kind ("sft" or "rl"), with evaluation and checkpoints.
 def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, log, summary, step_offset,
@@ -614,12 +579,8 @@ def sync_sampler(sampler, policy):
         sampler.sync_weights(policy)
 
 
-def main():
-    global RANK, WORLD
-    defaults = {k: globals()[k] for k in CONSTANTS}  # before the command line: report.md lists what differs
-    parse_overrides(sys.argv[1:])
-    RANK, WORLD = kk_model.init_distributed()  # (0, 1) without torchrun
-    check_constants()
+def start_run(defaults):
+    """Set up this process, check OUT_DIR, write config.json, make the puzzles; the trainer state if resuming."""
     transformers.utils.logging.disable_progress_bar()  # our own tqdm bars are enough
     random.seed(SEED), torch.manual_seed(SEED + RANK)  # ranks sample different completions
     if not ON_GPU:
@@ -638,80 +599,78 @@ def main():
         kk_data.write_atomically(out / "config.json", json.dumps(config, indent=1))
         kk_data.write_atomically(out / "defaults.json", json.dumps(defaults, indent=1))
         (out / "summary.json").unlink(missing_ok=True)  # an earlier run's; report.md reads it as "finished"
-    device = kk_model.pick_device()
-    began = time.perf_counter()  # wall time of this process (a resumed run counts from its restart)
     print(f"data: {sum(map(len, train.values()))} training puzzles, {sum(map(len, test.values()))} held-out, "
-          f"sizes {sorted(train)}; device {device}")
+          f"sizes {sorted(train)}; device {DEVICE}")
+    return out, state, train, test
 
-    # Stage 0: the starting model, evaluated once.
-    start_path = initial_model_path(out)
-    tokenizer = kk_model.load_tokenizer(start_path)
-    summary = state["summary"] if state else {}
-    log = MetricsLog(out, keep_until=state_global_step(state))
+
+def evaluate_start(stage, sampler, tokenizer, test, log, summary, global_step):
+    """Score a starting model ("initial" or "warmup") once: summary.json keeps it, so a resumed run skips it."""
+    if stage not in summary:
+        summary[stage] = evaluate(sampler, tokenizer, test, with_pass_at_k=stage == "warmup")
+        log.write({"kind": "eval", "stage": stage, "step": 0, "global_step": global_step, **summary[stage]})
+        print(f"{stage} model: accuracy {fmt(summary[stage]['accuracy'])}")
+
+
+def warm_up(start_path, train, test, log, summary, state):
+    """Stage 1: SFT_STEPS of supervised warm-up (ALGO="sft" without WARMUP_CHECKPOINT: STEPS of them, the whole
+    run), or a copy of WARMUP_CHECKPOINT. Returns the global step RL starts at and the state left to resume."""
+    out, tokenizer = Path(OUT_DIR), kk_model.load_tokenizer(start_path)
     sft_steps = 0 if WARMUP_CHECKPOINT else (STEPS if ALGO == "sft" else SFT_STEPS)
-    if "initial" not in summary and not WARMUP_CHECKPOINT:  # (a run from WARMUP_CHECKPOINT never uses it)
-        policy = kk_model.load_model(start_path, device)
-        summary["initial"] = evaluate(HFSampler(policy, tokenizer), tokenizer, test)
-        log.write({"kind": "eval", "stage": "initial", "step": 0, "global_step": 0, **summary["initial"]})
-        print(f"initial model: accuracy {fmt(summary['initial']['accuracy'])}")
-        del policy
-
-    # Stage 1: supervised warm-up (or ALGO="sft" from scratch), unless a warm-up checkpoint is given.
-    warmup_path = out / "checkpoints" / "warmup"
-    offset = 0
-    if sft_steps and not (state and state["stage"] != "sft"):
-        policy = load_policy(start_path, device)
+    if sft_steps and state and state["stage"] != "sft":  # resuming after the warm-up: it is done
+        return sft_steps, state
+    if sft_steps:
+        policy = load_policy(start_path, DEVICE)
         sampler = make_sampler(policy, start_path, tokenizer)
-        offset = run_stage("sft", sft_steps, policy, None, sampler, tokenizer, train, test, log, summary, 0,
-                           resume_state=state)
-        state = None
+        run_stage("sft", sft_steps, policy, None, sampler, tokenizer, train, test, log, summary, 0, state)
         save_hf_checkpoint(policy, tokenizer, out, "warmup" if ALGO != "sft" else "final", "sft", sft_steps)
         sampler.close()  # a vLLM engine must be shut down explicitly
-        del policy, sampler
-    elif WARMUP_CHECKPOINT:
-        if RANK == 0 and not warmup_path.exists():  # copied whole, then renamed: never a half copy
-            shutil.copytree(WARMUP_CHECKPOINT, f"{warmup_path}.tmp", dirs_exist_ok=True)
-            os.replace(f"{warmup_path}.tmp", warmup_path)
-        kk_model.barrier()
-    elif sft_steps:
-        offset = sft_steps
+        return sft_steps, None
+    warmup_path = out / "checkpoints" / "warmup"
+    if not WARMUP_CHECKPOINT:  # no warm-up at all: RL starts from MODEL
+        return 0, state
+    if RANK == 0 and not warmup_path.exists():  # copied whole, then renamed: never a half copy
+        shutil.copytree(WARMUP_CHECKPOINT, f"{warmup_path}.tmp", dirs_exist_ok=True)
+        os.replace(f"{warmup_path}.tmp", warmup_path)
+    kk_model.barrier()
+    return 0, state
 
-    # Stage 2: RL (or, with ALGO="sft", more SFT: the paper's SFT-vs-RL question) from the warm-up checkpoint;
-    # the frozen reference is that same checkpoint.
-    if ALGO != "sft" or WARMUP_CHECKPOINT:
-        rl_start = warmup_path if warmup_path.exists() else start_path
-        tokenizer = kk_model.load_tokenizer(str(rl_start))
-        if ALGO == "sft":  # supervised steps need no frozen reference
-            policy, reference = load_policy(str(rl_start), device), None
-        else:
-            policy, reference = load_policy_and_reference(str(rl_start), device)
-        sampler = make_sampler(policy, str(rl_start), tokenizer)
-        if "warmup" not in summary:
-            summary["warmup"] = evaluate(sampler, tokenizer, test, with_pass_at_k=True)
-            print(f"warm-up model: accuracy {fmt(summary['warmup']['accuracy'])}")
-            log.write({"kind": "eval", "stage": "warmup", "step": 0, "global_step": offset, **summary["warmup"]})
-        if ALGO == "oreo":
-            steps = run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, offset, str(rl_start),
-                             resume_state=state)
-        else:
-            steps = run_stage("sft" if ALGO == "sft" else "rl", STEPS, policy, reference, sampler, tokenizer, train,
-                              test, log, summary, offset, resume_state=state) - offset
-        save_hf_checkpoint(policy, tokenizer, out, "final", "sft" if ALGO == "sft" else "rl", steps)
-        sampler.close()
 
-    if RANK > 0:
-        return
-    final = [json.loads(r) for r in log.path.read_text().splitlines() if '"eval"' in r]
+def train_from_warmup(train, test, log, summary, offset, state):
+    """Stage 2: ALGO (RL, OREO, or with ALGO="sft" more SFT: the paper's SFT-vs-RL question) from the warm-up
+    checkpoint, which is also the frozen reference."""
+    warmup_path = Path(OUT_DIR) / "checkpoints" / "warmup"
+    start = str(warmup_path if warmup_path.exists() else initial_model_path(OUT_DIR))
+    tokenizer = kk_model.load_tokenizer(start)
+    if ALGO == "sft":  # supervised steps need no frozen reference
+        policy, reference = load_policy(start, DEVICE), None
+    else:
+        policy, reference = load_policy_and_reference(start, DEVICE)
+    sampler = make_sampler(policy, start, tokenizer)
+    evaluate_start("warmup", sampler, tokenizer, test, log, summary, offset)
+    if ALGO == "oreo":
+        steps = run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, offset, start, state)
+    else:
+        stage = "sft" if ALGO == "sft" else "rl"
+        steps = run_stage(stage, STEPS, policy, reference, sampler, tokenizer, train, test, log, summary, offset,
+                          state) - offset
+    save_hf_checkpoint(policy, tokenizer, OUT_DIR, "final", "sft" if ALGO == "sft" else "rl", steps)
+    sampler.close()
+
+
+def finish(log, summary, began):
+    """summary.json, the final report.md and curves.png, and the before/after tables (columns: puzzle sizes)."""
+    final = [json.loads(r) for r in log.path.read_text().splitlines() if '"eval"' in r][-1]
     titles = table_titles()
-    summary["final"] = {k: v for k, v in final[-1].items() if k in titles or k == "lenient_accuracy"}
+    summary["final"] = {k: v for k, v in final.items() if k in titles or k == "lenient_accuracy"}
     summary["seconds"] = time.perf_counter() - began
-    kk_data.write_atomically(out / "summary.json", json.dumps(summary, indent=1))
-    log.close()  # report.md and curves.png
+    kk_data.write_atomically(log.path.parent / "summary.json", json.dumps(summary, indent=1))
+    log.close()
     stages = {stage: summary[stage] for stage in ("initial", "warmup", "final") if stage in summary}
-    for metric, title in titles.items():  # held-out; columns are puzzle sizes
+    for metric, title in titles.items():
         if any(metric in row for row in stages.values()):
             print(f"\n{title}\n" + kk_eval.markdown_table(stages, metric, 1 if "length" in metric else 2))
-    print(f"done in {summary['seconds'] / 60:.1f} min; outputs in {out}/")
+    print(f"done in {summary['seconds'] / 60:.1f} min; outputs in {OUT_DIR}/")
 
 
 def table_titles():
@@ -727,6 +686,30 @@ def state_global_step(state):
         return None
     rl_offset = (0 if WARMUP_CHECKPOINT else SFT_STEPS) if state["stage"] != "sft" else 0
     return rl_offset + state["step"]
+
+
+def main():
+    global RANK, WORLD
+    defaults = {k: globals()[k] for k in CONSTANTS}  # before the command line: report.md lists what differs
+    parse_overrides(sys.argv[1:])
+    RANK, WORLD = kk_model.init_distributed()  # (0, 1) without torchrun
+    check_constants()
+    out, state, train, test = start_run(defaults)
+    began = time.perf_counter()  # wall time of this process (a resumed run counts from its restart)
+    start_path = initial_model_path(out)  # Stage 0: the starting model, scored once (unless a warm-up is given)
+    summary = state["summary"] if state else {}
+    log = kk_eval.MetricsLog(out, state_global_step(state), {k: globals()[k] for k in CONSTANTS}, RANK,
+                             WANDB_PROJECT if WANDB else None)
+    if not WARMUP_CHECKPOINT and "initial" not in summary:
+        tokenizer = kk_model.load_tokenizer(start_path)
+        sampler = HFSampler(kk_model.load_model(start_path, DEVICE), tokenizer)
+        evaluate_start("initial", sampler, tokenizer, test, log, summary, 0)
+        del sampler
+    offset, state = warm_up(start_path, train, test, log, summary, state)  # Stage 1
+    if ALGO != "sft" or WARMUP_CHECKPOINT:  # Stage 2
+        train_from_warmup(train, test, log, summary, offset, state)
+    if RANK == 0:
+        finish(log, summary, began)
 
 
 if __name__ == "__main__":
