@@ -403,7 +403,7 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
 
     metrics = {f"reward_{k}" if k in ("format", "answer") else k: v for k, v in summarize(scores).items()}
     metrics.update(stats_sum, grad_norm=grad_norm, sampler_logprob_diff=sampler_diff,
-                   completion_length=mask.sum(-1).mean().item(),
+                   completion_length=mask.sum(-1).mean().item(), trained_tokens=attention.sum().item(),
                    sampled_tokens_per_s=n_tokens.item() / (clock[1] - clock[0]))
     if GROUP_SIZE > 1:  # REINFORCE++ with one sample per prompt has no groups
         metrics["zero_variance_groups"] = grpo.zero_variance_fraction(rewards, GROUP_SIZE)

@@ -37,8 +37,9 @@ def time_ours(model_path, steps):
         metrics["total"] = time.perf_counter() - start
         if i > 0:  # the first step warms up allocators and kernels
             rows.append(metrics)
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("seconds_") or k in (
-        "total", "completion_length", "sampled_tokens_per_s")}
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("seconds_") or k in (
+        "total", "completion_length", "trained_tokens")}
+    return dict(mean, sampled=mean["completion_length"] * train.PROMPTS_PER_STEP * train.GROUP_SIZE)
 
 
 def time_trl(model_path, steps):
@@ -63,7 +64,11 @@ def time_trl(model_path, steps):
 
     class StepTimer(TrainerCallback):  # a step = generate + score + log-probs + update, as in train.rl_step
         def __init__(self):
-            self.seconds, self.start = [], None
+            self.seconds, self.start, self.logs = [], None, []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "num_tokens" in logs:
+                self.logs.append(logs)
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
@@ -80,8 +85,11 @@ def time_trl(model_path, steps):
         trainer = GRPOTrainer(model=kk_model.load_model(model_path, "cpu"), reward_funcs=reward_fn, args=config,
                               train_dataset=data, processing_class=tokenizer, callbacks=[timer := StepTimer()])
         trainer.train()
-        timed = timer.seconds[1:]
-        return sum(timed) / len(timed)
+        timed, logs = timer.seconds[1:], timer.logs
+        trained = [float(b["num_tokens"]) - float(a["num_tokens"]) for a, b in zip(logs, logs[1:])]  # cumulative
+        sampled = [float(row["completions/mean_length"]) * len(data) / (steps + 1) for row in logs[1:]]
+        return {"total": sum(timed) / len(timed), "trained_tokens": sum(trained) / len(trained),
+                "sampled": sum(sampled) / len(sampled)}
 
 
 def main():
@@ -98,12 +106,16 @@ def main():
     for key, value in ours.items():
         if key.startswith("seconds_") or key == "total":
             print(f"| {key.removeprefix('seconds_')} | {value:.2f} |")
-    trl_seconds = time_trl(model_path, args.steps)
-    if trl_seconds is None:
+    trl = time_trl(model_path, args.steps)
+    if trl is None:
         print("\ntrl is not installed: no comparison (pip install trl to compare with its GRPOTrainer)")
-    else:
-        print(f"\nTRL GRPOTrainer: {trl_seconds:.2f} s/step; ratio TRL / ours = "
-              f"{trl_seconds / ours['total']:.2f}")
+        return
+    print("\n| trainer | s/step | sampled tokens/step | sampled tokens/s | trained tokens/step | trained tokens/s |"
+          "\n|---|---|---|---|---|---|")
+    for name, row in (("ours", ours), ("TRL GRPOTrainer", trl)):
+        print(f"| {name} | {row['total']:.2f} | {row['sampled']:.0f} | {row['sampled'] / row['total']:.0f} | "
+              f"{row['trained_tokens']:.0f} | {row['trained_tokens'] / row['total']:.0f} |")
+    print(f"\nHF sampler on both sides; ratio TRL / ours = {trl['total'] / ours['total']:.2f}")
 
 
 if __name__ == "__main__":
