@@ -101,7 +101,6 @@ def add_role(roles: dict[str, str], name, role, where: str) -> None:
 
 
 # ---- The two rules -----------------------------------------------------------------------------------------
-
 # exercise 2: the strict format check
 def format_score(completion: str) -> float:
     """+1 if each tag occurs exactly once and they come in the order of TAGS, else -1."""
@@ -147,7 +146,6 @@ def lenient_answer_text(completion: str) -> str:
 
 
 # ---- Public entry points -----------------------------------------------------------------------------------
-
 def score(completion: str, solution) -> Score:
     """Score one assistant turn. `completion` must include the pre-filled "<think>": "<think>" + generated."""
     roles = parse_solution(solution)
