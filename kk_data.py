@@ -355,15 +355,22 @@ def parse_statements(text, n_people=None):
     return statements
 
 
+def check_fields(row, fields):
+    """ValueError (without location) unless `row` is a JSON object with every field of `fields` ({name: type, or a
+    tuple of number types}) holding a value of that type; a bool is none of them. Also checks OREO's rows."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    for field, kind in fields.items():
+        if field not in row:
+            raise ValueError(f"missing field {field!r}")
+        if not isinstance(row[field], kind) or isinstance(row[field], bool):
+            raise ValueError(f"field {field!r} has type {type(row[field]).__name__}, expected "
+                             f"{kind.__name__ if isinstance(kind, type) else 'a number'}")
+
+
 def check_record(record):
     """Raise ValueError (without location) unless `record` is a complete, self-consistent benchmark record."""
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    for field, kind in RECORD_FIELDS.items():
-        if field not in record:
-            raise ValueError(f"missing field {field!r}")
-        if not isinstance(record[field], kind) or (kind is int and isinstance(record[field], bool)):
-            raise ValueError(f"field {field!r} should be {kind.__name__}, got {type(record[field]).__name__}")
+    check_fields(record, RECORD_FIELDS)
     for field, kind in (("names", str), ("solution", bool), ("cot_repeat_steps", str)):
         if not all(isinstance(x, kind) for x in record[field]):
             raise ValueError(f"field {field!r} should hold only {kind.__name__} values")
