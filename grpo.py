@@ -1,74 +1,37 @@
 """The policy-gradient math of online RL: advantages, KL estimators, the clipped loss and its aggregation.
 
-Everything here is a pure function on tensors (spec: ../shared/spec/algorithms.md). Shapes:
-- `rewards [B]`: one scalar rule reward per completion; rows are grouped, prompt i's G samples are rows
-  i*G .. i*G+G-1.
-- per-token tensors `[B, C]` in the completion layout (column j = completion token j): `logp` (current
-  policy, with grad), `logp_old` (the policy that sampled), `logp_ref` (frozen reference), `mask` (float,
-  1 on completion tokens, EOS included).
+Pure functions on tensors (../shared/spec/algorithms.md): `rewards [B]`, one per completion, rows grouped so that
+prompt i's G samples are rows i*G .. i*G+G-1; per-token `[B, C]` in the completion layout: `logp` (current policy,
+with grad), `logp_old` (the sampler's), `logp_ref` (frozen reference), `mask` (1 on completion tokens, EOS too).
 
-Algorithms and where they come from:
-- GRPO (DeepSeekMath, arXiv 2402.03300): advantage `A_i = (R_i - mean_g R) / (std_g R + eps)`, the same for
-  every token of completion i; PPO-clip surrogate; KL to the reference in the loss (k3 estimator).
-- Dr. GRPO (Liu et al., "Understanding R1-Zero-Like Training", arXiv 2503.20783): drop the std
-  (`A_i = R_i - mean_g R`) and divide the summed token loss by a constant instead of each length.
-- RLOO (REINFORCE Leave-One-Out): baseline is the mean of the OTHER G-1 rewards of the group.
-- REINFORCE++ (arXiv 2501.03262): the KL goes into a per-token reward, returns are whitened over the whole
-  batch (no per-prompt baseline); "REINFORCE++-baseline" subtracts the group mean of R first.
-- KL estimators k1 / k2 / k3 (John Schulman, "Approximating KL Divergence", 2020), with
-  `log_ratio = logp - logp_ref` and samples from the current policy: k1 = log_ratio (unbiased, can be < 0),
-  k2 = log_ratio^2 / 2 (low variance, biased), k3 = exp(-log_ratio) + log_ratio - 1 (unbiased for the
-  KL VALUE and always >= 0; its gradient is not the KL gradient).
-
-Choices where peer implementations differ (each one is a named constant or argument here):
-1. Group std: `STD_UNBIASED = True` divides by G-1 (torch's default, what `tensor.std()` gives); the
-   population std (÷G) is smaller by sqrt((G-1)/G), so |A| is larger. Flip the constant to compare.
-2. Epsilons: `eps=1e-6` added to the group std in `group_advantages` (a zero-variance group then gets
-   A = 0 exactly, since R - mean = 0); `eps=1e-8` added to the variance inside `masked_whiten`'s rsqrt.
-3. KL clamp: REINFORCE++'s per-token KL reward clamps `logp_old - logp_ref` to +-`kl_clamp` = 10 before
-   scaling. `kl_estimate` itself does NOT clamp (some peers clamp k3 to [-10, 10]); a huge k3 shows a
-   policy that drifted far from the reference, and we would rather see it in the logs.
-4. Whitening variance: `masked_whiten` uses the POPULATION variance over all valid tokens (÷N, N = token
-   count; with thousands of tokens the ÷(N-1) difference is negligible), statistics global over ranks.
-5. Where R goes in REINFORCE++: on the LAST completion token of each row (last position where mask == 1,
-   normally the EOS), added to that token's KL reward.
-6. Discount: `gamma = 1.0` (spec) for REINFORCE++ returns; the loop supports any gamma.
-7. Aggregation (`aggregate`, spec "Aggregation over tokens"):
-   "seq-mean" (original GRPO: mean over each completion's tokens, then mean over completions),
-   "token-mean" (DAPO: one mean over every token of the batch),
-   "constant" (Dr. GRPO: token sum / (n_seqs * max_len), with max_len the generation budget).
-   All three divide by WHOLE-batch counts, so micro-batch losses simply add up (exact gradient accumulation).
-   Each ALGO has its own (`OWN_AGGREGATION`, spec): GRPO and RLOO seq-mean, Dr. GRPO constant, REINFORCE++
-   (and its baseline variant) token-mean ("PPO-clip token mean").
-8. Entropy bonus: `- entropy_coef * entropy` per token, aggregated like the rest of the loss.
+- GRPO (arXiv 2402.03300): `A_i = (R_i - mean_g R) / (std_g R + eps)` on every token of completion i, PPO-clip,
+  KL in the loss. Dr. GRPO (2503.20783): `A_i = R_i - mean_g R`. RLOO: baseline = mean of the OTHER G-1 rewards.
+- REINFORCE++ (arXiv 2501.03262): the KL goes into a per-token reward, R onto the last completion token,
+  returns (gamma = 1) whitened over the whole batch; "-baseline" subtracts the group mean of R first.
+- KL (Schulman 2020), r = logp - logp_ref: k1 = r, k2 = r^2 / 2, k3 = exp(-r) + r - 1 (unbiased, >= 0, no clamp).
+- Aggregation: "seq-mean" (GRPO), "token-mean" (DAPO), "constant" (Dr. GRPO), over WHOLE-batch counts so that
+  micro-batch losses add up; `OWN_AGGREGATION`. Where peers differ (std, epsilons, clamps): NOTES.md.
 """
 import torch
 import torch.distributed as dist
 
-# Group std convention for GRPO advantages: True = unbiased (÷(G-1)), False = population (÷G).
-STD_UNBIASED = True
+STD_UNBIASED = True  # GRPO's group std: True = unbiased (÷(G-1)), False = population (÷G)
 
 ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo")
 KL_KINDS = ("k1", "k2", "k3")
 AGGREGATION_MODES = ("seq-mean", "token-mean", "constant")
-# The aggregation each algorithm was published with (../shared/spec/algorithms.md). RLOO has no token-level rule of
-# its own in the spec; it gets GRPO's, being a group baseline with one advantage per completion.
+# The aggregation each algorithm was published with (spec); RLOO, which has none there, gets GRPO's (NOTES.md).
 OWN_AGGREGATION = {"grpo": "seq-mean", "rloo": "seq-mean", "drgrpo": "constant",
                    "reinforce++": "token-mean", "reinforce++-baseline": "token-mean"}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Input checks
-
-
+# ---- Input checks ----------------------------------------------------------------------------------------------
 def _check_same_shape(**tensors):
     """Raise ValueError unless every named tensor has the shape of the first one."""
-    names = list(tensors)
-    first = tensors[names[0]]
-    for name in names[1:]:
-        if tensors[name].shape != first.shape:
-            raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, "
-                             f"expected {tuple(first.shape)} like {names[0]}")
+    (first_name, first), *others = tensors.items()
+    for name, tensor in others:
+        if tensor.shape != first.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(first.shape)} like {first_name}")
 
 
 def _rewards_as_groups(rewards, group_size):
@@ -81,10 +44,6 @@ def _rewards_as_groups(rewards, group_size):
         raise ValueError(f"batch of {rewards.numel()} rewards is not divisible by group_size={group_size}; "
                          f"rows must be whole groups (prompt i's samples are rows i*G..i*G+G-1)")
     return rewards.view(-1, group_size)  # [n_groups, G]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Group-relative advantages (GRPO, Dr. GRPO, RLOO)
 
 
 # exercise 5: group advantages (GRPO, Dr. GRPO, RLOO)
@@ -103,8 +62,7 @@ def group_advantages(rewards, group_size, estimator="grpo", eps=1e-6):
     elif estimator == "drgrpo":
         advantages = grouped - mean
     elif estimator == "rloo":
-        mean_of_others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # [n_groups, G]
-        advantages = grouped - mean_of_others
+        advantages = grouped - (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # R - others' mean
     else:
         raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {ADVANTAGE_ESTIMATORS}")
     return advantages.reshape(-1)  # [B]
@@ -122,12 +80,7 @@ def zero_variance_fraction(rewards, group_size):
     """Share of groups whose G rewards are all equal: they give zero advantage, hence no learning signal.
     Needs groups (group_size >= 2): REINFORCE++ with one sample per prompt has none, and train.py logs nothing."""
     grouped = _rewards_as_groups(rewards, group_size)  # [n_groups, G]
-    all_equal = (grouped == grouped[:, :1]).all(dim=1)  # [n_groups]
-    return all_equal.float().mean().item()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# KL estimators (Schulman's k1 / k2 / k3)
+    return (grouped == grouped[:, :1]).all(dim=1).float().mean().item()  # mean of [n_groups] bools
 
 
 # exercise 6: the KL estimators k1, k2, k3
@@ -142,10 +95,6 @@ def kl_estimate(logp, logp_ref, kind="k3"):
     if kind == "k3":
         return torch.exp(-log_ratio) + log_ratio - 1  # = exp(logp_ref - logp) - (logp_ref - logp) - 1 >= 0
     raise ValueError(f"unknown KL estimator kind {kind!r}; expected one of {KL_KINDS}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Whitening (global across ranks)
 
 
 # exercise 10: whitening over the whole batch
@@ -167,14 +116,10 @@ def masked_whiten(x, mask, eps=1e-8):
         raise ValueError("masked_whiten: mask selects no positions (no valid tokens in the whole batch)")
     mean = total / count
     var = (total_sq / count - mean * mean).clamp(min=0.0)
-    whitened = (x - mean.to(x.dtype)) * torch.rsqrt(var + eps).to(x.dtype)  # [B, C]
-    return whitened * mask
+    return (x - mean.to(x.dtype)) * torch.rsqrt(var + eps).to(x.dtype) * mask  # [B, C]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# REINFORCE++ (and REINFORCE++-baseline)
-
-
+# ---- REINFORCE++ (and REINFORCE++-baseline) --------------------------------------------------------------------
 def _last_valid_index(mask):
     """Column of the last position where mask == 1, per row. [B] (long)"""
     columns = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # [B, C]
@@ -203,13 +148,10 @@ def reinforce_pp_returns(rewards, logp_old, logp_ref, mask, kl_coef, group_size=
         if group_size is not None:
             grouped = _rewards_as_groups(seq_rewards, group_size)  # [n_groups, G]
             seq_rewards = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)  # [B]
-
         kl = (logp_old.float() - logp_ref.float()).clamp(-kl_clamp, kl_clamp)  # [B, C]  k1, clamped
         token_rewards = -kl_coef * kl * mask  # [B, C]
         last = _last_valid_index(mask)  # [B]
-        rows = torch.arange(mask.shape[0], device=mask.device)
-        token_rewards[rows, last] += seq_rewards
-
+        token_rewards[torch.arange(len(last), device=last.device), last] += seq_rewards  # R on the last token
         returns = torch.zeros_like(token_rewards)  # [B, C]
         running = torch.zeros_like(seq_rewards)  # [B]
         for t in reversed(range(token_rewards.shape[1])):
@@ -226,10 +168,7 @@ def reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, kl_coef, group_si
     return masked_whiten(returns, mask.float())
 
 
-# ----------------------------------------------------------------------------------------------------------
-# PPO-clip surrogate, aggregation, full loss
-
-
+# ---- PPO-clip surrogate, aggregation, full loss ----------------------------------------------------------------
 # exercise 7: the PPO-clip surrogate
 def clipped_surrogate(logp, logp_old, advantages, clip_low=0.2, clip_high=0.2):
     """Per-token PPO-clip loss -min(rho*A, clip(rho, 1-clip_low, 1+clip_high)*A), rho = exp(logp - logp_old).
@@ -240,8 +179,7 @@ def clipped_surrogate(logp, logp_old, advantages, clip_low=0.2, clip_high=0.2):
     """
     _check_same_shape(logp=logp, logp_old=logp_old)
     if not (0.0 <= clip_low < 1.0) or clip_high < 0.0:
-        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, "
-                         f"clip_high={clip_high}")
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
     advantages = advantages.detach()
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)  # [B, 1], broadcast over tokens
@@ -252,8 +190,7 @@ def clipped_surrogate(logp, logp_old, advantages, clip_low=0.2, clip_high=0.2):
     unclipped_objective = ratio * advantages  # [B, C]
     clipped_objective = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages  # [B, C]
     loss_tok = -torch.minimum(unclipped_objective, clipped_objective)  # [B, C]
-    clipped = clipped_objective < unclipped_objective  # [B, C]
-    return loss_tok, clipped
+    return loss_tok, clipped_objective < unclipped_objective  # [B, C], [B, C] (clipped)
 
 
 # exercise 8: loss aggregation with whole-batch normalisers
@@ -295,14 +232,12 @@ def policy_loss(logp, logp_old, logp_ref, advantages, mask, *, clip_low=0.2, cli
                 kl_kind="k3", entropy=None, entropy_coef=0.0, mode, n_seqs, n_tokens, max_len):
     """The full per-token loss `surrogate + kl_coef * KL - entropy_coef * entropy`, aggregated by `mode`.
 
-    kl_coef = 0 means no KL term in the loss (REINFORCE++ puts the KL into the reward); logp_ref may then
-    be None. Returns (loss scalar, stats) where stats holds python floats, token means over THIS
-    micro-batch: "kl" (when logp_ref is given), "clip_frac", "ratio_mean", "entropy" (when given).
+    logp_ref may be None when kl_coef = 0 (REINFORCE++ puts the KL into the reward). Returns (loss, stats): floats,
+    token means over THIS micro-batch: "kl" (with logp_ref), "clip_frac", "ratio_mean", "entropy" (when given).
     """
     _check_same_shape(logp=logp, logp_old=logp_old, mask=mask)
     mask = mask.to(logp.dtype)
     loss_tok, clipped = clipped_surrogate(logp, logp_old, advantages, clip_low, clip_high)  # [B, C]
-
     stats = {}
     if logp_ref is not None:
         kl = kl_estimate(logp, logp_ref.detach(), kl_kind)  # [B, C]
@@ -311,7 +246,6 @@ def policy_loss(logp, logp_old, logp_ref, advantages, mask, *, clip_low=0.2, cli
             loss_tok = loss_tok + kl_coef * kl
     elif kl_coef != 0.0:
         raise ValueError(f"policy_loss: kl_coef={kl_coef} needs logp_ref, got None")
-
     if entropy is not None:
         _check_same_shape(logp=logp, entropy=entropy)
         stats["entropy"] = _masked_mean(entropy.detach(), mask)
@@ -319,10 +253,8 @@ def policy_loss(logp, logp_old, logp_ref, advantages, mask, *, clip_low=0.2, cli
             loss_tok = loss_tok - entropy_coef * entropy
     elif entropy_coef != 0.0:
         raise ValueError(f"policy_loss: entropy_coef={entropy_coef} needs the per-token entropy, got None")
-
     with torch.no_grad():
         stats["clip_frac"] = _masked_mean(clipped.to(logp.dtype), mask)
         stats["ratio_mean"] = _masked_mean(torch.exp(logp - logp_old), mask)
 
-    loss = aggregate(loss_tok, mask, mode, n_seqs, n_tokens, max_len)
-    return loss, stats
+    return aggregate(loss_tok, mask, mode, n_seqs, n_tokens, max_len), stats

@@ -1,8 +1,7 @@
 """Knights-and-Knaves puzzles: logic, generator, text, dataset files, prompts and reasoning traces.
 
-Implements ../shared/spec/logic_rl.md section 1 (the K&K benchmark's puzzles, arXiv 2410.23123) and section 2
-(the exact Logic-RL prompts, arXiv 2502.14768). On an island, knights always tell the truth and knaves always
-lie; each of n people makes one statement about who is what, and the puzzle asks for everyone's role.
+../shared/spec/logic_rl.md §1 (the K&K benchmark's puzzles, arXiv 2410.23123) and §2 (the Logic-RL prompts, arXiv
+2502.14768). Knights always tell the truth, knaves always lie; each of n people makes one statement.
 
     statement trees  ->  evaluate / solve (brute force over all 2^n assignments)
     seeded sampler   ->  generate(): keep puzzles with exactly one solution, no duplicates
@@ -14,8 +13,6 @@ Statements are the benchmark's own tuples, person i being 0-based and True meani
     ("telling-truth", i)  "i is a knight"        ("lying", i)      "i is a knave"
     ("not", s)            ("and", s1, s2, ...)   ("or", s1, s2, ...)
     ("->", a, b)          ("<=>", a, b)
-An assignment (a tuple of bools, one per person) solves a puzzle iff every person's role equals the truth
-of what they said: knights say true things, knaves say false things.
 
 Command line (writes {out}/train/people{n}_num{train}.jsonl and {out}/test/people{n}_num{test}.jsonl):
     python kk_data.py --people 3-7 --train 900 --test 100 --seed 1234 --out data/kk
@@ -46,24 +43,12 @@ NAMES = [
 
 # How a person's statement is reported in the quiz; one frame per person, chosen at random.
 FRAMES = [
-    '{name} said that {content}.',
-    '{name} told you that {content}.',
-    '{name} said, "{content}."',
-    '{name} stated, "{content}".',
-    'According to {name}, "{content}".',
-    'In {name}\'s words: "{content}".',
-    '{name} remarked, "{content}".',
-    '"{content}," {name} declared.',
-    '{name} was heard saying, "{content}".',
-    '{name} expressed that {content}.',
-    '"{content}" - {name}.',
-    'As {name} put it, "{content}".',
-    '{name} asserted: "{content}".',
-    '"{content}," {name} mentioned.',
-    '{name} commented, "{content}".',
-    'In a statement by {name}: "{content}".',
-    '{name} noted, "{content}".',
-    '"{content}," {name} claimed.',
+    '{name} said that {content}.', '{name} told you that {content}.', '{name} said, "{content}."',
+    '{name} stated, "{content}".', 'According to {name}, "{content}".', 'In {name}\'s words: "{content}".',
+    '{name} remarked, "{content}".', '"{content}," {name} declared.', '{name} was heard saying, "{content}".',
+    '{name} expressed that {content}.', '"{content}" - {name}.', 'As {name} put it, "{content}".',
+    '{name} asserted: "{content}".', '"{content}," {name} mentioned.', '{name} commented, "{content}".',
+    'In a statement by {name}: "{content}".', '{name} noted, "{content}".', '"{content}," {name} claimed.',
 ]
 
 TEMPLATES = ("qwen-instruct", "base", "chat", "tiny")
@@ -86,40 +71,32 @@ LEAVES = ("telling-truth", "lying")
 OPERATORS = ("not", "and", "or", "->", "<=>")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 1. Logic: evaluate a statement, brute-force all solutions.
+# ---- 1. Logic: evaluate a statement, brute-force all solutions -------------------------------------------------
 def evaluate(statement, assignment):
     """Truth of `statement` when person i is a knight iff assignment[i] (a tuple, list or dict of bools)."""
     op = statement[0]
-    if op == "telling-truth":
-        return assignment[statement[1]]
-    if op == "lying":
-        return not assignment[statement[1]]
+    if op in LEAVES:
+        return assignment[statement[1]] == (op == "telling-truth")
+    values = [evaluate(s, assignment) for s in statement[1:]]
     if op == "not":
-        return not evaluate(statement[1], assignment)
-    if op == "and":
-        return all(evaluate(s, assignment) for s in statement[1:])
-    if op == "or":
-        return any(evaluate(s, assignment) for s in statement[1:])
+        return not values[0]
+    if op in ("and", "or"):
+        return all(values) if op == "and" else any(values)
     if op == "->":
-        return (not evaluate(statement[1], assignment)) or evaluate(statement[2], assignment)
+        return not values[0] or values[1]
     if op == "<=>":
-        return evaluate(statement[1], assignment) == evaluate(statement[2], assignment)
+        return values[0] == values[1]
     raise ValueError(f"unknown operator {op!r} in statement {statement!r}")
 
 
-def is_consistent(statements, assignment):
-    """Every person's role matches the truth of what they said (knights true, knaves false)."""
-    return all(evaluate(s, assignment) == assignment[i] for i, s in enumerate(statements))
-
-
 def solve(statements):
-    """All assignments (tuples of bools, True = knight) that satisfy the puzzle, knight-first order."""
-    return [a for a in product((True, False), repeat=len(statements)) if is_consistent(statements, a)]
+    """All assignments (tuples of bools, True = knight, knight-first order) in which every person's role is the
+    truth of what they said."""
+    return [a for a in product((True, False), repeat=len(statements))
+            if all(evaluate(s, a) == a[i] for i, s in enumerate(statements))]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 2. Sampling (spec section 1, "Sampling"): one statement per person, depth limit 2, width 2.
+# ---- 2. Sampling (spec section 1, "Sampling"): one statement per person, depth limit 2, width 2 ----------------
 def sample_leaf(rng, n_people, speaker):
     """("telling-truth" | "lying", person), both uniform; nobody says "I am a knave" (a paradox): redraw."""
     while True:
@@ -148,8 +125,7 @@ def sample_puzzle(rng, n_people):
     return tuple(sample_statement(rng, n_people, speaker) for speaker in range(n_people))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 3. Text: how the benchmark phrases statements, quizzes and solutions.
+# ---- 3. Text: how the benchmark phrases statements, quizzes and solutions --------------------------------------
 def role_word(is_knight):
     return "knight" if is_knight else "knave"
 
@@ -197,8 +173,7 @@ def solution_text_format(names, solution):
     return "\n".join(f"({i + 1}) {name} is a {role_word(k)}" for i, (name, k) in enumerate(zip(names, solution)))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 4. The benchmark's chain of thought (cot_repeat_steps), reconstructed from its data: a depth-first search.
+# ---- 4. The benchmark's chain of thought (cot_repeat_steps), reconstructed from its data: a depth-first search ----
 # People are visited in depth-first order of who mentions whom (person 0 first, then the people their
 # statement names, left to right, ...). Each visited person is assumed a knight, then a knave; an assumption
 # fails when some assigned speaker's statement (checked in person order) is already false for a knight, or
@@ -228,38 +203,27 @@ def visiting_order(statements):
 def contradicts(statement, speaker, partial):
     """True when no completion of the unassigned people mentioned makes `speaker`'s statement fit their role."""
     unknown = sorted(set(mentioned_people(statement)) - set(partial))
-    for values in product((True, False), repeat=len(unknown)):
-        if evaluate(statement, {**partial, **dict(zip(unknown, values))}) == partial[speaker]:
-            return False
-    return True
-
-
-def claim_words(is_knight):
-    return "claim" if is_knight else "false claim"
+    return not any(evaluate(statement, {**partial, **dict(zip(unknown, values))}) == partial[speaker]
+                   for values in product((True, False), repeat=len(unknown)))
 
 
 def assume_sentence(names, statements, person, is_knight):
     """ "Assume Zoey is a knight. No contradiction is found in their claim that Oliver is not a knight." """
     return (f"Assume {names[person]} is a {role_word(is_knight)}. No contradiction is found in their "
-            f"{claim_words(is_knight)} that {phrase(statements[person], names)}.")
+            f"{'claim' if is_knight else 'false claim'} that {phrase(statements[person], names)}.")
 
 
 def cannot_sentence(names, statements, person, is_knight, speaker, speaker_is_knight):
     """ "Oliver cannot be a knave, because this would contradict the false claim of their own that ..." """
     whose = "their own" if speaker == person else names[speaker]
     return (f"{names[person]} cannot be a {role_word(is_knight)}, because this would contradict the "
-            f"{claim_words(speaker_is_knight)} of {whose} that {phrase(statements[speaker], names)}.")
+            f"{'claim' if speaker_is_knight else 'false claim'} of {whose} that {phrase(statements[speaker], names)}.")
 
 
 def backtrack_sentence(names, exhausted, person):
     """Lists the people whose options ran out ("A", "A and B", "A, B, and C"), deepest first."""
     listed = [names[p] for p in exhausted]
-    if len(listed) == 1:
-        who = listed[0]
-    elif len(listed) == 2:
-        who = f"{listed[0]} and {listed[1]}"
-    else:
-        who = join_names(listed)
+    who = join_names(listed) if len(listed) > 2 else " and ".join(listed)
     return f"We have exhausted all possibilities for {who}, so let us go back and reconsider {names[person]}."
 
 
@@ -292,8 +256,7 @@ def cot_steps(statements, names):
     return steps
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 5. Records and the generator.
+# ---- 5. Records and the generator ------------------------------------------------------------------------------
 def make_record(statements, names, frames, index):
     """A record in the benchmark's JSONL format (same fields, same order). The puzzle must have one solution."""
     solutions = solve(statements)
@@ -316,43 +279,34 @@ def make_record(statements, names, frames, index):
 
 
 def generate(n_people, count, seed, strict=True, progress=False, max_failed_draws=MAX_FAILED_DRAWS):
-    """`count` distinct puzzles with exactly one solution, as records; same seed -> identical records.
-
-    Draws puzzles with random.Random(seed) until `count` are kept. When `max_failed_draws` draws in a row give
-    no new puzzle (2 people has exactly 399), raises ValueError, or with strict=False returns those found.
-    """
+    """`count` distinct puzzles with exactly one solution, as records, drawn with random.Random(seed). When
+    `max_failed_draws` draws in a row give no new puzzle (2 people has exactly 399), raises ValueError, or with
+    strict=False returns those found."""
     if n_people not in SIZES:
         raise ValueError(f"n_people={n_people}: the benchmark's sizes are {SIZES.start}..{SIZES.stop - 1}")
     rng = random.Random(seed)
     records, seen, failed = [], set(), 0
-    bar = tqdm(total=count, desc=f"{n_people} people", disable=not progress)
-    while len(records) < count:
-        statements = sample_puzzle(rng, n_people)
-        if statements in seen or len(solve(statements)) != 1:
-            failed += 1
-            if failed >= max_failed_draws:
-                bar.close()
-                if not strict:
-                    return records
-                raise ValueError(f"only {len(records)} distinct {n_people}-people puzzles found (asked for "
-                                 f"{count}): {failed} draws in a row gave no new puzzle")
-            continue
-        failed = 0
-        seen.add(statements)
-        names = rng.sample(NAMES, n_people)
-        frames = [rng.choice(FRAMES) for _ in range(n_people)]
-        records.append(make_record(statements, names, frames, index=len(records)))
-        bar.update(1)
-    bar.close()
+    with tqdm(total=count, desc=f"{n_people} people", disable=not progress) as bar:
+        while len(records) < count and failed < max_failed_draws:
+            statements = sample_puzzle(rng, n_people)
+            if statements in seen or len(solve(statements)) != 1:
+                failed += 1
+                continue
+            failed = 0
+            seen.add(statements)
+            names = rng.sample(NAMES, n_people)
+            frames = [rng.choice(FRAMES) for _ in range(n_people)]
+            records.append(make_record(statements, names, frames, index=len(records)))
+            bar.update(1)
+    if len(records) < count and strict:
+        raise ValueError(f"only {len(records)} distinct {n_people}-people puzzles found (asked for {count}): "
+                         f"{failed} draws in a row gave no new puzzle")
     return records
 
 
 def make_splits(sizes, n_train, n_test, seed, progress=False):
-    """Disjoint ({size: train records}, {size: test records}), from one generate() call per size.
-
-    The test records are the first n_test generated, so the test set does not change with n_train. A size
-    with fewer distinct puzzles than n_train + n_test (2 people) gets all the rest as training data.
-    """
+    """Disjoint ({size: train records}, {size: test records}), one generate() call per size: the first n_test
+    are the test set (so it does not change with n_train); a size with too few puzzles (2) trains on the rest."""
     train, test = {}, {}
     for n in sizes:
         records = generate(n, n_train + n_test, seed, strict=False, progress=progress)
@@ -364,8 +318,7 @@ def make_splits(sizes, n_train, n_test, seed, progress=False):
     return train, test
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 6. Files: parse and validate the benchmark's JSONL (official files and ours alike).
+# ---- 6. Files: parse and validate the benchmark's JSONL (official files and ours alike) ------------------------
 def check_statement(statement, n_people=None):
     """Raise ValueError unless `statement` is a well-formed tree (about people 0..n_people-1 when given)."""
     if not isinstance(statement, tuple) or not statement or not isinstance(statement[0], str):
@@ -402,15 +355,22 @@ def parse_statements(text, n_people=None):
     return statements
 
 
+def check_fields(row, fields):
+    """ValueError (without location) unless `row` is a JSON object with every field of `fields` ({name: type, or a
+    tuple of number types}) holding a value of that type; a bool is none of them. Also checks OREO's rows."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    for field, kind in fields.items():
+        if field not in row:
+            raise ValueError(f"missing field {field!r}")
+        if not isinstance(row[field], kind) or isinstance(row[field], bool):
+            raise ValueError(f"field {field!r} has type {type(row[field]).__name__}, expected "
+                             f"{kind.__name__ if isinstance(kind, type) else 'a number'}")
+
+
 def check_record(record):
     """Raise ValueError (without location) unless `record` is a complete, self-consistent benchmark record."""
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    for field, kind in RECORD_FIELDS.items():
-        if field not in record:
-            raise ValueError(f"missing field {field!r}")
-        if not isinstance(record[field], kind) or (kind is int and isinstance(record[field], bool)):
-            raise ValueError(f"field {field!r} should be {kind.__name__}, got {type(record[field]).__name__}")
+    check_fields(record, RECORD_FIELDS)
     for field, kind in (("names", str), ("solution", bool), ("cot_repeat_steps", str)):
         if not all(isinstance(x, kind) for x in record[field]):
             raise ValueError(f"field {field!r} should hold only {kind.__name__} values")
@@ -431,10 +391,9 @@ def check_record(record):
 
 
 def read_jsonl(path, check_row, key=None, truncated_tail_ok=False):
-    """The rows of a JSONL file (blank lines skipped); bytes that are not UTF-8, invalid JSON, a row for which
-    check_row raises ValueError, or two rows with the same key(row) raise ValueError naming path:line. With
-    truncated_tail_ok, an unparsable LAST line without its newline (a writer killed mid-line) is dropped with a
-    warning. Also used for OREO's offline data and metrics logs."""
+    """The rows of a JSONL file (blank lines skipped); not UTF-8, invalid JSON, a row check_row refuses, or a
+    repeated key(row) raise ValueError naming path:line. With truncated_tail_ok, an unparsable LAST line without
+    its newline (a writer killed mid-line) is dropped with a warning. Also reads OREO's data and metrics logs."""
     rows, first_line = [], {}  # key -> the line it was first seen on
     with open(path, "rb") as file:
         for line_number, raw in enumerate(file, start=1):
@@ -493,8 +452,7 @@ def check_writable(path, folder=False):
         raise ValueError(f"{path} cannot be written: the folder {existing} is not writable")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 7. Prompts (spec section 2), byte for byte; every template ends with the pre-filled "<think>".
+# ---- 7. Prompts (spec section 2), byte for byte; every template ends with the pre-filled "<think>" -------------
 # The original system prompt (missing space in "and<answer>", two spaces before "Now" are in the original).
 SYSTEM_PROMPT = (
     "You are a helpful assistant. The assistant first thinks about the reasoning process in the mind and then "
@@ -534,8 +492,7 @@ def make_prompt(record, template, tokenizer=None):
     raise ValueError(f"unknown prompt template {template!r}; choose one of {TEMPLATES}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 8. Training targets: what follows "<think>" (see ../shared/research/cpu_learnability.md).
+# ---- 8. Training targets: what follows "<think>" (see ../shared/research/cpu_learnability.md) ------------------
 def truth_letter(value):
     return "T" if value else "F"
 
@@ -587,23 +544,20 @@ SFT_STYLES = ("trace", "cot", "answer")
 def sft_completion(record, style="trace"):
     """Reasoning, then the answer: " {reasoning} </think>\\n<answer> {solution_text_format} </answer>".
 
-    "trace" reasons with local_trace, "cot" with the benchmark's depth-first explanation, and "answer" does not
-    reason at all (an empty think block, then the answer). A tiny model cannot work the answer out without
-    writing the steps, so what it learns from "answer" targets is a guess (near chance, ../shared/research/
-    cpu_learnability.md): the behaviour RL has to learn to leave (train.py WARMUP_THINK_RATE)."""
+    "trace" reasons with local_trace, "cot" with the benchmark's depth-first explanation, "answer" not at all
+    (an empty think block: what a tiny model learns from it is a guess, the behaviour RL has to leave; NOTES.md)."""
     if style == "trace":
-        reasoning = local_trace(record)
+        reasoning = " " + local_trace(record)
     elif style == "cot":
-        reasoning = record["cot_head"] + " " + " ".join(record["cot_repeat_steps"]) + " " + record["cot_foot"]
+        reasoning = " " + " ".join([record["cot_head"], *record["cot_repeat_steps"], record["cot_foot"]])
     elif style == "answer":
-        return f" </think>\n<answer> {record['solution_text_format']} </answer>"
+        reasoning = ""
     else:
         raise ValueError(f"unknown completion style {style!r}; choose one of {SFT_STYLES}")
-    return f" {reasoning} </think>\n<answer> {record['solution_text_format']} </answer>"
+    return f"{reasoning} </think>\n<answer> {record['solution_text_format']} </answer>"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 9. Vocabulary: texts holding every word the generator, the templates and the targets can write.
+# ---- 9. Vocabulary: texts holding every word the generator, the templates and the targets can write ------------
 def corpus_text():
     """Texts for building the tiny model's word-level tokenizer (words split by the regex \\w+|[^\\w\\s]+)."""
     names = NAMES[:8]
@@ -627,13 +581,7 @@ def corpus_text():
     return texts
 
 
-def corpus_words(texts):
-    """The set of word tokens (regex \\w+|[^\\w\\s]+) in some texts."""
-    return {word for text in texts for word in re.findall(r"\w+|[^\w\s]+", text)}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 10. Command line.
+# ---- 10. Command line ------------------------------------------------------------------------------------------
 def parse_sizes(text):
     """ "3-7" -> [3, 4, 5, 6, 7];  "2,4" -> [2, 4];  "5" -> [5]; anything else ("7-3", "x") raises ValueError."""
     span = re.fullmatch(r"(\d+)-(\d+)", text)

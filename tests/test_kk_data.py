@@ -227,7 +227,7 @@ def good_row(**changes):
 @pytest.mark.parametrize("bad_line, message", [
     ("{not json", "invalid JSON"),
     (json.dumps({k: v for k, v in good_row().items() if k != "cot_foot"}), "missing field 'cot_foot'"),
-    (json.dumps(good_row(solution="knight")), "field 'solution' should be list"),
+    (json.dumps(good_row(solution="knight")), "field 'solution' has type str, expected list"),
     (json.dumps(good_row(solution=[T, F, T])), "2 names but 3 roles"),
     (json.dumps(good_row(solution=[T, T])), "does not satisfy the statement of person 0"),
     (json.dumps(good_row(statements="(('lying', 5), ('lying', 0))")), "person 5 out of range"),
