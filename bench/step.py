@@ -87,7 +87,8 @@ def time_trl(model_path, steps):
         trainer.train()
         timed, logs = timer.seconds[1:], timer.logs
         trained = [float(b["num_tokens"]) - float(a["num_tokens"]) for a, b in zip(logs, logs[1:])]  # cumulative
-        sampled = [float(row["completions/mean_length"]) * len(data) / (steps + 1) for row in logs[1:]]
+        sampled = [float(row["completions/mean_length"]) * train.PROMPTS_PER_STEP * train.GROUP_SIZE
+                   for row in logs[1:]]  # (mean length of the step's completions) x completions per step
         return {"total": sum(timed) / len(timed), "trained_tokens": sum(trained) / len(trained),
                 "sampled": sum(sampled) / len(sampled)}
 
