@@ -69,13 +69,12 @@ def test_beam_search_rounds_expand_only_the_kept_partial_candidates(monkeypatch)
     """beam_search with scripted steps and values (no model): each round keeps the B best candidates, sends the
     finished ones (ending in EOS = 0) to the pool and expands only the kept partial ones."""
     steps = {(): [[1], [2]], (2,): [[4], [0]], (1,): [[3], [5]], (1, 5): [[0], [7]]}
-    values = {(1,): 0.1, (2,): 0.9, (2, 4): 0.2, (2, 0): 0.95, (1, 3): 0.5, (1, 5): 0.8, (1, 5, 0): 0.4,
-              (1, 5, 7): 0.6}
+    values = {(1,): 0.1, (2,): 0.9, (2, 4): 0.2, (1, 3): 0.5, (1, 5): 0.8, (1, 5, 7): 0.6}  # [.., 0]: V before EOS
     expanded = []
 
-    def sample_next_steps(policy, tokenizer, prompt_ids, prefix, n, *args):
-        expanded.append(prefix)
-        return steps[tuple(prefix)][:n]
+    def sample_next_steps(policy, tokenizer, prompt_ids, prefixes, n, *args):
+        expanded.extend(prefixes)
+        return [steps[tuple(prefix)][:n] for prefix in prefixes]
 
     monkeypatch.setattr(oreo, "encode_prompts", lambda tokenizer, prompts: {"input_ids": torch.tensor([[9]])})
     monkeypatch.setattr(oreo, "sample_next_steps", sample_next_steps)
@@ -85,7 +84,7 @@ def test_beam_search_rounds_expand_only_the_kept_partial_candidates(monkeypatch)
     result = oreo.beam_search(None, None, tokenizer, "prompt", 2, [], max_expansions=3, max_new_tokens=100)
     # round 2 expands the kept [2] then [1], best first; round 3 only [1, 5]: [2, 0] finished, [1, 3] and [2, 4] lost
     assert expanded == [[], [2], [1], [1, 5]]
-    assert (result.token_ids, result.value, result.finished, result.expansions) == ([2, 0], 0.95, True, 3)
+    assert (result.token_ids, result.value, result.finished, result.expansions) == ([2, 0], 0.9, True, 3)
 
 
 def test_sample_next_steps_stop_at_a_step_end(models, prompt):
@@ -93,7 +92,7 @@ def test_sample_next_steps_stop_at_a_step_end(models, prompt):
     step_ids = frequent_step_ends(tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     torch.manual_seed(0)
-    steps = oreo.sample_next_steps(policy, tokenizer, prompt_ids, [], 4, step_ids, 1.0, max_step_tokens=30)
+    steps, = oreo.sample_next_steps(policy, tokenizer, prompt_ids, [[]], 4, step_ids, 1.0, max_step_tokens=30)
     assert len(steps) == 4
     stops = set(step_ids) | {tokenizer.eos_token_id}
     for step in steps:
