@@ -15,7 +15,9 @@ Decoding is greedy unless --samples / --temperature say otherwise. With k sample
 the mean over all samples (which is pass@1). `--search beam --beam B --value DIR` decodes instead with OREO's
 value-guided step-level beam search (oreo.beam_search, ../shared/spec/oreo.md "Test-time search"): one search
 per puzzle, steps sampled at temperature 1 (or --temperature), scored by the value model saved in DIR
-(oreo.ValueModel.save). Slow: every puzzle runs up to 20 rounds of B x B sampled steps.
+(oreo.ValueModel.save). Slow: every puzzle runs up to 20 rounds of B x E sampled steps (--expand E; CPU
+default B = E = 2). `--search compare --ns 1,2,4,8,16` is the test-time compute curve: beam search at B = N
+against best-of-N by the critic, majority vote and a random pick over N samples (a table, --out, and --png).
 
 Why one script: users of the original project saw one checkpoint score anywhere from 0.14 to 0.62 depending
 on which script measured it (other prompts, other scorers, other sampling settings). Here everything that moves
@@ -36,6 +38,7 @@ nothing else, into the table numbers.
     python eval.py MODEL --data data/kk/test --out results.json --completions completions.jsonl
     python eval.py MODEL --samples 8 --temperature 0.7                      # mean accuracy and pass@8
     python eval.py MODEL --search beam --beam 7 --value runs/x/checkpoints/value   # OREO's beam search
+    python eval.py MODEL --search compare --value runs/x/checkpoints/value --png search.png   # accuracy vs N
     python eval.py --plot runs/x                                            # writes runs/x/curves.png
     python eval.py --report runs/x                      # writes runs/x/report.md (and curves.png), as train.py does
 
@@ -68,7 +71,8 @@ DEFAULT_SEED = 1234  # train.py's SEED: the generated split is then train.py's h
 DEFAULT_PER_SIZE = 100  # test puzzles per size, as in the paper's table
 DEFAULT_MAX_NEW_TOKENS = 4096  # the paper's response budget; a longer answer is cut and so scores as broken
 EVAL_BATCH = 100  # completions generated together (prompts x samples)
-DEFAULT_BEAM = 7  # OREO's reported beam width
+DEFAULT_BEAM = 7 if torch.cuda.is_available() else 2  # OREO's reported beam width; CPU: 2 (NOTES.md, issue 14)
+DEFAULT_EXPAND = None if torch.cuda.is_available() else 2  # next steps per kept candidate (None: = beam, OREO's)
 DEFAULT_MAX_EXPANSIONS = 20  # OREO's rounds of beam expansion
 DEFAULT_MAX_STEP_TOKENS = 256  # a step longer than this is cut (and scored as it stands)
 TTC_NS = (1, 2, 4, 8, 16)  # --search compare: candidates per puzzle
@@ -767,8 +771,8 @@ def parse_args(argv):
                              f"{', '.join(TTC_METHODS)} at N = --ns (needs --value; writes --png)")
     parser.add_argument("--ns", default=",".join(map(str, TTC_NS)), help="--search compare: the Ns, a,b,c")
     parser.add_argument("--png", default="search.png", help="--search compare: the accuracy-vs-N plot")
-    parser.add_argument("--expand", type=int, help="--search beam: next steps sampled per kept candidate "
-                                                   "(default: --beam, OREO's B x B)")
+    parser.add_argument("--expand", type=int, default=DEFAULT_EXPAND,
+                        help="--search beam: next steps sampled per kept candidate (None: --beam, OREO's B x B)")
     parser.add_argument("--beam", type=int, default=DEFAULT_BEAM, help="--search beam: beam width B")
     parser.add_argument("--value", metavar="DIR", help="--search beam: value model folder (oreo.ValueModel.save)")
     parser.add_argument("--max-expansions", type=int, default=DEFAULT_MAX_EXPANSIONS,
