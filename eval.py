@@ -245,7 +245,8 @@ def compare_search(policy, value_model, tokenizer, records_by_size, template, ns
     samples = score_completions(rollout.HFSampler(policy, tokenizer), records_by_size, template, tokenizer,
                                 samples=max(ns), temperature=temperature, max_new_tokens=max_new_tokens,
                                 progress=progress, desc="samples")
-    prompts = {n: [kk_data.make_prompt(r, template, tokenizer) for r in records] for n, records in records_by_size.items()}
+    prompts = {n: [kk_data.make_prompt(r, template, tokenizer) for r in records]
+               for n, records in records_by_size.items()}
     critic_rows = [{"prompt": prompts[r["size"]][r["record"]], "response": r["completion"].removeprefix("<think>"),
                     "reward": 0.0} for r in samples]
     for row, value in zip(samples, oreo.offline_values(value_model, tokenizer, critic_rows)[1].tolist()):

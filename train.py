@@ -535,20 +535,20 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
         kk_model.restore_trainer_state(resume_state, policy, optimizers[0])
         for name, part in parts.items():
             part.load_state_dict(resume_state[name])
-        first = resume_state["step"] - VALUE_STEPS  # the critic-only steps count too
+        first = resume_state["step"]  # joint steps done (the critic-only ones come first: global steps)
         sync_sampler(sampler, policy)
 
     def quality():  # the critic on the held-out offline rows
         return oreo.critic_quality(value_model, tokenizer, heldout, MICRO_BATCH) if heldout else {}
 
-    if resume_state is None:  # critic-only steps, then a trainer state (a kill before it redoes them)
+    if resume_state is None:  # critic-only steps, then a trainer state at joint step 0 (a kill before it: redone)
         for step, metrics in enumerate(oreo.fit_critic(value_model, tokenizer, rows, VALUE_STEPS, OREO_BATCH,
                                                        VALUE_STEPS_LR, OREO_LEVEL, MICRO_BATCH, GRAD_CLIP, SEED)):
             at_eval = step == 0 or (step + 1) % EVAL_EVERY == 0 or step + 1 == VALUE_STEPS
             log.write({**metrics, **(quality() if at_eval else {}), "kind": "train", "stage": "oreo-critic",
                        "step": step + 1, "global_step": step_offset + step + 1})
         if VALUE_STEPS:
-            save_trainer_state(out, "oreo", VALUE_STEPS, policy, optimizers[0], summary,
+            save_trainer_state(out, "oreo", 0, policy, optimizers[0], summary,
                                **{name: part.state_dict() for name, part in parts.items()})
     for step in tqdm(range(first, len(batches)), desc="oreo", initial=first, total=len(batches)):
         PROGRESS["at"] = f"oreo step {step + 1}"
@@ -569,7 +569,7 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
             tqdm.write(f"[oreo {step + 1}] held-out accuracy {fmt(result['accuracy'])}")
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == len(batches):
             kk_model.check_finite_weights(value_model, "value model")
-            save_trainer_state(out, "oreo", VALUE_STEPS + step + 1, policy, optimizers[0], summary,
+            save_trainer_state(out, "oreo", step + 1, policy, optimizers[0], summary,
                                **{name: part.state_dict() for name, part in parts.items()})
     value_model.save(out / "checkpoints" / "value")
     return len(batches)
@@ -747,7 +747,7 @@ def state_global_step(state):
     if state is None:
         return None
     rl_offset = (0 if WARMUP_CHECKPOINT else SFT_STEPS) if state["stage"] != "sft" else 0
-    return rl_offset + state["step"]
+    return rl_offset + state["step"] + (VALUE_STEPS if state["stage"] == "oreo" else 0)  # OREO: critic steps first
 
 
 if __name__ == "__main__":

@@ -418,7 +418,8 @@ def test_gpu_defaults_follow_the_specs(monkeypatch):
     spec.loader.exec_module(gpu)
     assert gpu.SAMPLER == "vllm"  # HF generate keeps every step's logits (~40 GB per GPU at 7B)
     assert (gpu.ALGO, grpo.aggregation_for(gpu.ALGO, gpu.AGGREGATION)) == ("reinforce++", "token-mean")
-    assert (gpu.LR, gpu.OREO_LR, gpu.VALUE_LR, gpu.OREO_BATCH) == (4e-7, 5e-6, 5e-6, 128)
+    assert (gpu.LR, gpu.OREO_LR, gpu.VALUE_LR, gpu.OREO_BATCH) == (4e-7, 5e-6, 1e-4, 128)
+    assert (gpu.VALUE_LORA_RANK, gpu.VALUE_STEPS) == (64, 0)  # the paper's LoRA critic (spec: lr 1e-4), no warm-up
     loaded = []
     monkeypatch.setattr(kk_model, "load_model", lambda path, device, **kwargs: loaded.append(kwargs))
     gpu.load_policy("folder", "cuda")  # one process: fp32 master weights (bf16 ones would round 4e-7 steps away)
