@@ -199,3 +199,17 @@ def test_cli_beam_search_needs_a_value_model_folder(tiny_dir, tmp_path, capsys):
     status = E.main([str(tiny_dir), "--search", "beam", "--value", str(tiny_dir), "--people", "2",
                      "--per-size", "1", "--device", "cpu"])                 # an LM folder: no value head
     assert status == 2 and oreo.HEAD_FILE in capsys.readouterr().err
+
+
+def test_cli_compare_writes_the_curve_table_json_and_png(tiny_dir, value_dir, tmp_path, capsys):
+    out, png = tmp_path / "c.json", tmp_path / "c.png"
+    status = E.main([str(tiny_dir), "--search", "compare", "--ns", "2,1", "--value", str(value_dir), "--people", "2",
+                     "--per-size", "2", "--max-new-tokens", "6", "--max-step-tokens", "3", "--device", "cpu",
+                     "--out", str(out), "--png", str(png)])
+    assert status == 0 and png.stat().st_size > 0
+    result = json.loads(out.read_text())[str(tiny_dir)]
+    curve = result["compare"]["2"]
+    assert set(curve) == set(E.TTC_METHODS) and all(set(points) == {"1", "2"} for points in curve.values())
+    assert all(0 <= p["accuracy"] <= 1 and 0 < p["tokens"] for points in curve.values() for p in points.values())
+    assert curve["random"]["2"]["tokens"] > curve["random"]["1"]["tokens"]   # 2 samples cost more than 1
+    assert result["settings"]["ns"] == [1, 2] and "| 2 | beam |" in capsys.readouterr().out

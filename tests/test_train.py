@@ -257,10 +257,12 @@ def test_a_bad_constant_stops_the_run_before_it_writes_anything(tmp_path):
 @pytest.mark.slow
 def test_oreo_runs_end_to_end_and_saves_policy_and_value_model(tmp_path):
     run_train(tmp_path, "--ALGO=oreo", "--OREO_PROMPTS=4", "--OREO_SAMPLES=2", "--OREO_BATCH=4", "--STEPS=2",
-              "--MICRO_BATCH=2")
+              "--MICRO_BATCH=2", "--VALUE_STEPS=3")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     oreo_rows = [r for r in rows if r["kind"] == "train" and r["stage"] == "oreo"]
-    assert [r["step"] for r in oreo_rows] == [1, 2]
+    critic_rows = [r for r in rows if r["kind"] == "train" and r["stage"] == "oreo-critic"]  # critic-only first
+    assert [r["step"] for r in oreo_rows] == [1, 2] and [r["step"] for r in critic_rows] == [1, 2, 3]
+    assert [r["global_step"] for r in critic_rows + oreo_rows] == [3, 4, 5, 6, 7]  # after the 2 SFT steps
     assert all(math.isfinite(r[k]) for r in oreo_rows for k in ("value_loss", "policy_loss", "kl"))
     assert len((tmp_path / "offline.jsonl").read_text().splitlines()) == 8  # 4 prompts x 2 samples
     assert (tmp_path / "checkpoints" / "value" / "value_head.safetensors").exists()
