@@ -15,7 +15,9 @@ Decoding is greedy unless --samples / --temperature say otherwise. With k sample
 the mean over all samples (which is pass@1). `--search beam --beam B --value DIR` decodes instead with OREO's
 value-guided step-level beam search (oreo.beam_search, ../shared/spec/oreo.md "Test-time search"): one search
 per puzzle, steps sampled at temperature 1 (or --temperature), scored by the value model saved in DIR
-(oreo.ValueModel.save). Slow: every puzzle runs up to 20 rounds of B x B sampled steps.
+(oreo.ValueModel.save). Slow: every puzzle runs up to 20 rounds of B x E sampled steps (--expand E; CPU
+default B = E = 2). `--search compare --ns 1,2,4,8,16` is the test-time compute curve: beam search at B = N
+against best-of-N by the critic, majority vote and a random pick over N samples (a table, --out, and --png).
 
 Why one script: users of the original project saw one checkpoint score anywhere from 0.14 to 0.62 depending
 on which script measured it (other prompts, other scorers, other sampling settings). Here everything that moves
@@ -36,6 +38,7 @@ nothing else, into the table numbers.
     python eval.py MODEL --data data/kk/test --out results.json --completions completions.jsonl
     python eval.py MODEL --samples 8 --temperature 0.7                      # mean accuracy and pass@8
     python eval.py MODEL --search beam --beam 7 --value runs/x/checkpoints/value   # OREO's beam search
+    python eval.py MODEL --search compare --value runs/x/checkpoints/value --png search.png   # accuracy vs N
     python eval.py --plot runs/x                                            # writes runs/x/curves.png
     python eval.py --report runs/x                      # writes runs/x/report.md (and curves.png), as train.py does
 
@@ -49,6 +52,7 @@ import math
 import re
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -60,16 +64,19 @@ import kk_data
 import model as kk_model
 import oreo
 import rollout
-from reward import FORMAT_OK, score
+from reward import FORMAT_OK, answer_text, claimed_role, score
 
 DEFAULT_TEMPLATE = "qwen-instruct"  # for model folders that do not say which template they were trained with
 DEFAULT_SEED = 1234  # train.py's SEED: the generated split is then train.py's held-out split
 DEFAULT_PER_SIZE = 100  # test puzzles per size, as in the paper's table
 DEFAULT_MAX_NEW_TOKENS = 4096  # the paper's response budget; a longer answer is cut and so scores as broken
 EVAL_BATCH = 100  # completions generated together (prompts x samples)
-DEFAULT_BEAM = 7  # OREO's reported beam width
+DEFAULT_BEAM = 7 if torch.cuda.is_available() else 2  # OREO's reported beam width; CPU: 2 (NOTES.md, issue 14)
+DEFAULT_EXPAND = None if torch.cuda.is_available() else 2  # next steps per kept candidate (None: = beam, OREO's)
 DEFAULT_MAX_EXPANSIONS = 20  # OREO's rounds of beam expansion
 DEFAULT_MAX_STEP_TOKENS = 256  # a step longer than this is cut (and scored as it stands)
+TTC_NS = (1, 2, 4, 8, 16)  # --search compare: candidates per puzzle
+TTC_METHODS = ("beam", "best-of-N", "majority", "random")  # --search compare: how the N candidates are used
 VLLM_PROMPT_TOKENS = 1024  # --sampler vllm: room for the prompt in the engine's context (+ the generation budget)
 DATA_FILE = re.compile(r"people(\d+)_num(\d+)\.jsonl")  # the K&K benchmark's file names
 HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # "Qwen/Qwen2.5-7B-Instruct-1M"
@@ -188,7 +195,7 @@ def completion_row(size, position, sample, record, text, length):
 
 def score_beam_search(policy, value_model, tokenizer, records_by_size, template, beam, temperature=1.0,
                       max_new_tokens=DEFAULT_MAX_NEW_TOKENS, max_expansions=DEFAULT_MAX_EXPANSIONS,
-                      max_step_tokens=DEFAULT_MAX_STEP_TOKENS, progress=False, desc="beam search"):
+                      max_step_tokens=DEFAULT_MAX_STEP_TOKENS, progress=False, desc="beam search", expand=None):
     """score_completions' rows (one per puzzle, sample 0) with oreo.beam_search instead of sampling; steps end at
     oreo.step_end_ids(tokenizer)."""
     step_ids = oreo.step_end_ids(tokenizer)
@@ -200,11 +207,97 @@ def score_beam_search(policy, value_model, tokenizer, records_by_size, template,
             prompt = kk_data.make_prompt(record, template, tokenizer)
             result = oreo.beam_search(policy, value_model, tokenizer, prompt, beam, step_ids,
                                       max_expansions=max_expansions, max_step_tokens=max_step_tokens,
-                                      temperature=temperature, max_new_tokens=max_new_tokens)
-            rows.append(completion_row(size, position, 0, record, result.text, len(result.token_ids)))
+                                      temperature=temperature, max_new_tokens=max_new_tokens, expand=expand)
+            rows.append({**completion_row(size, position, 0, record, result.text, len(result.token_ids)),
+                         "generated": result.generated})
             bar.update(1)
     bar.close()
     return rows
+
+
+def claimed_answer(row, record):
+    """The roles a scored completion claims, in the puzzle's name order; None unless its format is right and it
+    names every person (an answer that cannot be voted for)."""
+    if row["format"] != FORMAT_OK:
+        return None
+    roles = tuple(claimed_role(answer_text(row["completion"]), name) for name in record["names"])
+    return None if None in roles else roles
+
+
+def majority_pick(rows, record):
+    """The first of `rows` whose answer got the most votes (the first row if none can be voted for)."""
+    answers = [claimed_answer(row, record) for row in rows]
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return rows[0]
+    return rows[next(i for i, a in enumerate(answers) if votes.get(a) == max(votes.values()))]
+
+
+def compare_search(policy, value_model, tokenizer, records_by_size, template, ns=TTC_NS, temperature=1.0,
+                   max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=False, **beam_settings):
+    """Test-time compute at N candidates per puzzle, for each N of ns: {size: {method: {N: {"accuracy",
+    "tokens"}}}} (tokens: generated per puzzle, mean). max(ns) samples per puzzle at `temperature` serve the
+    three sampling methods (the first N of them at each N):
+        random     the expected accuracy of a uniformly random pick (the mean over the N)
+        majority   the answer most of the N give (ties: the one given first)
+        best-of-N  the sample whose finished answer the critic values most (V before EOS, oreo.offline_values)
+        beam       oreo.beam_search with beam N (beam_settings: expand, max_expansions, max_step_tokens)."""
+    samples = score_completions(rollout.HFSampler(policy, tokenizer), records_by_size, template, tokenizer,
+                                samples=max(ns), temperature=temperature, max_new_tokens=max_new_tokens,
+                                progress=progress, desc="samples")
+    prompts = {n: [kk_data.make_prompt(r, template, tokenizer) for r in records]
+               for n, records in records_by_size.items()}
+    critic_rows = [{"prompt": prompts[r["size"]][r["record"]], "response": r["completion"].removeprefix("<think>"),
+                    "reward": 0.0} for r in samples]
+    for row, value in zip(samples, oreo.offline_values(value_model, tokenizer, critic_rows)[1].tolist()):
+        row["value"] = value
+    result = {}
+    for size, records in sorted(records_by_size.items()):
+        by_puzzle = [[r for r in samples if r["size"] == size and r["record"] == i] for i in range(len(records))]
+        result[size] = {method: {} for method in TTC_METHODS}
+        for n in ns:
+            picks = {"random": [sum(r["correct"] for r in rows[:n]) / n for rows in by_puzzle],
+                     "majority": [majority_pick(rows[:n], records[i])["correct"] for i, rows in enumerate(by_puzzle)],
+                     "best-of-N": [max(rows[:n], key=lambda r: r["value"])["correct"] for rows in by_puzzle]}
+            tokens = sum(sum(r["length"] for r in rows[:n]) for rows in by_puzzle) / len(records)
+            for method, correct in picks.items():
+                result[size][method][n] = {"accuracy": sum(correct) / len(records), "tokens": tokens}
+            rows = score_beam_search(policy, value_model, tokenizer, {size: records}, template, n, temperature,
+                                     max_new_tokens, progress=progress, desc=f"beam {n}", **beam_settings)
+            result[size]["beam"][n] = {"accuracy": sum(r["correct"] for r in rows) / len(rows),
+                                       "tokens": sum(r["generated"] for r in rows) / len(rows)}
+    return result
+
+
+def compare_table(result):
+    """Markdown: a row per (size, method), a column per N, cells "accuracy (tokens)"."""
+    ns = sorted({n for methods in result.values() for points in methods.values() for n in points})
+    lines = ["| people | method | " + " | ".join(f"N = {n}" for n in ns) + " |", "|---" * (len(ns) + 2) + "|"]
+    for size, methods in sorted(result.items()):
+        for method, points in methods.items():
+            cells = [f"{points[n]['accuracy']:.3f} ({points[n]['tokens']:.0f})" if n in points else "-" for n in ns]
+            lines.append(f"| {size} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_compare(result, path):
+    """Accuracy against N and against generated tokens, a row of two panels per puzzle size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(result), 2, figsize=(10, 3.6 * len(result)), squeeze=False)
+    for (size, methods), row in zip(sorted(result.items()), axes):
+        for method, points in methods.items():
+            ns = sorted(points)
+            for ax, xs in zip(row, (ns, [points[n]["tokens"] for n in ns])):
+                ax.plot(xs, [points[n]["accuracy"] for n in ns], marker="o", label=method)
+        for ax, xlabel in zip(row, ("N (candidates per puzzle)", "generated tokens per puzzle")):
+            ax.set_xscale("log", base=2)
+            ax.set(xlabel=xlabel, ylabel="accuracy", title=f"{size} people: accuracy vs {xlabel.split(' (')[0]}")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def summarize_completions(rows, k=None, pass_ks=()):
@@ -339,7 +432,8 @@ def load_sampler(kind, model_name, device, max_new_tokens=DEFAULT_MAX_NEW_TOKENS
 def load_value_model(path, device):
     """The critic for --search beam: a folder written by oreo.ValueModel.save (backbone + value head)."""
     path = Path(path)
-    if not (path / "config.json").is_file() or not (path / oreo.HEAD_FILE).is_file():
+    has_weights = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()  # full or LoRA
+    if not has_weights or not (path / oreo.HEAD_FILE).is_file():
         raise ValueError(f"{path}: not a value model folder (oreo.ValueModel.save writes config.json and "
                          f"{oreo.HEAD_FILE}); a folder without the head would give V = 0 everywhere")
     try:
@@ -379,6 +473,7 @@ PANELS = [  # (title, keys of train rows drawn as lines, keys of eval rows drawn
     ("KL to the reference", ("kl",), ()),
     ("entropy", ("entropy",), ()),
     ("SFT loss", ("sft_loss",), ()),
+    ("OREO critic on held-out offline rows", ("value_auc_first", "value_auc_last", "value_explained_variance"), ()),
 ]
 
 
@@ -701,9 +796,14 @@ def parse_args(argv):
                         f"trained with, from mini_logic_rl.json, else {DEFAULT_MAX_NEW_TOKENS})")
     parser.add_argument("--batch-size", type=int, default=EVAL_BATCH, help="completions generated together")
     parser.add_argument("--sampler", choices=("hf", "vllm"), default="hf")
-    parser.add_argument("--search", choices=("greedy", "beam"), default="greedy",
+    parser.add_argument("--search", choices=("greedy", "beam", "compare"), default="greedy",
                         help="greedy: decode with the sampler (the settings above); beam: OREO's value-guided "
-                             "step-level beam search (needs --value)")
+                             "step-level beam search (needs --value); compare: the test-time compute curve of "
+                             f"{', '.join(TTC_METHODS)} at N = --ns (needs --value; writes --png)")
+    parser.add_argument("--ns", default=",".join(map(str, TTC_NS)), help="--search compare: the Ns, a,b,c")
+    parser.add_argument("--png", default="search.png", help="--search compare: the accuracy-vs-N plot")
+    parser.add_argument("--expand", type=int, default=DEFAULT_EXPAND,
+                        help="--search beam: next steps sampled per kept candidate (None: --beam, OREO's B x B)")
     parser.add_argument("--beam", type=int, default=DEFAULT_BEAM, help="--search beam: beam width B")
     parser.add_argument("--value", metavar="DIR", help="--search beam: value model folder (oreo.ValueModel.save)")
     parser.add_argument("--max-expansions", type=int, default=DEFAULT_MAX_EXPANSIONS,
@@ -723,17 +823,23 @@ def parse_args(argv):
     if len(set(args.models)) != len(args.models):
         parser.error("a MODEL is given twice")
     if args.temperature is None:
-        args.temperature = 1.0 if args.search == "beam" else 0.0
-    if args.search == "beam":
+        args.temperature = 0.0 if args.search == "greedy" else 1.0
+    if args.search != "greedy":
         if args.value is None:
             parser.error("--search beam needs --value DIR (a folder written by oreo.ValueModel.save)")
         if args.samples != 1 or args.sampler != "hf" or args.temperature == 0:
             parser.error("--search beam runs one search per puzzle with HF generate at a temperature > 0: "
                          "leave --samples at 1 and --sampler at hf, and give --temperature > 0")
-        if min(args.beam, args.max_expansions, args.max_step_tokens) < 1:
-            parser.error("--beam, --max-expansions and --max-step-tokens must be >= 1")
+        if min(args.beam, args.max_expansions, args.max_step_tokens, args.expand or 1) < 1:
+            parser.error("--beam, --expand, --max-expansions and --max-step-tokens must be >= 1")
+        try:
+            args.ns = sorted({int(n) for n in args.ns.split(",")})
+        except ValueError:
+            parser.error(f"--ns {args.ns!r}: write the Ns as a,b,c")
+        if args.ns[0] < 1 or (args.search == "compare" and len(args.models) != 1):
+            parser.error("--ns must be >= 1, and --search compare takes one MODEL")
     elif args.value is not None:
-        parser.error("--value is only used with --search beam")
+        parser.error("--value is only used with --search beam or compare")
     per_size = 1 if args.per_size is None else args.per_size
     if min(args.samples, 1 if args.max_new_tokens is None else args.max_new_tokens, args.batch_size, per_size) < 1:
         parser.error("--samples, --max-new-tokens, --batch-size and --per-size must be >= 1")
@@ -777,7 +883,7 @@ def evaluate_models(args):
     templates = {name: read_template(name, args.template) for name in args.models}
     device = torch.device(args.device) if args.device else kk_model.pick_device()
     transformers.utils.logging.disable_progress_bar()  # one bar per model is enough
-    value_model = load_value_model(args.value, device) if args.search == "beam" else None
+    value_model = load_value_model(args.value, device) if args.value else None
     results, all_rows = {}, []
     for name in args.models:
         max_new_tokens = read_max_new_tokens(name, args.max_new_tokens)
@@ -785,11 +891,18 @@ def evaluate_models(args):
         template, template_source = templates[name]
         print(f"{name}: template {template!r} (from {template_source})", file=sys.stderr)
         torch.manual_seed(args.seed)  # the same sampling noise for every model
+        beam_settings = dict(max_expansions=args.max_expansions, max_step_tokens=args.max_step_tokens,
+                             expand=args.expand)
+        if args.search == "compare":
+            result = compare_search(sampler.model, value_model, tokenizer, records_by_size, template, args.ns,
+                                    args.temperature, max_new_tokens, progress=True, **beam_settings)
+            return {name: {"compare": result, "settings": {"model": name, "value": args.value, "ns": args.ns,
+                                                           "temperature": args.temperature, **beam_settings,
+                                                           **data_settings}}}, []
         if args.search == "beam":
             rows = score_beam_search(sampler.model, value_model, tokenizer, records_by_size, template, args.beam,
                                      temperature=args.temperature, max_new_tokens=max_new_tokens,
-                                     max_expansions=args.max_expansions, max_step_tokens=args.max_step_tokens,
-                                     progress=True, desc=name)
+                                     progress=True, desc=name, **beam_settings)
         else:
             rows = score_completions(sampler, records_by_size, template, tokenizer, samples=args.samples,
                                      temperature=args.temperature, top_p=args.top_p,
@@ -802,8 +915,8 @@ def evaluate_models(args):
                     "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": max_new_tokens,
                     "batch_size": args.batch_size, "seed": args.seed, "search": args.search, **data_settings}
         if args.search == "beam":
-            settings.update(beam=args.beam, value=str(args.value), max_expansions=args.max_expansions,
-                            max_step_tokens=args.max_step_tokens, step_end_ids=oreo.step_end_ids(tokenizer))
+            settings.update(beam=args.beam, value=str(args.value), **beam_settings,
+                            step_end_ids=oreo.step_end_ids(tokenizer))
         results[name] = {**summarize_completions(rows, k), "settings": settings}
         all_rows += [{"model": name, **row} for row in rows]
         sampler.close()  # a vLLM engine must be shut down explicitly
@@ -811,6 +924,9 @@ def evaluate_models(args):
 
 
 def print_tables(results):
+    if any("compare" in r for r in results.values()):
+        print("\naccuracy (generated tokens per puzzle)\n\n" + compare_table(next(iter(results.values()))["compare"]))
+        return
     for metric, title in METRIC_TITLES.items():
         print(f"\n{title}\n\n{markdown_table(results, metric, digits=0 if metric == 'mean_length' else 2)}")
     if any("pass_at_k" in r for r in results.values()):
@@ -819,6 +935,9 @@ def print_tables(results):
 
 
 def write_outputs(args, results, rows):
+    if args.search == "compare":
+        plot_compare(next(iter(results.values()))["compare"], args.png)
+        print(f"\nwrote {args.png}")
     if args.out:
         kk_data.write_atomically(args.out, json.dumps(results, indent=1) + "\n")
         print(f"\nwrote {args.out}")

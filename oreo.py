@@ -47,7 +47,8 @@ initialised to zero so that V = 0 at the start.
 
 Layout: everything here is in the project's completion-token layout [B, C] (column j = completion token j, see
 NOTES.md), where the original code kept full-sequence tensors with state masks; the numbers are the same.
-What we changed on purpose: the paper trained its 7B critic with LoRA; ValueModel fine-tunes the whole copy.
+The paper trained its 7B critic with LoRA (rank 64, lr 1e-4): ValueModel(lora_rank=64), train.py VALUE_LORA_RANK;
+0 (the CPU default) fine-tunes the whole copy.
 
 The rest of the file is the algorithm around the losses, in the order it runs:
     6. offline data     sample K completions per training prompt from the starting model, reward 1 if strictly
@@ -57,7 +58,9 @@ The rest of the file is the algorithm around the losses, in the order it runs:
                         accumulating over the batch; then one step of the critic and one of the policy
     8. test-time search value-guided step-level beam search
 """
+import json
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +79,7 @@ LEVELS = ("token", "step", "response")
 KL_ALPHA = {"token": 0.01, "step": 0.1, "response": 0.3}  # weight of the KL regulariser per level
 BETA = 0.03  # KL coefficient of the objective in every published run
 HEAD_FILE = "value_head.safetensors"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # LoRA: every linear
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,27 +252,34 @@ class ValueModel(nn.Module):
     log-ratio sums, which bf16 would round away.
     """
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, lora_rank=0):
         super().__init__()
-        self.backbone = backbone
+        self.backbone = with_lora(backbone, lora_rank) if lora_rank else backbone
         head_dtype = torch.promote_types(backbone.dtype, torch.float32)
         self.head = nn.Linear(backbone.config.hidden_size, 1, bias=False, device=backbone.device, dtype=head_dtype)
         nn.init.zeros_(self.head.weight)
 
     @classmethod
-    def from_pretrained(cls, path, device, dtype=torch.float32, attn_implementation=None):
+    def from_pretrained(cls, path, device, dtype=torch.float32, attn_implementation=None, lora_rank=0):
         """Backbone of the causal LM (or of a folder written by save) at path; the saved head if there is one.
+        lora_rank > 0: frozen backbone + fresh LoRA adapters (with_lora). A folder a LoRA critic saved (its
+        adapter_config.json names the base model) loads the base and those adapters.
 
         Loading a causal-LM folder reports lm_head.weight as UNEXPECTED: that is the LM head we leave out."""
-        backbone = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-        model = cls(backbone.to(device))
+        adapter_file = Path(path) / "adapter_config.json"
+        base = json.loads(adapter_file.read_text())["base_model_name_or_path"] if adapter_file.is_file() else path
+        backbone = AutoModel.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
+        if adapter_file.is_file():
+            from peft import PeftModel
+            backbone, lora_rank = PeftModel.from_pretrained(backbone, path), 0
+        model = cls(backbone.to(device), lora_rank)
         head_file = Path(path) / HEAD_FILE
         if head_file.exists():
             model.head.load_state_dict(load_file(head_file, device=str(device)))
         return model
 
     def save(self, out_dir):
-        """Backbone as a Hugging Face folder, head as value_head.safetensors next to it."""
+        """Backbone as a Hugging Face folder (a LoRA backbone: its adapters only), head as value_head.safetensors."""
         out_dir = Path(out_dir)
         self.backbone.save_pretrained(out_dir)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, out_dir / HEAD_FILE)
@@ -299,6 +310,13 @@ class ValueModel(nn.Module):
         last = L - 1 - attention_mask.flip(-1).argmax(-1)                               # [B] column of the last 1
         at_last = hidden[torch.arange(len(last), device=hidden.device), last]           # [B, H]
         return self.head(at_last.to(self.head.weight.dtype)).squeeze(-1)                # [B]
+
+
+def with_lora(model, rank):
+    """model with fresh LoRA adapters (peft; rank `rank`, alpha = rank, no dropout) on every linear layer of its
+    blocks, everything else frozen. The adapters' B starts at zero, so the model computes what it did before."""
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -494,53 +512,141 @@ def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, 
     if not rows or micro_batch < 1:
         raise ValueError(f"oreo_step needs at least one row and micro_batch >= 1, got {len(rows)} rows, "
                          f"micro_batch={micro_batch}")
-    batch = encode_offline_batch(tokenizer, rows, next(policy.parameters()).device)
-    n_prompt, mask, completion_ids = batch["n_prompt"], batch["mask"], batch["completion_ids"]
-    step_starts = None
-    if level == "step":
-        step_ids = step_end_ids(tokenizer) if step_ids is None else step_ids
-        step_starts = step_starts_from_newlines(completion_ids, mask, step_ids)         # [B, C]
-
+    device = next(policy.parameters()).device
+    step_ids = step_end_ids(tokenizer) if level == "step" and step_ids is None else step_ids
     totals = {}
-    for start in range(0, len(rows), micro_batch):
-        mb = slice(start, start + micro_batch)
-        ids, attention, rewards = batch["input_ids"][mb], batch["attention_mask"][mb], batch["rewards"][mb]
-        starts = None if step_starts is None else step_starts[mb]
-        share = len(rewards) / len(rows)                                                # micro-batch means -> batch
+    for part in by_length(rows, micro_batch):                                          # micro-batches
+        batch, starts = encode_with_step_starts(tokenizer, part, device, level, step_ids)
+        ids, attention, rewards, mask = batch["input_ids"], batch["attention_mask"], batch["rewards"], batch["mask"]
+        n_prompt, completion_ids = batch["n_prompt"], batch["completion_ids"]
+        share = len(part) / len(rows)                                                   # micro-batch means -> batch
 
         # 1. log-probs without gradient: the critic's targets are data
         with torch.no_grad():
             if kl == "full":
                 ref_logits = completion_logits(reference, ids, attention, n_prompt)      # [b, C, V]
-                ref_logp = logprobs_from_logits(ref_logits, completion_ids[mb])          # [b, C]
+                ref_logp = logprobs_from_logits(ref_logits, completion_ids)          # [b, C]
             else:
                 ref_logp = token_logprobs(reference, ids, attention, n_prompt)          # [b, C]
             logp_now = token_logprobs(policy, ids, attention, n_prompt)                 # [b, C]
 
         # 2. critic gradient (the critic steps once, after the last micro-batch)
         values = value_model(ids, attention, n_prompt)                                  # [b, C]
-        _, value_loss = losses(logp_now, ref_logp, values, rewards, mask[mb], beta, level, starts)
+        _, value_loss = losses(logp_now, ref_logp, values, rewards, mask, beta, level, starts)
         (value_loss * share).backward()
         values_before_update = values.detach()                                          # [b, C]
 
         # 3. actor gradient, against the values of the critic as it was when the batch began
         if kl == "full":
             logits = completion_logits(policy, ids, attention, n_prompt)                # [b, C, V]
-            logp = logprobs_from_logits(logits, completion_ids[mb])                     # [b, C]
-            kl_value = full_kl(logits, ref_logits, mask[mb])
+            logp = logprobs_from_logits(logits, completion_ids)                     # [b, C]
+            kl_value = full_kl(logits, ref_logits, mask)
         else:
             logp = token_logprobs(policy, ids, attention, n_prompt)                     # [b, C]
-            kl_value = k3_kl(logp, ref_logp, mask[mb])
-        policy_loss, _ = losses(logp, ref_logp, values_before_update, rewards, mask[mb], beta, level, starts)
+            kl_value = k3_kl(logp, ref_logp, mask)
+        policy_loss, _ = losses(logp, ref_logp, values_before_update, rewards, mask, beta, level, starts)
         ((policy_loss + alpha * kl_value) * share).backward()
 
         for name, value in (("value_loss", value_loss.item()), ("policy_loss", policy_loss.item()),
                             ("kl", kl_value.item()), ("value_first", values_before_update[:, 0].mean().item()),
-                            ("reward", rewards.mean().item()), ("completion_length", mask[mb].sum(-1).mean().item())):
+                            ("reward", rewards.mean().item()), ("completion_length", mask.sum(-1).mean().item())):
             totals[name] = totals.get(name, 0.0) + value * share
     totals["grad_norm_value"] = clip_and_step(value_model, value_opt, value_scheduler, grad_clip, "value model")
     totals["grad_norm_policy"] = clip_and_step(policy, policy_opt, policy_scheduler, grad_clip, "policy")
     return totals
+
+
+def encode_with_step_starts(tokenizer, rows, device, level, step_ids=None):
+    """(encode_offline_batch's dict, step-start mask [B, C] for level "step", else None)."""
+    batch = encode_offline_batch(tokenizer, rows, device)
+    if level != "step":
+        return batch, None
+    step_ids = step_end_ids(tokenizer) if step_ids is None else step_ids
+    return batch, step_starts_from_newlines(batch["completion_ids"], batch["mask"], step_ids)
+
+
+def critic_step(value_model, optimizer, tokenizer, rows, level, micro_batch, grad_clip=1.0, scheduler=None):
+    """One optimizer step of the critic alone, before any policy step: while the policy IS the reference every
+    log-ratio is 0, so A = 0 and the soft value target is R itself (the value loss of oreo.losses with A = 0).
+    Micro-batches accumulate as in oreo_step. Returns {"value_loss", "grad_norm_value"}."""
+    total, step_ids = 0.0, step_end_ids(tokenizer) if level == "step" else None
+    for part in by_length(rows, micro_batch):
+        batch, starts = encode_with_step_starts(tokenizer, part, value_model.head.weight.device, level, step_ids)
+        values = value_model(batch["input_ids"], batch["attention_mask"], batch["n_prompt"])  # [b, C]
+        zeros = torch.zeros_like(values.detach())                                         # log pi = log pi_ref
+        _, value_loss = losses(zeros, zeros, values, batch["rewards"], batch["mask"], BETA, level, starts)
+        (value_loss * len(part) / len(rows)).backward()
+        total += value_loss.item() * len(part) / len(rows)
+    return {"value_loss": total, "grad_norm_value": clip_and_step(value_model, optimizer, scheduler, grad_clip,
+                                                                   "value model")}
+
+
+def fit_critic(value_model, tokenizer, rows, steps, batch_size, lr, level, micro_batch, grad_clip=1.0, seed=0):
+    """`steps` critic_steps on batches of `batch_size` rows, reshuffled every pass over `rows`; its own Adam
+    (0.9, 0.95) and cosine schedule (3% warm-up). Yields each step's metrics."""
+    optimizer = torch.optim.Adam(value_model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, steps, math.ceil(0.03 * steps)))
+    rng, queue = random.Random(seed), []
+    for _ in range(steps):
+        while len(queue) < batch_size:
+            queue += rng.sample(rows, len(rows))
+        batch, queue = queue[:batch_size], queue[batch_size:]
+        yield critic_step(value_model, optimizer, tokenizer, batch, level, micro_batch, grad_clip, scheduler)
+
+
+def split_by_prompt(rows, share, seed):
+    """(train rows, held-out rows): a seeded `share` of the distinct prompts, with all their rows, held out."""
+    prompts = sorted({row["prompt"] for row in rows})
+    held = set(random.Random(seed).sample(prompts, round(share * len(prompts))))
+    return [r for r in rows if r["prompt"] not in held], [r for r in rows if r["prompt"] in held]
+
+
+@torch.no_grad()
+def offline_values(value_model, tokenizer, rows, batch_size=32):
+    """Per row, as training encodes it (encode_offline_batch): V at the first state, V at the last state (before
+    EOS), the mean over its states of (V - R)^2, and R.  Four [N] float64 tensors."""
+    first, last, square_error, rewards = [], [], [], []
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["response"]))           # little padding
+    for part in by_length([rows[i] for i in order], batch_size):
+        batch = encode_offline_batch(tokenizer, part, value_model.head.weight.device)
+        values = value_model(batch["input_ids"], batch["attention_mask"], batch["n_prompt"]).double()  # [b, C]
+        mask, R = batch["mask"].double(), batch["rewards"].double()                      # [b, C], [b]
+        first.append(values[:, 0])
+        last.append(values.gather(1, mask.sum(-1).long()[:, None] - 1).squeeze(1))
+        square_error.append(((values - R[:, None]) ** 2 * mask).sum(-1) / mask.sum(-1))
+        rewards.append(R)
+    unsort = torch.tensor(order).argsort()
+    return tuple(torch.cat(x)[unsort] for x in (first, last, square_error, rewards))
+
+
+def by_length(rows, size):
+    """The rows in chunks of `size`, the shortest responses together (padding costs compute)."""
+    rows = sorted(rows, key=lambda row: len(row["response"]))
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def auc(scores, labels):
+    """Chance that a random row with label 1 scores above a random row with label 0 (ties count half); None
+    unless both kinds are there.  scores, labels: [N]"""
+    pos, neg = scores[labels > 0], scores[labels <= 0]
+    if not len(pos) or not len(neg):
+        return None
+    diff = pos[:, None] - neg[None, :]                                                   # [N+, N-]
+    return ((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()).item()
+
+
+def critic_quality(value_model, tokenizer, rows, batch_size=32):
+    """How well V predicts the final reward R on (held-out) offline rows:
+        value_auc_first   AUC of V(first state) for correct vs wrong rows (only the prompt is seen: difficulty)
+        value_auc_last    AUC of V(last state: the answer written, before EOS)
+        value_explained_variance  1 - mean_b(mean_t (V - R)^2) / Var(R), over every completion state
+        value_first_mean  mean V(first state) (compare with reward_mean, the rows' mean R)."""
+    first, last, square_error, R = offline_values(value_model, tokenizer, rows, batch_size)
+    variance = R.var(unbiased=False).item()
+    return {"value_auc_first": auc(first, R), "value_auc_last": auc(last, R),
+            "value_explained_variance": 1 - square_error.mean().item() / variance if variance > 0 else None,
+            "value_first_mean": first.mean().item(), "reward_mean": R.mean().item()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -562,6 +668,7 @@ class SearchResult:
     value: float         # V at its last token
     finished: bool       # it ended with EOS or reached max_new_tokens
     expansions: int      # rounds of expansion that were run
+    generated: int = 0   # tokens sampled by the whole search (every candidate step)
 
 
 def step_generation_config(tokenizer, step_ids, temperature, max_new_tokens):
@@ -580,18 +687,21 @@ def through_first_stop(tokens, stop_ids):
 
 
 @torch.no_grad()
-def sample_next_steps(policy, tokenizer, prompt_ids, prefix, n, step_ids, temperature, max_step_tokens):
-    """n sampled next steps after prompt + prefix (lists of ids): n lists of token ids, each ending with its stop
-    token (a step end or EOS) unless max_step_tokens ran out first."""
+def sample_next_steps(policy, tokenizer, prompt_ids, prefixes, n, step_ids, temperature, max_step_tokens):
+    """n sampled next steps after prompt + each prefix (lists of ids), in ONE generate call (left padding): a list
+    per prefix of n lists of token ids, each ending with its stop token (a step end or EOS) unless
+    max_step_tokens ran out first."""
     device = next(policy.parameters()).device
-    input_ids = torch.tensor([prompt_ids + prefix] * n, device=device)                 # [n, L], no padding
+    rows = [prompt_ids + prefix for prefix in prefixes for _ in range(n)]
+    longest = max(map(len, rows))
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(r)) + r for r in rows], device=device)
+    attention = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)  # [R, L]
     config = step_generation_config(tokenizer, step_ids, temperature, max_step_tokens)
     with generation_mode(policy, config):
-        output = policy.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                 generation_config=config)
-    new_tokens = output[:, input_ids.shape[1]:].tolist()                                # [n, T], padded after a stop
-    stop_ids = set(config.eos_token_id)
-    return [through_first_stop(tokens, stop_ids) for tokens in new_tokens]
+        output = policy.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+    new_tokens = output[:, longest:].tolist()                                           # [R, T], padded after a stop
+    steps = [through_first_stop(tokens, set(config.eos_token_id)) for tokens in new_tokens]
+    return [steps[i:i + n] for i in range(0, len(steps), n)]
 
 
 @torch.no_grad()
@@ -617,12 +727,15 @@ def keep_best(candidates, values, beam, is_finished):
 
 
 def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, max_expansions=20, max_step_tokens=256,
-                temperature=1.0, max_new_tokens=4096):
+                temperature=1.0, max_new_tokens=4096, expand=None):
     """Value-guided step-level beam search for one prompt (see the section comment); returns a SearchResult.
 
-    policy: a causal LM; value_model: a ValueModel; step_ids: ids of the tokens that end a step (step_end_ids).
-    Identical candidates of one round are scored once (duplicates would only crowd the beam)."""
-    if beam < 1 or max_expansions < 1 or max_step_tokens < 1 or max_new_tokens < 1 or temperature <= 0:
+    policy: a causal LM; value_model: a ValueModel; step_ids: ids of the tokens that end a step (step_end_ids);
+    expand: next steps sampled from each kept partial solution (default: beam, OREO's B x B).
+    Identical candidates of one round are scored once (duplicates would only crowd the beam). A candidate that
+    ended with EOS is scored at the state before its EOS: the last state the critic is trained on."""
+    expand = beam if expand is None else expand
+    if min(beam, expand, max_expansions, max_step_tokens, max_new_tokens) < 1 or temperature <= 0:
         raise ValueError(f"beam_search needs beam, max_expansions, max_step_tokens, max_new_tokens >= 1 and "
                          f"temperature > 0, got {beam}, {max_expansions}, {max_step_tokens}, {max_new_tokens}, "
                          f"{temperature}")
@@ -631,19 +744,25 @@ def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, max_expa
     def is_finished(tokens):
         return tokens[-1] == tokenizer.eos_token_id or len(tokens) >= max_new_tokens
 
-    partial, finished, expansions = [([], None)], [], 0
+    partial, finished, expansions, generated = [([], None)], [], 0, 0
     while partial and expansions < max_expansions:
-        candidates = []
-        for prefix, _ in partial:
-            budget = min(max_step_tokens, max_new_tokens - len(prefix))
-            steps = sample_next_steps(policy, tokenizer, prompt_ids, prefix, beam, step_ids, temperature, budget)
-            candidates += [prefix + step for step in steps]
+        prefixes = [prefix for prefix, _ in partial]
+        budget = min(max_step_tokens, max_new_tokens - max(map(len, prefixes)))
+        steps = sample_next_steps(policy, tokenizer, prompt_ids, prefixes, beam if expansions == 0 else expand,
+                                  step_ids, temperature, budget)
+        candidates = [prefix + step for prefix, its_steps in zip(prefixes, steps) for step in its_steps]
+        generated += sum(len(step) for its_steps in steps for step in its_steps)
         candidates = [list(c) for c in dict.fromkeys(tuple(c) for c in candidates)]      # drop duplicates, keep order
-        values = prefix_values(value_model, prompt_ids, candidates, tokenizer.pad_token_id)
+        values = prefix_values(value_model, prompt_ids, [without_eos(c, tokenizer.eos_token_id) for c in candidates],
+                               tokenizer.pad_token_id)
         expansions += 1
         partial, newly_finished = keep_best(candidates, values, beam, is_finished)
         finished += newly_finished
     pool = finished or partial                                                          # partial: none finished
     tokens, value = max(pool, key=lambda pair: pair[1])                                  # first of the best
     return SearchResult(text=tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens, value=value,
-                        finished=bool(finished), expansions=expansions)
+                        finished=bool(finished), expansions=expansions, generated=generated)
+
+
+def without_eos(tokens, eos_id):
+    return tokens[:-1] if tokens and tokens[-1] == eos_id else tokens

@@ -100,7 +100,11 @@ OREO_BATCH = 128 if ON_GPU else 32  # offline rows per OREO optimizer step (micr
 OREO_LEVEL = "token"  # token | step | response (OREO's three granularities; the KL weight follows the level)
 OREO_KL = "full"  # full (exact reverse KL over the vocabulary) | k3 (sampled estimate)
 OREO_LR = 5e-6 if ON_GPU else 2e-5  # OREO policy learning rate (the paper's 5e-6; RL's is LR)
-VALUE_LR = 5e-6 if ON_GPU else 1e-4  # OREO critic learning rate; both Adam (0.9, 0.95), cosine
+VALUE_LR = 1e-4  # OREO critic learning rate (the paper's for its LoRA critic); both Adam (0.9, 0.95), cosine
+VALUE_LORA_RANK = 64 if ON_GPU else 0  # OREO critic: LoRA rank (peft; the paper's 7B critic: 64), 0 = all weights
+VALUE_STEPS = 0 if ON_GPU else 50  # OREO: critic-only steps (OREO_BATCH rows each) before the joint ones
+VALUE_STEPS_LR = 3e-4  # learning rate of those critic-only steps (their own Adam and cosine schedule)
+OREO_HELDOUT = 0.1  # OREO: share of the offline data's prompts held out to measure the critic (oreo.critic_quality)
 CPU_THREADS = 1  # torch threads on CPU: on a busy 2-core machine 2 threads made tiny matmuls ~20x slower
 TINY_SIZES = dict(hidden=128, layers=4, heads=4, kv_heads=4, ffn=512)  # the 1M-parameter CPU model
 WANDB = False  # also send every metrics row and evaluation to wandb (optional: pip install wandb; WANDB_MODE=offline)
@@ -140,10 +144,10 @@ RANGES = {  # allowed values: (test, the numeric constants that must pass it); e
              "MICRO_BATCH MAX_NEW_TOKENS MAX_PROMPT_TOKENS EVAL_BATCH EVAL_EVERY SAVE_EVERY OREO_SAMPLES "
              "OREO_PROMPTS OREO_BATCH CPU_THREADS PASS_K"),
     ">= 0": (lambda x: x >= 0, "STEPS SFT_STEPS WARMUP_LR_STEPS OREO_BALANCE WEIGHT_DECAY CLIP_HIGH KL_COEF "
-             "ENTROPY_COEF PASS_K_PER_SIZE"),
+             "ENTROPY_COEF PASS_K_PER_SIZE VALUE_STEPS VALUE_LORA_RANK"),
     "in [0, 1]": (lambda x: 0 <= x <= 1, "WARMUP_THINK_RATE"),
-    "> 0": (lambda x: x > 0, "LR SFT_LR OREO_LR VALUE_LR GRAD_CLIP TEMPERATURE"),
-    "in [0, 1)": (lambda x: 0 <= x < 1, "CLIP_LOW"),
+    "> 0": (lambda x: x > 0, "LR SFT_LR OREO_LR VALUE_LR VALUE_STEPS_LR GRAD_CLIP TEMPERATURE"),
+    "in [0, 1)": (lambda x: 0 <= x < 1, "CLIP_LOW OREO_HELDOUT"),
     "in (0, 1]": (lambda x: 0 < x <= 1, "TOP_P"),
 }
 CHOICES = {"ALGO": ALGOS, "SAMPLER": ("hf", "vllm"), "TEMPLATE": kk_data.TEMPLATES, "KL_KIND": grpo.KL_KINDS,
@@ -187,6 +191,8 @@ def check_constants():
     need(GROUP_SIZE >= 2 or ALGO not in GROUP_ALGOS + ("reinforce++-baseline",),
          f"GROUP_SIZE={GROUP_SIZE}: group baselines need >= 2 (ALGO='reinforce++' needs no groups)")
     need(ALGO != "oreo" or WORLD == 1, "ALGO='oreo' runs on one process here (no FSDP2 value model yet)")
+    need(ALGO != "oreo" or not VALUE_LORA_RANK or importlib.util.find_spec("peft"),
+         f"VALUE_LORA_RANK={VALUE_LORA_RANK} needs peft (pip install -r requirements.txt), or use 0")
     need(len(ADAM_BETAS) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in ADAM_BETAS),
          f"ADAM_BETAS={ADAM_BETAS!r} must be two numbers in [0, 1)")
     if MODEL not in ("tiny", "smollm2"):
@@ -482,10 +488,11 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
         rows = oreo.sample_offline_data(sampler, records, TEMPLATE, tokenizer, OREO_SAMPLES, TEMPERATURE,
                                         MAX_NEW_TOKENS, OREO_BALANCE or None, progress=True)
         oreo.save_offline(rows, data_path)
-    rows = oreo.load_offline(data_path)
+    rows, heldout = oreo.split_by_prompt(oreo.load_offline(data_path), OREO_HELDOUT, SEED)
+    need(rows, f"OREO_HELDOUT={OREO_HELDOUT} leaves no offline rows to train on")
     random.Random(SEED).shuffle(rows)
     batches = [rows[i:i + OREO_BATCH] for i in range(0, len(rows), OREO_BATCH)][:STEPS]
-    value_model = oreo.ValueModel.from_pretrained(start_path, DEVICE)
+    value_model = oreo.ValueModel.from_pretrained(start_path, DEVICE, lora_rank=VALUE_LORA_RANK)
     optimizers = oreo.make_oreo_optimizers(policy, value_model, OREO_LR, VALUE_LR, len(batches))  # one step a batch
     parts = dict(zip(("value", "value_optimizer", "scheduler", "value_scheduler"), (value_model, *optimizers[1:])))
     first = 0
@@ -493,8 +500,21 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
         kk_model.restore_trainer_state(resume_state, policy, optimizers[0])
         for name, part in parts.items():
             part.load_state_dict(resume_state[name])
-        first = resume_state["step"]
+        first = resume_state["step"]  # joint steps done (the critic-only ones come first: global steps)
         sync_sampler(sampler, policy)
+
+    def quality():  # the critic on the held-out offline rows
+        return oreo.critic_quality(value_model, tokenizer, heldout, MICRO_BATCH) if heldout else {}
+
+    if resume_state is None:  # critic-only steps, then a trainer state at joint step 0 (a kill before it: redone)
+        for step, metrics in enumerate(oreo.fit_critic(value_model, tokenizer, rows, VALUE_STEPS, OREO_BATCH,
+                                                       VALUE_STEPS_LR, OREO_LEVEL, MICRO_BATCH, GRAD_CLIP, SEED)):
+            at_eval = step == 0 or (step + 1) % EVAL_EVERY == 0 or step + 1 == VALUE_STEPS
+            log.write({**metrics, **(quality() if at_eval else {}), "kind": "train", "stage": "oreo-critic",
+                       "step": step + 1, "global_step": step_offset + step + 1})
+        if VALUE_STEPS:
+            save_trainer_state(out, "oreo", 0, policy, optimizers[0], summary,
+                               **{name: part.state_dict() for name, part in parts.items()})
     for step in tqdm(range(first, len(batches)), desc="oreo", initial=first, total=len(batches)):
         PROGRESS["at"] = f"oreo step {step + 1}"
         metrics = oreo.oreo_step(policy, reference, value_model, optimizers[0], optimizers[1], tokenizer,
@@ -503,13 +523,14 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
                                  value_scheduler=optimizers[3])
         for name in ("value_loss", "policy_loss", "kl"):  # (a non-finite gradient norm never reached a step)
             kk_model.check_finite(metrics[name], f"OREO {name}")
-        log.write({**metrics, "kind": "train", "stage": "oreo", "step": step + 1,
-                   "global_step": step_offset + step + 1})
-        if (step + 1) % EVAL_EVERY == 0 or step + 1 == len(batches):
+        at_eval = (step + 1) % EVAL_EVERY == 0 or step + 1 == len(batches)
+        global_step = step_offset + VALUE_STEPS + step + 1
+        log.write({**metrics, **(quality() if at_eval else {}), "kind": "train", "stage": "oreo", "step": step + 1,
+                   "global_step": global_step})
+        if at_eval:
             sync_sampler(sampler, policy)
             result = evaluate(sampler, tokenizer, test)
-            log.write({"kind": "eval", "stage": "oreo", "step": step + 1, "global_step": step_offset + step + 1,
-                       **result})
+            log.write({"kind": "eval", "stage": "oreo", "step": step + 1, "global_step": global_step, **result})
             tqdm.write(f"[oreo {step + 1}] held-out accuracy {fmt(result['accuracy'])}")
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == len(batches):
             kk_model.check_finite_weights(value_model, "value model")
@@ -685,7 +706,7 @@ def state_global_step(state):
     if state is None:
         return None
     rl_offset = (0 if WARMUP_CHECKPOINT else SFT_STEPS) if state["stage"] != "sft" else 0
-    return rl_offset + state["step"]
+    return rl_offset + state["step"] + (VALUE_STEPS if state["stage"] == "oreo" else 0)  # OREO: critic steps first
 
 
 def main():

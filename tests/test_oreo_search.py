@@ -69,13 +69,12 @@ def test_beam_search_rounds_expand_only_the_kept_partial_candidates(monkeypatch)
     """beam_search with scripted steps and values (no model): each round keeps the B best candidates, sends the
     finished ones (ending in EOS = 0) to the pool and expands only the kept partial ones."""
     steps = {(): [[1], [2]], (2,): [[4], [0]], (1,): [[3], [5]], (1, 5): [[0], [7]]}
-    values = {(1,): 0.1, (2,): 0.9, (2, 4): 0.2, (2, 0): 0.95, (1, 3): 0.5, (1, 5): 0.8, (1, 5, 0): 0.4,
-              (1, 5, 7): 0.6}
+    values = {(1,): 0.1, (2,): 0.9, (2, 4): 0.2, (1, 3): 0.5, (1, 5): 0.8, (1, 5, 7): 0.6}  # [.., 0]: V before EOS
     expanded = []
 
-    def sample_next_steps(policy, tokenizer, prompt_ids, prefix, n, *args):
-        expanded.append(prefix)
-        return steps[tuple(prefix)][:n]
+    def sample_next_steps(policy, tokenizer, prompt_ids, prefixes, n, *args):
+        expanded.extend(prefixes)
+        return [steps[tuple(prefix)][:n] for prefix in prefixes]
 
     monkeypatch.setattr(oreo, "encode_prompts", lambda tokenizer, prompts: {"input_ids": torch.tensor([[9]])})
     monkeypatch.setattr(oreo, "sample_next_steps", sample_next_steps)
@@ -85,7 +84,7 @@ def test_beam_search_rounds_expand_only_the_kept_partial_candidates(monkeypatch)
     result = oreo.beam_search(None, None, tokenizer, "prompt", 2, [], max_expansions=3, max_new_tokens=100)
     # round 2 expands the kept [2] then [1], best first; round 3 only [1, 5]: [2, 0] finished, [1, 3] and [2, 4] lost
     assert expanded == [[], [2], [1], [1, 5]]
-    assert (result.token_ids, result.value, result.finished, result.expansions) == ([2, 0], 0.95, True, 3)
+    assert (result.token_ids, result.value, result.finished, result.expansions) == ([2, 0], 0.9, True, 3)
 
 
 def test_sample_next_steps_stop_at_a_step_end(models, prompt):
@@ -93,7 +92,7 @@ def test_sample_next_steps_stop_at_a_step_end(models, prompt):
     step_ids = frequent_step_ends(tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     torch.manual_seed(0)
-    steps = oreo.sample_next_steps(policy, tokenizer, prompt_ids, [], 4, step_ids, 1.0, max_step_tokens=30)
+    steps, = oreo.sample_next_steps(policy, tokenizer, prompt_ids, [[]], 4, step_ids, 1.0, max_step_tokens=30)
     assert len(steps) == 4
     stops = set(step_ids) | {tokenizer.eos_token_id}
     for step in steps:
@@ -200,3 +199,17 @@ def test_cli_beam_search_needs_a_value_model_folder(tiny_dir, tmp_path, capsys):
     status = E.main([str(tiny_dir), "--search", "beam", "--value", str(tiny_dir), "--people", "2",
                      "--per-size", "1", "--device", "cpu"])                 # an LM folder: no value head
     assert status == 2 and oreo.HEAD_FILE in capsys.readouterr().err
+
+
+def test_cli_compare_writes_the_curve_table_json_and_png(tiny_dir, value_dir, tmp_path, capsys):
+    out, png = tmp_path / "c.json", tmp_path / "c.png"
+    status = E.main([str(tiny_dir), "--search", "compare", "--ns", "2,1", "--value", str(value_dir), "--people", "2",
+                     "--per-size", "2", "--max-new-tokens", "6", "--max-step-tokens", "3", "--device", "cpu",
+                     "--out", str(out), "--png", str(png)])
+    assert status == 0 and png.stat().st_size > 0
+    result = json.loads(out.read_text())[str(tiny_dir)]
+    curve = result["compare"]["2"]
+    assert set(curve) == set(E.TTC_METHODS) and all(set(points) == {"1", "2"} for points in curve.values())
+    assert all(0 <= p["accuracy"] <= 1 and 0 < p["tokens"] for points in curve.values() for p in points.values())
+    assert curve["random"]["2"]["tokens"] > curve["random"]["1"]["tokens"]   # 2 samples cost more than 1
+    assert result["settings"]["ns"] == [1, 2] and "| 2 | beam |" in capsys.readouterr().out

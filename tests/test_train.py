@@ -257,10 +257,12 @@ def test_a_bad_constant_stops_the_run_before_it_writes_anything(tmp_path):
 @pytest.mark.slow
 def test_oreo_runs_end_to_end_and_saves_policy_and_value_model(tmp_path):
     run_train(tmp_path, "--ALGO=oreo", "--OREO_PROMPTS=4", "--OREO_SAMPLES=2", "--OREO_BATCH=4", "--STEPS=2",
-              "--MICRO_BATCH=2")
+              "--MICRO_BATCH=2", "--VALUE_STEPS=3")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     oreo_rows = [r for r in rows if r["kind"] == "train" and r["stage"] == "oreo"]
-    assert [r["step"] for r in oreo_rows] == [1, 2]
+    critic_rows = [r for r in rows if r["kind"] == "train" and r["stage"] == "oreo-critic"]  # critic-only first
+    assert [r["step"] for r in oreo_rows] == [1, 2] and [r["step"] for r in critic_rows] == [1, 2, 3]
+    assert [r["global_step"] for r in critic_rows + oreo_rows] == [3, 4, 5, 6, 7]  # after the 2 SFT steps
     assert all(math.isfinite(r[k]) for r in oreo_rows for k in ("value_loss", "policy_loss", "kl"))
     assert len((tmp_path / "offline.jsonl").read_text().splitlines()) == 8  # 4 prompts x 2 samples
     assert (tmp_path / "checkpoints" / "value" / "value_head.safetensors").exists()
@@ -418,7 +420,8 @@ def test_gpu_defaults_follow_the_specs(monkeypatch):
     spec.loader.exec_module(gpu)
     assert gpu.SAMPLER == "vllm"  # HF generate keeps every step's logits (~40 GB per GPU at 7B)
     assert (gpu.ALGO, grpo.aggregation_for(gpu.ALGO, gpu.AGGREGATION)) == ("reinforce++", "token-mean")
-    assert (gpu.LR, gpu.OREO_LR, gpu.VALUE_LR, gpu.OREO_BATCH) == (4e-7, 5e-6, 5e-6, 128)
+    assert (gpu.LR, gpu.OREO_LR, gpu.VALUE_LR, gpu.OREO_BATCH) == (4e-7, 5e-6, 1e-4, 128)
+    assert (gpu.VALUE_LORA_RANK, gpu.VALUE_STEPS) == (64, 0)  # the paper's LoRA critic (spec: lr 1e-4), no warm-up
     loaded = []
     monkeypatch.setattr(kk_model, "load_model", lambda path, device, **kwargs: loaded.append(kwargs))
     gpu.load_policy("folder", "cuda")  # one process: fp32 master weights (bf16 ones would round 4e-7 steps away)
