@@ -138,7 +138,8 @@ def test_compare_search_methods_and_their_bookkeeping(tiny_dir, monkeypatch):
     values = torch.tensor([0.1, 0.9, 0.2, 0.3, 0.0, 0.5, 0.4, 0.2], dtype=torch.float64)  # best: 1 then 5
     monkeypatch.setattr(oreo, "offline_values", lambda vm, tok, rows: (None, values, None, None))
     monkeypatch.setattr(E, "score_beam_search", lambda *args, **kwargs: [{"correct": True, "generated": 7}] * 2)
-    result = E.compare_search(None, None, M.load_tokenizer(tiny_dir), {2: records}, "tiny", ns=(1, 4))[2]
+    policy = M.load_model(tiny_dir, "cpu")  # (its samples are scripted above)
+    result = E.compare_search(policy, None, M.load_tokenizer(tiny_dir), {2: records}, "tiny", ns=(1, 4))[2]
     assert result["random"][1]["accuracy"] == 0.5 and result["random"][4]["accuracy"] == (0.5 + 0.25) / 2
     assert result["best-of-N"][1]["accuracy"] == 0.5 and result["best-of-N"][4]["accuracy"] == 0.5
     assert result["majority"][4]["accuracy"] == 0.5                        # no answer to vote for: the first
