@@ -380,14 +380,7 @@ def save_offline(rows, path):
 
 def check_offline_row(row):
     """ValueError (without location) unless row has every OFFLINE_FIELDS key with a value of the right type."""
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    for field, kind in OFFLINE_FIELDS.items():
-        if field not in row:
-            raise ValueError(f"missing field {field!r}")
-        if not isinstance(row[field], kind) or isinstance(row[field], bool):
-            raise ValueError(f"field {field!r} has type {type(row[field]).__name__}, expected "
-                             f"{kind.__name__ if isinstance(kind, type) else 'a number'}")
+    kk_data.check_fields(row, OFFLINE_FIELDS)
     if not math.isfinite(row["reward"]):
         raise ValueError(f"field 'reward' is {row['reward']}, expected a finite number")
 
