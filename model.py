@@ -281,6 +281,47 @@ def token_logprobs(model, input_ids, attention_mask, n_prompt, temperature=1.0, 
     return logp, entropy
 
 
+def encode_pairs(tokenizer, prompts, completions, device):
+    """Prompts LEFT-padded then completions RIGHT-padded, the layout token_logprobs reads: (input_ids, attention
+    [B, P + C], completion mask [B, C] as float, P)."""
+    prompt = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    completion = tokenizer(completions, return_tensors="pt", padding=True, padding_side="right",
+                           add_special_tokens=False)
+    input_ids = torch.cat([prompt.input_ids, completion.input_ids], 1).to(device)  # [B, P + C]
+    attention = torch.cat([prompt.attention_mask, completion.attention_mask], 1).to(device)  # [B, P + C]
+    return input_ids, attention, completion.attention_mask.float().to(device), prompt.input_ids.shape[1]
+
+
+def micro_batches(attention, mask, n_prompt, size):
+    """Micro-batches of `size` rows of similar completion length (shortest first), each cut to the columns
+    its rows use: [(rows [b], column slice, prompt columns kept, completion columns kept W)]. Answers at once and
+    long traces in one batch then cost what they are, not the longest row's length each (the padding cut is
+    all-pad for these rows: positions and log-probs do not change)."""
+    order = mask.sum(-1).argsort(stable=True)  # [B]
+    parts = []
+    for start in range(0, len(order), size):
+        rows = order[start:start + size]
+        width = int(mask[rows].sum(-1).max())
+        first = int(attention[rows, :n_prompt].any(0).long().argmax())  # first prompt column any of them uses
+        parts.append((rows, slice(first, n_prompt + width), n_prompt - first, width))
+    return parts
+
+
+def part_logprobs(model, input_ids, attention, part, temperature=1.0, with_entropy=False):
+    """token_logprobs of one micro-batch of micro_batches: [b, W] (and entropies [b, W])."""
+    rows, columns, n_prompt, _ = part
+    return token_logprobs(model, input_ids[rows][:, columns], attention[rows][:, columns], n_prompt, temperature,
+                          with_entropy=with_entropy)
+
+
+def scatter_rows(parts, pieces, like):
+    """One [B, C] tensor (zeros like `like`) from the micro-batches' [b, W] pieces."""
+    full = torch.zeros_like(like)
+    for (rows, _, _, width), piece in zip(parts, pieces):
+        full[rows, :width] = piece
+    return full
+
+
 def bf16_compute(model):
     """bf16 autocast for an unsharded fp32 model on a GPU (fp32 master weights, bf16 compute, as FSDP2's mixed
     precision gives a sharded one); nothing for any other model."""
@@ -371,6 +412,15 @@ def clip_and_step(model, optimizer, scheduler, grad_clip, what="policy"):
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+def warmup_cosine(step, total_steps, warmup_steps, floor=0.1):
+    """Learning-rate factor at optimizer step `step` (0-based): linear warm-up to 1, then a cosine down to `floor`
+    (0.1: OpenRLHF's "cosine_with_min_lr", on which the original OREO code runs)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def shard_model(model, mixed_precision=None, cpu_offload=False):

@@ -264,49 +264,11 @@ def batches_of(records_by_size, rng, count):
     return [rng.choice(records_by_size[size]) for _ in range(count)]
 
 
-def micro_batches(attention, mask, n_prompt):
-    """Micro-batches of MICRO_BATCH rows of similar completion length (shortest first), each cut to the columns
-    its rows use: [(rows [b], column slice, prompt columns kept, completion columns kept W)]. Answers at once and
-    long traces in one batch then cost what they are, not the longest row's length each (the padding cut is
-    all-pad for these rows: positions and log-probs do not change)."""
-    order = mask.sum(-1).argsort(stable=True)  # [B]
-    parts = []
-    for start in range(0, len(order), MICRO_BATCH):
-        rows = order[start:start + MICRO_BATCH]
-        width = int(mask[rows].sum(-1).max())
-        first = int(attention[rows, :n_prompt].any(0).long().argmax())  # first prompt column any of them uses
-        parts.append((rows, slice(first, n_prompt + width), n_prompt - first, width))
-    return parts
-
-
-def part_logprobs(model, input_ids, attention, part, temperature=1.0, with_entropy=False):
-    """token_logprobs of one micro-batch of micro_batches: [b, W] (and entropies [b, W])."""
-    rows, columns, n_prompt, _ = part
-    return kk_model.token_logprobs(model, input_ids[rows][:, columns], attention[rows][:, columns], n_prompt,
-                                   temperature, with_entropy=with_entropy)
-
-
-def scatter_rows(parts, pieces, like):
-    """One [B, C] tensor (zeros like `like`) from the micro-batches' [b, W] pieces."""
-    full = torch.zeros_like(like)
-    for (rows, _, _, width), piece in zip(parts, pieces):
-        full[rows, :width] = piece
-    return full
-
-
-def lr_factor(step, total, schedule):
-    """Multiplier of the base learning rate at optimizer step `step` (0-based): linear warm-up, then the schedule."""
-    if step < WARMUP_LR_STEPS:
-        return (step + 1) / WARMUP_LR_STEPS
-    if schedule == "constant":
-        return 1.0
-    progress = (step - WARMUP_LR_STEPS) / max(1, total - WARMUP_LR_STEPS)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine from 1 down to 0.1
-
-
 def make_optimizer(policy, lr, total_steps, schedule):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, schedule))
+    floor = 1.0 if schedule == "constant" else 0.1  # after WARMUP_LR_STEPS: constant, or a cosine down to 10%
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: kk_model.warmup_cosine(s, total_steps, WARMUP_LR_STEPS, floor))
     return optimizer, scheduler
 
 
@@ -316,18 +278,12 @@ def sft_step(policy, tokenizer, optimizer, scheduler, records, step):
     prompts = [kk_data.make_prompt(r, TEMPLATE, tokenizer) for r in records]
     styles = sft_styles(len(records), step)
     targets = [kk_data.sft_completion(r, style) + tokenizer.eos_token for r, style in zip(records, styles)]
-    prompt = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    tokenizer.padding_side = "right"
-    target = tokenizer(targets, return_tensors="pt", padding=True, add_special_tokens=False)
-    tokenizer.padding_side = "left"
-    input_ids = torch.cat([prompt.input_ids, target.input_ids], 1).to(DEVICE)  # [B, P + C]
-    attention = torch.cat([prompt.attention_mask, target.attention_mask], 1).to(DEVICE)
-    mask = target.attention_mask.float().to(DEVICE)  # [B, C]
-    n_prompt, n_tokens = prompt.input_ids.shape[1], kk_model.all_reduce_sum(mask.sum())  # of ALL ranks' rows
+    input_ids, attention, mask, n_prompt = kk_model.encode_pairs(tokenizer, prompts, targets, DEVICE)  # [B, P + C]
+    n_tokens = kk_model.all_reduce_sum(mask.sum())  # of ALL ranks' rows
     total = 0.0
-    for part in micro_batches(attention, mask, n_prompt):
+    for part in kk_model.micro_batches(attention, mask, n_prompt, MICRO_BATCH):
         rows, width = part[0], part[3]
-        logp = part_logprobs(policy, input_ids, attention, part)  # [b, W]
+        logp = kk_model.part_logprobs(policy, input_ids, attention, part)  # [b, W]
         loss = -(logp * mask[rows, :width]).sum() / n_tokens
         total += kk_model.check_finite(loss, "SFT loss")  # before backward: a NaN never reaches the weights
         loss.backward()
@@ -360,34 +316,34 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
 
     input_ids, attention = rollout.input_ids().to(DEVICE), rollout.attention_mask().to(DEVICE)
     mask = rollout.completion_mask.to(DEVICE)  # [B, C]
-    n_prompt, batch = rollout.prompt_ids.shape[1], len(rewards)
-    # logp_old: the trainer's own recomputation, not the sampler's numbers. Both should agree (we log the gap as
-    # sampler_logprob_diff), but the trainer's are what the ratio must equal 1 against at the first update.
-    # With one optimizer step per batch and no KL in the reward, the update's own first forward gives them
-    # (detached): the same numbers without a separate no-grad pass of the policy.
+    parts = kk_model.micro_batches(attention, mask, rollout.prompt_ids.shape[1], MICRO_BATCH)
+
+    def logprobs_of(model):  # [B, C], no gradient
+        with torch.no_grad():
+            return kk_model.scatter_rows(parts, [kk_model.part_logprobs(
+                model, input_ids, attention, part, TEMPERATURE) for part in parts], mask)
+
+    # logp_old: the trainer's own numbers (the ratio must be 1 against them at the first update; the sampler's are
+    # only compared, as sampler_logprob_diff). With one optimizer step per batch and no KL in the reward, the
+    # update's first forward gives them (detached), without a separate pass of the policy.
     reuse_update_forward = PPO_EPOCHS == 1 and KL_IN == "loss"
-    parts = micro_batches(attention, mask, n_prompt)
-    with torch.no_grad():
-        logp_old = None if reuse_update_forward else scatter_rows(parts, [part_logprobs(
-            policy, input_ids, attention, part, TEMPERATURE) for part in parts], mask)  # [B, C]
-        logp_ref = scatter_rows(parts, [part_logprobs(reference, input_ids, attention, part, TEMPERATURE)
-                                        for part in parts], mask)  # [B, C]
+    logp_old = None if reuse_update_forward else logprobs_of(policy)  # [B, C]
+    logp_ref = logprobs_of(reference)  # [B, C]
     clock.append(time.perf_counter())  # logprobs done
 
     if ALGO in GROUP_ALGOS:
         advantages = grpo.group_advantages(rewards, GROUP_SIZE, ALGO)[:, None].expand_as(mask)  # [B, C]
-    else:
-        kl_reward_coef = KL_COEF if KL_IN == "reward" else 0.0
-        baseline_group = GROUP_SIZE if ALGO == "reinforce++-baseline" else None
-        logp_kl = logp_ref if logp_old is None else logp_old  # logp_old only enters the KL reward (then computed)
-        advantages = grpo.reinforce_pp_advantages(rewards, logp_kl, logp_ref, mask, kl_reward_coef, baseline_group)
+    else:  # logp_old only enters the KL reward (and is then computed)
+        advantages = grpo.reinforce_pp_advantages(
+            rewards, logp_ref if logp_old is None else logp_old, logp_ref, mask, KL_COEF if KL_IN == "reward" else 0.0,
+            GROUP_SIZE if ALGO == "reinforce++-baseline" else None)
 
     stats_sum, logp_first = {}, []
     n_tokens, n_tokens_all = mask.sum(), kk_model.all_reduce_sum(mask.sum())  # the loss's: of ALL ranks' rows
     for epoch in range(PPO_EPOCHS):  # after the first step the ratio moves away from 1 and the clip starts to act
         for part in parts:
             rows, width = part[0], part[3]
-            logp, entropy = part_logprobs(policy, input_ids, attention, part, TEMPERATURE, with_entropy=True)  # [b, W]
+            logp, entropy = kk_model.part_logprobs(policy, input_ids, attention, part, TEMPERATURE, True)  # [b, W]
             if epoch == 0:
                 logp_first.append(logp.detach())  # the weights the batch was sampled with: = logp_old
             loss, stats = grpo.policy_loss(
@@ -395,14 +351,14 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
                 advantages[rows, :width], mask[rows, :width], clip_low=CLIP_LOW,
                 clip_high=CLIP_HIGH, kl_coef=KL_COEF if KL_IN == "loss" else 0.0, kl_kind=KL_KIND,
                 entropy=entropy, entropy_coef=ENTROPY_COEF, mode=grpo.aggregation_for(ALGO, AGGREGATION),
-                n_seqs=batch * WORLD, n_tokens=n_tokens_all, max_len=MAX_NEW_TOKENS)
+                n_seqs=len(rewards) * WORLD, n_tokens=n_tokens_all, max_len=MAX_NEW_TOKENS)
             kk_model.check_finite(loss, "RL loss")  # before backward: a NaN never reaches the weights
             loss.backward()
             share = mask[rows].sum().item() / n_tokens.item() / PPO_EPOCHS  # token-weighted mean over micro-batches
             for key, value in stats.items():                                 # and epochs
                 stats_sum[key] = stats_sum.get(key, 0.0) + value * share
         grad_norm = kk_model.clip_and_step(policy, optimizer, scheduler, GRAD_CLIP)
-    logp_sampled = scatter_rows(parts, logp_first, mask)  # [B, C]
+    logp_sampled = kk_model.scatter_rows(parts, logp_first, mask)  # [B, C]
     sampler_diff = rollout_lib.logprob_gap(rollout.sampler_logprobs.to(DEVICE), logp_sampled, mask)
     sync_sampler(sampler, policy)
     clock.append(time.perf_counter())  # update done
@@ -465,20 +421,25 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
         bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("sft_loss", "reward", "accuracy", "completion_length")
                          if k in metrics})
         if (step + 1) % EVAL_EVERY == 0 or step + 1 == steps:
-            result = evaluate(sampler, tokenizer, test, with_pass_at_k=step + 1 == steps)
-            log.write({"kind": "eval", "stage": stage, "step": step + 1, "global_step": step_offset + step + 1,
-                       **result})
-            tqdm.write(f"[{stage} {step + 1}] held-out accuracy {fmt(result['accuracy'])} "
-                       f"format {fmt(result['format_rate'])}")
+            log_evaluation(stage, step + 1, step_offset + step + 1, sampler, policy, tokenizer, test, log,
+                           with_pass_at_k=step + 1 == steps)
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
             save_trainer_state(log.path.parent, stage, step + 1, policy, optimizer, summary,
                                scheduler=scheduler.state_dict(), data_rng=data_rng.getstate())
     return step_offset + steps
 
 
+def log_evaluation(stage, step, global_step, sampler, policy, tokenizer, test, log, with_pass_at_k=False):
+    """Held-out scores of the policy now, into metrics.jsonl and the console."""
+    sync_sampler(sampler, policy)  # (an RL step has synced already; SFT and OREO steps do not)
+    result = evaluate(sampler, tokenizer, test, with_pass_at_k)
+    log.write({"kind": "eval", "stage": stage, "step": step, "global_step": global_step, **result})
+    tqdm.write(f"[{stage} {step}] held-out accuracy {fmt(result['accuracy'])} format {fmt(result['format_rate'])}")
+
+
 # ----------------------------------------------------------------------------------------------------------
-# OREO (oreo.py; arXiv 2412.16145): sample offline data once from the starting model, then fit a value model and
-# the policy jointly to soft Bellman consistency, one pass over the rows (at most STEPS batches).
+# OREO (oreo.py; arXiv 2412.16145): sample offline data once from the starting model, fit the critic alone for
+# VALUE_STEPS, then the value model and the policy jointly to soft Bellman consistency (at most STEPS batches).
 def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, step_offset, start_path,
              resume_state=None):
     out = Path(OUT_DIR)
@@ -493,11 +454,11 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
     random.Random(SEED).shuffle(rows)
     batches = [rows[i:i + OREO_BATCH] for i in range(0, len(rows), OREO_BATCH)][:STEPS]
     value_model = oreo.ValueModel.from_pretrained(start_path, DEVICE, lora_rank=VALUE_LORA_RANK)
-    optimizers = oreo.make_oreo_optimizers(policy, value_model, OREO_LR, VALUE_LR, len(batches))  # one step a batch
-    parts = dict(zip(("value", "value_optimizer", "scheduler", "value_scheduler"), (value_model, *optimizers[1:])))
+    policy_opt, *rest = oreo.make_oreo_optimizers(policy, value_model, OREO_LR, VALUE_LR, len(batches))  # 1 a batch
+    parts = dict(zip(("value", "value_optimizer", "scheduler", "value_scheduler"), (value_model, *rest)))
     first = 0
     if resume_state is not None:  # the policy and its optimizer as in SFT and RL, the rest in `parts`
-        kk_model.restore_trainer_state(resume_state, policy, optimizers[0])
+        kk_model.restore_trainer_state(resume_state, policy, policy_opt)
         for name, part in parts.items():
             part.load_state_dict(resume_state[name])
         first = resume_state["step"]  # joint steps done (the critic-only ones come first: global steps)
@@ -506,6 +467,11 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
     def quality():  # the critic on the held-out offline rows
         return oreo.critic_quality(value_model, tokenizer, heldout, MICRO_BATCH) if heldout else {}
 
+    def save(step):
+        kk_model.check_finite_weights(value_model, "value model")
+        save_trainer_state(out, "oreo", step, policy, policy_opt, summary,
+                           **{name: part.state_dict() for name, part in parts.items()})
+
     if resume_state is None:  # critic-only steps, then a trainer state at joint step 0 (a kill before it: redone)
         for step, metrics in enumerate(oreo.fit_critic(value_model, tokenizer, rows, VALUE_STEPS, OREO_BATCH,
                                                        VALUE_STEPS_LR, OREO_LEVEL, MICRO_BATCH, GRAD_CLIP, SEED)):
@@ -513,14 +479,12 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
             log.write({**metrics, **(quality() if at_eval else {}), "kind": "train", "stage": "oreo-critic",
                        "step": step + 1, "global_step": step_offset + step + 1})
         if VALUE_STEPS:
-            save_trainer_state(out, "oreo", 0, policy, optimizers[0], summary,
-                               **{name: part.state_dict() for name, part in parts.items()})
+            save(0)
     for step in tqdm(range(first, len(batches)), desc="oreo", initial=first, total=len(batches)):
         PROGRESS["at"] = f"oreo step {step + 1}"
-        metrics = oreo.oreo_step(policy, reference, value_model, optimizers[0], optimizers[1], tokenizer,
-                                 batches[step], oreo.BETA, oreo.KL_ALPHA[OREO_LEVEL], OREO_LEVEL, MICRO_BATCH,
-                                 grad_clip=GRAD_CLIP, kl=OREO_KL, policy_scheduler=optimizers[2],
-                                 value_scheduler=optimizers[3])
+        metrics = oreo.oreo_step(policy, reference, value_model, policy_opt, rest[0], tokenizer, batches[step],
+                                 oreo.BETA, oreo.KL_ALPHA[OREO_LEVEL], OREO_LEVEL, MICRO_BATCH, grad_clip=GRAD_CLIP,
+                                 kl=OREO_KL, policy_scheduler=rest[1], value_scheduler=rest[2])
         for name in ("value_loss", "policy_loss", "kl"):  # (a non-finite gradient norm never reached a step)
             kk_model.check_finite(metrics[name], f"OREO {name}")
         at_eval = (step + 1) % EVAL_EVERY == 0 or step + 1 == len(batches)
@@ -528,14 +492,9 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
         log.write({**metrics, **(quality() if at_eval else {}), "kind": "train", "stage": "oreo", "step": step + 1,
                    "global_step": global_step})
         if at_eval:
-            sync_sampler(sampler, policy)
-            result = evaluate(sampler, tokenizer, test)
-            log.write({"kind": "eval", "stage": "oreo", "step": step + 1, "global_step": global_step, **result})
-            tqdm.write(f"[oreo {step + 1}] held-out accuracy {fmt(result['accuracy'])}")
+            log_evaluation("oreo", step + 1, global_step, sampler, policy, tokenizer, test, log)
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == len(batches):
-            kk_model.check_finite_weights(value_model, "value model")
-            save_trainer_state(out, "oreo", step + 1, policy, optimizers[0], summary,
-                               **{name: part.state_dict() for name, part in parts.items()})
+            save(step + 1)
     value_model.save(out / "checkpoints" / "value")
     return len(batches)
 
