@@ -100,8 +100,6 @@ def find_test_files(data_dir):
     return files
 
 
-
-
 def load_test_file(path, n_people):
     """The records of one benchmark-format file, checked to have n_people people; errors name path:line."""
     records = kk_data.load_jsonl(path)  # validates every row, naming path:line
@@ -211,10 +209,8 @@ def compare_search(policy, value_model, tokenizer, records_by_size, template, ns
     samples = score_completions(rollout.HFSampler(policy, tokenizer), records_by_size, template, tokenizer,
                                 samples=max(ns), temperature=temperature, max_new_tokens=max_new_tokens,
                                 progress=progress, desc="samples")
-    prompts = {n: [kk_data.make_prompt(r, template, tokenizer) for r in records]
-               for n, records in records_by_size.items()}
-    critic_rows = [{"prompt": prompts[r["size"]][r["record"]], "response": r["completion"].removeprefix("<think>"),
-                    "reward": 0.0} for r in samples]
+    critic_rows = [{"prompt": kk_data.make_prompt(records_by_size[r["size"]][r["record"]], template, tokenizer),
+                    "response": r["completion"].removeprefix("<think>"), "reward": 0.0} for r in samples]
     for row, value in zip(samples, oreo.offline_values(value_model, tokenizer, critic_rows)[1].tolist()):
         row["value"] = value
     result = {}
@@ -359,11 +355,9 @@ def read_template(model_name, override=None):
         return override, "--template"
     extra, extra_file = read_extra(model_name)
     template = extra.get("template")
-    if template is None:
-        return DEFAULT_TEMPLATE, "default"
-    if template not in kk_data.TEMPLATES:
+    if template is not None and template not in kk_data.TEMPLATES:
         raise ValueError(f"{extra_file}: unknown template {template!r}; known: {kk_data.TEMPLATES}")
-    return template, str(extra_file)
+    return (DEFAULT_TEMPLATE, "default") if template is None else (template, str(extra_file))
 
 
 def read_max_new_tokens(model_name, override=None):
@@ -642,22 +636,17 @@ def example_sections(evals, labels):
 
 # ----------------------------------------------------------------------------------------------------------
 # 8. metrics.jsonl, and wandb when train.py's WANDB is on (optional; WANDB_MODE=offline keeps it on disk).
+def numbers(name, value):
+    """{"name/key/...": number} of the numbers in a nested dict (bools, text and lists left out)."""
+    if isinstance(value, dict):
+        return {k: v for key, inner in value.items() for k, v in numbers(f"{name}/{key}", inner).items()}
+    return {name: value} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
+
+
 def wandb_log(run, row):
     """One metrics.jsonl row to a wandb run at its global step: numbers as "<kind>/<key>" ("eval/accuracy/3"),
     an eval row's examples as a table "examples/<stage>"."""
-    data = {}
-
-    def add(name, value):
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                add(f"{name}/{key}", inner)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            data[name] = value
-
-    kind = row.get("kind", "row")
-    for key, value in row.items():
-        if key not in ("examples", "global_step"):
-            add(f"{kind}/{key}", value)
+    data = numbers(row.get("kind", "row"), {k: v for k, v in row.items() if k not in ("examples", "global_step")})
     if row.get("examples"):
         import wandb
         columns = ["stage", "step", "size", "record", "total", "format", "answer", "length", "completion"]
@@ -818,13 +807,10 @@ def evaluate_models(args):
             return {name: {"compare": result, "settings": settings}}, []
         if args.search == "beam":
             rows = score_beam_search(sampler.model, value_model, tokenizer, records_by_size, template, args.beam,
-                                     temperature=args.temperature, max_new_tokens=max_new_tokens,
-                                     progress=True, desc=name, **beam_settings)
+                                     args.temperature, max_new_tokens, progress=True, desc=name, **beam_settings)
         else:
-            rows = score_completions(sampler, records_by_size, template, tokenizer, samples=args.samples,
-                                     temperature=args.temperature, top_p=args.top_p,
-                                     max_new_tokens=max_new_tokens, batch_size=args.batch_size,
-                                     progress=True, desc=name)
+            rows = score_completions(sampler, records_by_size, template, tokenizer, args.samples, args.temperature,
+                                     args.top_p, max_new_tokens, args.batch_size, progress=True, desc=name)
         k = args.samples if args.samples > 1 else None
         settings = {"model": name, "template": template, "template_from": template_source,
                     "scorer": "reward.score (strict)", "sampler": args.sampler, "device": str(device),
@@ -867,14 +853,11 @@ def main(argv=None):
     """Exit status: 0 done, 2 bad input (a one-line message on stderr naming what is wrong)."""
     args = parse_args(argv)
     try:
-        if args.plot:
-            out = plot_run(args.plot)
-            if out is None:
+        if args.plot or args.report:
+            out = plot_run(args.plot) if args.plot else write_report(args.report)
+            if out is None:  # no matplotlib to plot with
                 return 2
             print(f"wrote {out}")
-            return 0
-        if args.report:
-            print(f"wrote {write_report(args.report)}")
             return 0
         results, rows = evaluate_models(args)
     except (ValueError, OSError) as error:
