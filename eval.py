@@ -21,6 +21,7 @@ turns those rows, and nothing else, into the table numbers.
     python eval.py --report runs/x                      # writes runs/x/report.md (and curves.png), as train.py does
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -81,8 +82,9 @@ def generated_split(sizes, per_size, seed=DEFAULT_SEED):
     return {n: kk_data.generate(n, per_size, seed) for n in sizes}
 
 
-def find_test_files(data_dir):
-    """{n: path} of the people{n}_num{k}.jsonl files in a folder (other files are ignored)."""
+def load_test_dir(data_dir, sizes=None, per_size=None):
+    """{n: records} from a folder of people{n}_num{k}.jsonl files (others ignored): every size found, or only
+    `sizes`; the first `per_size` records of each file, or all of them."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ValueError(f"{data_dir}: no such folder")
@@ -97,7 +99,10 @@ def find_test_files(data_dir):
         files[n] = path
     if not files:
         raise ValueError(f"{data_dir}: no test files named people{{n}}_num{{k}}.jsonl")
-    return files
+    missing = [n for n in sizes or () if n not in files]
+    if missing:
+        raise ValueError(f"{data_dir}: no people{{n}}_num{{k}}.jsonl file for n = {missing}")
+    return {n: load_test_file(files[n], n)[:per_size] for n in (sorted(files) if sizes is None else sizes)}
 
 
 def load_test_file(path, n_people):
@@ -112,17 +117,6 @@ def load_test_file(path, n_people):
     if not records:
         raise ValueError(f"{path}: no records")
     return records
-
-
-def load_test_dir(data_dir, sizes=None, per_size=None):
-    """{n: records} from a folder of people{n}_num{k}.jsonl files: every size found, or only `sizes`;
-    the first `per_size` records of each file, or all of them."""
-    files = find_test_files(data_dir)
-    sizes = sorted(files) if sizes is None else sizes
-    missing = [n for n in sizes if n not in files]
-    if missing:
-        raise ValueError(f"{data_dir}: no people{{n}}_num{{k}}.jsonl file for n = {missing}")
-    return {n: load_test_file(files[n], n)[:per_size] for n in sizes}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -426,8 +420,7 @@ PANELS = [  # (title, keys of train rows drawn as lines, keys of eval rows drawn
     ("SFT loss", ("sft_loss",), ()),
     ("OREO critic on held-out offline rows", ("value_auc_first", "value_auc_last", "value_explained_variance"), ()),
 ]
-SMOOTH = 10  # train curves: each step is one small batch (often of easy or of hard puzzles), so also draw the
-             # mean of the last SMOOTH steps
+SMOOTH = 10  # a train step is one small batch (often of easy or of hard puzzles): also draw the mean of SMOOTH
 
 
 def read_metrics(run_dir):
@@ -515,10 +508,8 @@ def write_report(run_dir, plot=True):
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     if plot:
-        try:
+        with contextlib.suppress(ValueError):  # nothing to draw yet
             plot_run(run_dir)
-        except ValueError:  # nothing to draw yet
-            pass
     out = run_dir / "report.md"
     out.write_text(report_markdown(run_dir, rows), encoding="utf-8")
     return out
