@@ -553,6 +553,7 @@ def cell(value):
 
 
 def report_markdown(run_dir, rows):
+    """report.md's text: setup and status, the changed constants, held-out tables, curves, scored examples."""
     config = read_json(run_dir / "config.json", {})
     summary = read_json(run_dir / "summary.json")
     evals = [r for r in rows if r.get("kind") == "eval"]
@@ -699,9 +700,8 @@ def parse_args(argv):
     add("--batch-size", type=int, default=EVAL_BATCH, help="completions generated together")
     add("--sampler", choices=("hf", "vllm"), default="hf")
     add("--search", choices=("greedy", "beam", "compare"), default="greedy",
-        help="greedy: decode with the sampler (the settings above); beam: OREO's value-guided step-level beam "
-             f"search (needs --value); compare: the test-time compute curve of {', '.join(TTC_METHODS)} at N = --ns "
-             "(needs --value; writes --png)")
+        help="greedy: decode with the sampler; beam: OREO's value-guided step-level beam search; compare: the "
+             f"test-time compute curve of {', '.join(TTC_METHODS)} at N = --ns, drawn to --png (both need --value)")
     add("--ns", default=",".join(map(str, TTC_NS)), help="--search compare: the Ns, a,b,c")
     add("--png", default="search.png", help="--search compare: the accuracy-vs-N plot")
     add("--expand", type=int, default=DEFAULT_EXPAND,
