@@ -200,9 +200,8 @@ def compare_search(policy, value_model, tokenizer, records_by_size, template, ns
     """{size: {method: {N: {"accuracy", "tokens" (generated per puzzle)}}}} for each N of ns. The first N of
     max(ns) samples per puzzle serve random (the mean over the N), majority and best-of-N (the critic's V before
     EOS, oreo.offline_values); beam is oreo.beam_search at beam N (beam_settings: its other options)."""
-    samples = score_completions(rollout.HFSampler(policy, tokenizer), records_by_size, template, tokenizer,
-                                samples=max(ns), temperature=temperature, max_new_tokens=max_new_tokens,
-                                progress=progress, desc="samples")
+    samples = score_completions(rollout.HFSampler(policy, tokenizer), records_by_size, template, tokenizer, max(ns),
+                                temperature, max_new_tokens=max_new_tokens, progress=progress, desc="samples")
     critic_rows = [{"prompt": kk_data.make_prompt(records_by_size[r["size"]][r["record"]], template, tokenizer),
                     "response": r["completion"].removeprefix("<think>"), "reward": 0.0} for r in samples]
     for row, value in zip(samples, oreo.offline_values(value_model, tokenizer, critic_rows)[1].tolist()):
@@ -294,9 +293,8 @@ def evaluate(sampler, records_by_size, template, tokenizer=None, max_new_tokens=
     first sample of the first `examples` puzzles of each size as scored here, with quiz and solution (report.md)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = {size: records[rank::world] for size, records in records_by_size.items()}
-    rows = score_completions(sampler, shard, template, tokenizer, samples=samples,
-                             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, progress=progress)
+    rows = score_completions(sampler, shard, template, tokenizer, samples, temperature, top_p, max_new_tokens,
+                             batch_size, progress)
     if world > 1:
         for row in rows:
             row["record"] = row["record"] * world + rank  # its position in the unsharded list
