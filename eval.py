@@ -1,38 +1,16 @@
 """eval.py — the one way to measure a model on Knights-and-Knaves puzzles, and the curves of a training run.
 
-What is measured (Logic-RL, arXiv 2502.14768; ../shared/spec/logic_rl.md §3 and the results table of §4).
-For every test puzzle the model completes the prompt (kk_data.make_prompt, which ends in the pre-filled
-"<think>"), and reward.score grades "<think>" + completion with the strict rule reward used in training.
-Per puzzle size:
-
-    accuracy          share of completions scoring 3 (format right AND every role right): the paper's table
-    format_rate       share with each of <think> </think> <answer> </answer> once, in that order
-    lenient_accuracy  share whose answer is right whatever the format (analysis only, never a reward)
-    mean_length       mean number of generated tokens, the EOS included
-    pass_at_k         only with --samples k > 1: chance that at least one of k samples is right
-
-Decoding is greedy unless --samples / --temperature say otherwise. With k samples per puzzle, "accuracy" is
-the mean over all samples (which is pass@1). `--search beam --beam B --value DIR` decodes instead with OREO's
-value-guided step-level beam search (oreo.beam_search, ../shared/spec/oreo.md "Test-time search"): one search
-per puzzle, steps sampled at temperature 1 (or --temperature), scored by the value model saved in DIR
-(oreo.ValueModel.save). Slow: every puzzle runs up to 20 rounds of B x E sampled steps (--expand E; CPU
-default B = E = 2). `--search compare --ns 1,2,4,8,16` is the test-time compute curve: beam search at B = N
-against best-of-N by the critic, majority vote and a random pick over N samples (a table, --out, and --png).
-
-Why one script: users of the original project saw one checkpoint score anywhere from 0.14 to 0.62 depending
-on which script measured it (other prompts, other scorers, other sampling settings). Here everything that moves
-the number is fixed, and recorded in the "settings" of --out:
-- the prompt is the one the model was trained with: train.py writes its template into mini_logic_rl.json
-  beside the weights; a folder without that file (a released model) gets "qwen-instruct"; --template overrides;
-- the scorer is reward.score, the function the trainer rewards with;
-- the puzzles are official benchmark files (--data DIR holding people{n}_num{k}.jsonl, the K&K test split's
-  naming) or a generated split: kk_data.generate(n, per_size, seed). With train.py's SEED (the default here)
-  those are the first puzzles of train.py's held-out split (make_splits puts the first TEST_PER_SIZE generated
-  puzzles in the test split), so keep --per-size <= TEST_PER_SIZE to stay clear of the training puzzles.
-
-The numbers come in two steps so that they can be checked: score_completions keeps one row per completion
-(text, length, score breakdown; --completions writes them) and summarize_completions turns those rows, and
-nothing else, into the table numbers.
+Logic-RL (arXiv 2502.14768; ../shared/spec/logic_rl.md §3, the results table of §4): the model completes each test
+puzzle's prompt (kk_data.make_prompt, ending in the pre-filled "<think>") and reward.score, the strict training
+reward, grades "<think>" + completion. Per puzzle size: accuracy (share scoring 3: the paper's table), format_rate,
+lenient_accuracy (answer right in any format), mean_length (generated tokens, EOS included) and, with --samples
+k > 1, pass_at_k = 1 - C(n-c, k) / C(n, k) (Chen et al. 2021). Greedy unless --samples / --temperature say
+otherwise. --search beam decodes with OREO's value-guided step-level beam search (oreo.beam_search;
+../shared/spec/oreo.md "Test-time search"); --search compare is the test-time compute curve: beam at B = N
+against best-of-N by the critic, majority vote and a random pick over N samples. Whatever moves the number (the
+trained template from mini_logic_rl.json, the scorer, the puzzles, sampling) is fixed and recorded in the
+"settings" of --out; score_completions keeps a row per completion (--completions) and summarize_completions
+turns those rows, and nothing else, into the table numbers.
 
     python eval.py runs/x/checkpoints/final Qwen/Qwen2.5-7B-Instruct-1M    # one table, a row per model
     python eval.py MODEL --data data/kk/test --out results.json --completions completions.jsonl
@@ -41,11 +19,9 @@ nothing else, into the table numbers.
     python eval.py MODEL --search compare --value runs/x/checkpoints/value --png search.png   # accuracy vs N
     python eval.py --plot runs/x                                            # writes runs/x/curves.png
     python eval.py --report runs/x                      # writes runs/x/report.md (and curves.png), as train.py does
-
-train.py uses evaluate(sampler, records_by_size, template, tokenizer, max_new_tokens=..., examples=...),
-markdown_table(rows), write_report(run_dir) and, with WANDB on, start_wandb / wandb_log.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -88,15 +64,15 @@ METRIC_TITLES = {"accuracy": "accuracy (strict reward = 3)", "format_rate": "for
 # ----------------------------------------------------------------------------------------------------------
 # 1. pass@k: the chance that at least one of k samples is right, estimated from n >= k samples.
 def pass_at_k(n, c, k):
-    """Unbiased pass@k of one puzzle with n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
-
-    C(n-c, k) / C(n, k) is the chance that k samples drawn without replacement from the n are all wrong
-    (Chen et al. 2021, arXiv 2107.03374). Averaged over puzzles it estimates pass@k with less variance than
-    drawing exactly k samples per puzzle. When fewer than k samples are wrong, C(n-c, k) = 0 and pass@k = 1.
-    """
+    """Unbiased pass@k of one puzzle with n samples, c of them right: 1 - C(n-c, k) / C(n, k) (arXiv 2107.03374)."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,8 +82,9 @@ def generated_split(sizes, per_size, seed=DEFAULT_SEED):
     return {n: kk_data.generate(n, per_size, seed) for n in sizes}
 
 
-def find_test_files(data_dir):
-    """{n: path} of the people{n}_num{k}.jsonl files in a folder (other files are ignored)."""
+def load_test_dir(data_dir, sizes=None, per_size=None):
+    """{n: records} from a folder of people{n}_num{k}.jsonl files (others ignored): every size found, or only
+    `sizes`; the first `per_size` records of each file, or all of them."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ValueError(f"{data_dir}: no such folder")
@@ -122,7 +99,10 @@ def find_test_files(data_dir):
         files[n] = path
     if not files:
         raise ValueError(f"{data_dir}: no test files named people{{n}}_num{{k}}.jsonl")
-    return files
+    missing = [n for n in sizes or () if n not in files]
+    if missing:
+        raise ValueError(f"{data_dir}: no people{{n}}_num{{k}}.jsonl file for n = {missing}")
+    return {n: load_test_file(files[n], n)[:per_size] for n in (sorted(files) if sizes is None else sizes)}
 
 
 def load_test_file(path, n_people):
@@ -139,28 +119,12 @@ def load_test_file(path, n_people):
     return records
 
 
-def load_test_dir(data_dir, sizes=None, per_size=None):
-    """{n: records} from a folder of people{n}_num{k}.jsonl files: every size found, or only `sizes`;
-    the first `per_size` records of each file, or all of them."""
-    files = find_test_files(data_dir)
-    sizes = sorted(files) if sizes is None else sizes
-    missing = [n for n in sizes if n not in files]
-    if missing:
-        raise ValueError(f"{data_dir}: no people{{n}}_num{{k}}.jsonl file for n = {missing}")
-    return {n: load_test_file(files[n], n)[:per_size] for n in sizes}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 3. Generate and score: one row per completion, the only thing the table numbers are computed from.
 def score_completions(sampler, records_by_size, template, tokenizer=None, samples=1, temperature=0.0, top_p=1.0,
                       max_new_tokens=DEFAULT_MAX_NEW_TOKENS, batch_size=EVAL_BATCH, progress=False,
                       desc="completions"):
-    """`samples` completions of every puzzle, each scored; returns one dict per completion:
-
-        size, record (position in records_by_size[size]), sample (0..samples-1),
-        completion (the scored text: "<think>" + generated), length (generated tokens, EOS included),
-        total, format, answer, correct, lenient_correct (reward.Score's fields)
-    """
+    """`samples` completions of every puzzle, each scored: a completion_row per completion, by size and puzzle."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if samples > 1 and temperature == 0:
@@ -176,28 +140,26 @@ def score_completions(sampler, records_by_size, template, tokenizer=None, sample
             out = sampler.generate(prompts, n=samples, temperature=temperature, top_p=top_p,
                                    max_new_tokens=max_new_tokens)  # rows i*samples .. belong to prompts[i]
             lengths = out.completion_mask.sum(-1).long().tolist()  # [B]
-            for row, (text, length) in enumerate(zip(out.completions, lengths)):
-                rows.append(completion_row(size, start + row // samples, row % samples, batch[row // samples], text,
-                                           length))
+            for i, (text, length) in enumerate(zip(out.completions, lengths)):
+                rows.append(completion_row(size, start + i // samples, i % samples, batch[i // samples], text, length))
             bar.update(len(out.completions))
     bar.close()
     return rows
 
 
 def completion_row(size, position, sample, record, text, length):
-    """One scored completion (the row layout of score_completions); text is what the model generated."""
+    """size, record (position in its size's list), sample, completion ("<think>" + text), length (generated tokens,
+    EOS included) and reward.Score's total, format, answer, correct, lenient_correct."""
     completion = "<think>" + text  # the pre-filled "<think>" is part of what the format rule checks
     s = score(completion, record["solution_text_format"])
     return {"size": size, "record": position, "sample": sample, "completion": completion, "length": length,
-            "total": s.total, "format": s.format, "answer": s.answer, "correct": s.correct,
-            "lenient_correct": s.lenient_correct}
+            **{field: getattr(s, field) for field in ("total", "format", "answer", "correct", "lenient_correct")}}
 
 
 def score_beam_search(policy, value_model, tokenizer, records_by_size, template, beam, temperature=1.0,
                       max_new_tokens=DEFAULT_MAX_NEW_TOKENS, max_expansions=DEFAULT_MAX_EXPANSIONS,
                       max_step_tokens=DEFAULT_MAX_STEP_TOKENS, progress=False, desc="beam search", expand=None):
-    """score_completions' rows (one per puzzle, sample 0) with oreo.beam_search instead of sampling; steps end at
-    oreo.step_end_ids(tokenizer)."""
+    """score_completions' rows (one per puzzle, sample 0, + "generated") with oreo.beam_search instead."""
     step_ids = oreo.step_end_ids(tokenizer)
     bar = tqdm(total=sum(len(r) for r in records_by_size.values()), desc=desc, unit="puzzle", disable=not progress,
                dynamic_ncols=True)
@@ -235,20 +197,13 @@ def majority_pick(rows, record):
 
 def compare_search(policy, value_model, tokenizer, records_by_size, template, ns=TTC_NS, temperature=1.0,
                    max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=False, **beam_settings):
-    """Test-time compute at N candidates per puzzle, for each N of ns: {size: {method: {N: {"accuracy",
-    "tokens"}}}} (tokens: generated per puzzle, mean). max(ns) samples per puzzle at `temperature` serve the
-    three sampling methods (the first N of them at each N):
-        random     the expected accuracy of a uniformly random pick (the mean over the N)
-        majority   the answer most of the N give (ties: the one given first)
-        best-of-N  the sample whose finished answer the critic values most (V before EOS, oreo.offline_values)
-        beam       oreo.beam_search with beam N (beam_settings: expand, max_expansions, max_step_tokens)."""
-    samples = score_completions(rollout.HFSampler(policy, tokenizer), records_by_size, template, tokenizer,
-                                samples=max(ns), temperature=temperature, max_new_tokens=max_new_tokens,
-                                progress=progress, desc="samples")
-    prompts = {n: [kk_data.make_prompt(r, template, tokenizer) for r in records]
-               for n, records in records_by_size.items()}
-    critic_rows = [{"prompt": prompts[r["size"]][r["record"]], "response": r["completion"].removeprefix("<think>"),
-                    "reward": 0.0} for r in samples]
+    """{size: {method: {N: {"accuracy", "tokens" (generated per puzzle)}}}} for each N of ns. The first N of
+    max(ns) samples per puzzle serve random (the mean over the N), majority and best-of-N (the critic's V before
+    EOS, oreo.offline_values); beam is oreo.beam_search at beam N (beam_settings: its other options)."""
+    samples = score_completions(rollout.HFSampler(policy, tokenizer), records_by_size, template, tokenizer, max(ns),
+                                temperature, max_new_tokens=max_new_tokens, progress=progress, desc="samples")
+    critic_rows = [{"prompt": kk_data.make_prompt(records_by_size[r["size"]][r["record"]], template, tokenizer),
+                    "response": r["completion"].removeprefix("<think>"), "reward": 0.0} for r in samples]
     for row, value in zip(samples, oreo.offline_values(value_model, tokenizer, critic_rows)[1].tolist()):
         row["value"] = value
     result = {}
@@ -256,16 +211,16 @@ def compare_search(policy, value_model, tokenizer, records_by_size, template, ns
         by_puzzle = [[r for r in samples if r["size"] == size and r["record"] == i] for i in range(len(records))]
         result[size] = {method: {} for method in TTC_METHODS}
         for n in ns:
-            picks = {"random": [sum(r["correct"] for r in rows[:n]) / n for rows in by_puzzle],
+            picks = {"random": [mean(r["correct"] for r in rows[:n]) for rows in by_puzzle],
                      "majority": [majority_pick(rows[:n], records[i])["correct"] for i, rows in enumerate(by_puzzle)],
                      "best-of-N": [max(rows[:n], key=lambda r: r["value"])["correct"] for rows in by_puzzle]}
-            tokens = sum(sum(r["length"] for r in rows[:n]) for rows in by_puzzle) / len(records)
+            tokens = mean(sum(r["length"] for r in rows[:n]) for rows in by_puzzle)
             for method, correct in picks.items():
-                result[size][method][n] = {"accuracy": sum(correct) / len(records), "tokens": tokens}
+                result[size][method][n] = {"accuracy": mean(correct), "tokens": tokens}
             rows = score_beam_search(policy, value_model, tokenizer, {size: records}, template, n, temperature,
                                      max_new_tokens, progress=progress, desc=f"beam {n}", **beam_settings)
-            result[size]["beam"][n] = {"accuracy": sum(r["correct"] for r in rows) / len(rows),
-                                       "tokens": sum(r["generated"] for r in rows) / len(rows)}
+            result[size]["beam"][n] = {"accuracy": mean(r["correct"] for r in rows),
+                                       "tokens": mean(r["generated"] for r in rows)}
     return result
 
 
@@ -280,12 +235,24 @@ def compare_table(result):
     return "\n".join(lines)
 
 
+def new_figure(rows, columns, width, height):
+    """A matplotlib figure of [rows, columns] axes, each width x height inches, drawn without pyplot."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width * columns, height * rows))
+    return fig, fig.subplots(rows, columns, squeeze=False)
+
+
+def save_png(fig, path):
+    """fig as a PNG, through a temporary file: a kill mid-write leaves the previous picture whole."""
+    fig.tight_layout()
+    temporary = Path(path).with_name(Path(path).name + ".tmp")
+    fig.savefig(temporary, dpi=100, format="png")
+    temporary.replace(path)
+
+
 def plot_compare(result, path):
     """Accuracy against N and against generated tokens, a row of two panels per puzzle size."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(result), 2, figsize=(10, 3.6 * len(result)), squeeze=False)
+    fig, axes = new_figure(len(result), 2, 5, 3.6)
     for (size, methods), row in zip(sorted(result.items()), axes):
         for method, points in methods.items():
             ns = sorted(points)
@@ -295,56 +262,39 @@ def plot_compare(result, path):
             ax.set_xscale("log", base=2)
             ax.set(xlabel=xlabel, ylabel="accuracy", title=f"{size} people: accuracy vs {xlabel.split(' (')[0]}")
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def summarize_completions(rows, k=None, pass_ks=()):
-    """The table numbers from per-completion rows (as score_completions returns): {metric: {size: value}}.
-
-    accuracy, format_rate, lenient_accuracy: shares over all completions of a size; mean_length: the mean of
-    their "length"; pass_at_k (only when k is given): pass_at_k(n, c, k) of each puzzle (n its samples, c the
-    correct ones), averaged over the size's puzzles; "pass@j" for each j of pass_ks: the same at k = j.
-    """
+    """{metric: {size: value}} from score_completions' rows: shares over a size's completions, the mean length,
+    and pass_at_k (with k; "pass@j" for each j of pass_ks): pass_at_k of each puzzle, averaged over puzzles."""
     if not rows:
         raise ValueError("no completions to summarize")
-    by_size = {}
-    for row in rows:
-        by_size.setdefault(row["size"], []).append(row)
-    result = {"accuracy": {}, "format_rate": {}, "lenient_accuracy": {}, "mean_length": {}}
-    ks = {"pass_at_k": k} if k is not None else {}
-    ks.update({f"pass@{j}": j for j in pass_ks})
-    result.update({name: {} for name in ks})
-    for size, group in sorted(by_size.items()):
-        count = len(group)
-        result["accuracy"][size] = sum(row["correct"] for row in group) / count
-        result["format_rate"][size] = sum(row["format"] == FORMAT_OK for row in group) / count
-        result["lenient_accuracy"][size] = sum(row["lenient_correct"] for row in group) / count
-        result["mean_length"][size] = sum(row["length"] for row in group) / count
+    ks = ({"pass_at_k": k} if k is not None else {}) | {f"pass@{j}": j for j in pass_ks}
+    result = {name: {} for name in ("accuracy", "format_rate", "lenient_accuracy", "mean_length", *ks)}
+    for size in sorted({row["size"] for row in rows}):
+        group = [row for row in rows if row["size"] == size]
+        result["accuracy"][size] = mean(row["correct"] for row in group)
+        result["format_rate"][size] = mean(row["format"] == FORMAT_OK for row in group)
+        result["lenient_accuracy"][size] = mean(row["lenient_correct"] for row in group)
+        result["mean_length"][size] = mean(row["length"] for row in group)
         correct_by_puzzle = {}
         for row in group:
             correct_by_puzzle.setdefault(row["record"], []).append(row["correct"])
         for name, j in ks.items():
-            result[name][size] = (sum(pass_at_k(len(c), sum(c), j) for c in correct_by_puzzle.values())
-                                  / len(correct_by_puzzle))
+            result[name][size] = mean(pass_at_k(len(c), sum(c), j) for c in correct_by_puzzle.values())
     return result
 
 
 def evaluate(sampler, records_by_size, template, tokenizer=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
              temperature=0.0, samples=1, top_p=1.0, batch_size=EVAL_BATCH, progress=False, pass_ks=(), examples=0):
-    """{metric: {size: value}} for one sampler, greedy by default; with samples > 1 also pass_at_k (k = samples)
-    and "pass@j" for each j <= samples of pass_ks.
-    Under torchrun (train.py) each rank scores every WORLD-th puzzle and every rank gets the pooled numbers.
-
-    examples > 0 adds "examples": the first sample of the first `examples` puzzles of each size, as they were
-    scored here (no second generation): size, record (position in records_by_size[size]), quiz, solution,
-    completion, length, format, answer, total. train.py keeps them in metrics.jsonl for report.md."""
+    """{metric: {size: value}} for one sampler (summarize_completions; pass_at_k at k = samples when > 1). Under
+    torchrun each rank scores every WORLD-th puzzle and gets the pooled numbers. examples > 0 adds "examples": the
+    first sample of the first `examples` puzzles of each size as scored here, with quiz and solution (report.md)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = {size: records[rank::world] for size, records in records_by_size.items()}
-    rows = score_completions(sampler, shard, template, tokenizer, samples=samples,
-                             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, progress=progress)
+    rows = score_completions(sampler, shard, template, tokenizer, samples, temperature, top_p, max_new_tokens,
+                             batch_size, progress)
     if world > 1:
         for row in rows:
             row["record"] = row["record"] * world + rank  # its position in the unsharded list
@@ -392,41 +342,34 @@ def read_extra(model_name):
 
 
 def read_template(model_name, override=None):
-    """(template, where it came from): --template, else the "template" train.py saved in mini_logic_rl.json,
-    else "qwen-instruct"."""
+    """(template, where it came from): --template, else mini_logic_rl.json's "template", else "qwen-instruct"."""
     if override is not None:
         return override, "--template"
     extra, extra_file = read_extra(model_name)
     template = extra.get("template")
-    if template is None:
-        return DEFAULT_TEMPLATE, "default"
-    if template not in kk_data.TEMPLATES:
+    if template is not None and template not in kk_data.TEMPLATES:
         raise ValueError(f"{extra_file}: unknown template {template!r}; known: {kk_data.TEMPLATES}")
-    return template, str(extra_file)
+    return (DEFAULT_TEMPLATE, "default") if template is None else (template, str(extra_file))
 
 
 def read_max_new_tokens(model_name, override=None):
-    """--max-new-tokens, else the budget the model was trained with (mini_logic_rl.json), else 4096: a tiny
-    model trained on 400-token answers would otherwise ramble on past its 1024 positions."""
+    """--max-new-tokens, else the budget the model was trained with (mini_logic_rl.json), else 4096."""
     return override or read_extra(model_name)[0].get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
 
 
 def load_sampler(kind, model_name, device, max_new_tokens=DEFAULT_MAX_NEW_TOKENS):
-    """(sampler, tokenizer) for one model, loaded in eval mode: "hf" = rollout.HFSampler on the model on `device`;
-    "vllm" = a rollout.VLLMSampler built from the model loaded on the CPU (in `device`'s dtype), whose weights it
-    copies (vLLM itself picks its device: the GPU when there is one). Its context is the prompt room
-    VLLM_PROMPT_TOKENS + max_new_tokens, at most the model's max_position_embeddings."""
+    """(sampler, tokenizer), in eval mode: "hf" = rollout.HFSampler on `device`; "vllm" = a rollout.VLLMSampler
+    copying the weights of the model loaded on the CPU, its context VLLM_PROMPT_TOKENS + max_new_tokens at most."""
     tokenizer = kk_model.load_tokenizer(model_name)  # a ValueError naming the folder when it holds none
     try:
         policy = kk_model.load_model(model_name, device if kind == "hf" else "cpu", dtype=kk_model.pick_dtype(device))
     except (OSError, ValueError) as error:
         raise ValueError(f"{model_name}: the model could not be loaded ({first_line(error)})") from None
     policy.eval()
-    if kind == "vllm":
-        context = min(policy.config.max_position_embeddings, VLLM_PROMPT_TOKENS + max_new_tokens)
-        sampler = rollout.make_sampler("vllm", policy, tokenizer, max_model_len=context, enable_sleep_mode=False)
-        return sampler, tokenizer
-    return rollout.HFSampler(policy, tokenizer), tokenizer
+    if kind == "hf":
+        return rollout.HFSampler(policy, tokenizer), tokenizer
+    context = min(policy.config.max_position_embeddings, VLLM_PROMPT_TOKENS + max_new_tokens)
+    return rollout.make_sampler("vllm", policy, tokenizer, max_model_len=context, enable_sleep_mode=False), tokenizer
 
 
 def load_value_model(path, device):
@@ -475,11 +418,11 @@ PANELS = [  # (title, keys of train rows drawn as lines, keys of eval rows drawn
     ("SFT loss", ("sft_loss",), ()),
     ("OREO critic on held-out offline rows", ("value_auc_first", "value_auc_last", "value_explained_variance"), ()),
 ]
+SMOOTH = 10  # a train step is one small batch (often of easy or of hard puzzles): also draw the mean of SMOOTH
 
 
 def read_metrics(run_dir):
-    """The rows of run_dir/metrics.jsonl; a row that is not a JSON object raises ValueError naming file:line, a
-    truncated last line (a run killed, or still writing) is dropped with a warning."""
+    """The rows of run_dir/metrics.jsonl (ValueError naming file:line; a truncated last line dropped, warned)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no metrics log here (is {run_dir} a train.py output folder?)")
@@ -505,8 +448,7 @@ def curves(rows):
             if points:
                 lines.append((f"{key} (train)" if eval_keys else key, points, ""))
         for eval_key in eval_keys:
-            sizes = sorted({size for r in evals for size in r.get(eval_key) or {}}, key=int)
-            for size in sizes:
+            for size in sorted({size for r in evals for size in r.get(eval_key) or {}}, key=int):
                 points = [(r["global_step"], r[eval_key][size]) for r in evals if size in (r.get(eval_key) or {})]
                 how = eval_key if eval_key.startswith("pass@") else "greedy"
                 lines.append((f"held-out, {size} people ({how})", points, "o"))
@@ -515,31 +457,21 @@ def curves(rows):
     return panels
 
 
-SMOOTH = 10  # train curves: each step is one small batch (often of easy or of hard puzzles), so also draw the
-             # mean of the last SMOOTH steps
-
-
 def trailing_mean(values, window):
     """values[i] replaced by the mean of values[max(0, i - window + 1) .. i]."""
-    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+    return [mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
 def plot_run(run_dir, out_name="curves.png"):
-    """Draw the curves of run_dir/metrics.jsonl into run_dir/out_name and return its path (None without
-    matplotlib, which is optional)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """Draw run_dir/metrics.jsonl's curves into run_dir/out_name; its path (None without matplotlib, optional)."""
+    if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed (pip install matplotlib): no curves drawn")
         return None
     panels = curves(read_metrics(run_dir))
     if not panels:
         raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'}: no train or eval rows with data to plot")
     columns = min(3, len(panels))
-    n_rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(n_rows, columns, figsize=(4.5 * columns, 3.4 * n_rows), squeeze=False)
+    fig, axes = new_figure(math.ceil(len(panels) / columns), columns, 4.5, 3.4)
     for ax, (title, lines) in zip(axes.flat, panels):
         for label, points, marker in lines:
             steps, values = zip(*points)
@@ -554,12 +486,8 @@ def plot_run(run_dir, out_name="curves.png"):
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.tight_layout()
-    out = Path(run_dir) / out_name
-    fig.savefig(out.with_name(out.name + ".tmp"), dpi=100, format="png")
-    plt.close(fig)
-    out.with_name(out.name + ".tmp").replace(out)  # a kill mid-write leaves the previous curves whole
-    return out
+    save_png(fig, Path(run_dir) / out_name)
+    return Path(run_dir) / out_name
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -578,10 +506,8 @@ def write_report(run_dir, plot=True):
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     if plot:
-        try:
+        with contextlib.suppress(ValueError):  # nothing to draw yet
             plot_run(run_dir)
-        except ValueError:  # nothing to draw yet
-            pass
     out = run_dir / "report.md"
     out.write_text(report_markdown(run_dir, rows), encoding="utf-8")
     return out
@@ -593,8 +519,7 @@ def read_json(path, default=None):
 
 def changed_constants(run_dir):
     """([(name, value, default)] of config.json's constants that differ from the defaults, where the defaults
-    came from): train.py saves its defaults in defaults.json; a run without one is compared with train.py's
-    defaults on this machine."""
+    came from): defaults.json as the run started, else train.py's module-level constants on this machine."""
     config = read_json(run_dir / "config.json", {})
     defaults, source = read_json(run_dir / "defaults.json"), "defaults.json (train.py's, as the run started)"
     if defaults is None:  # a fresh copy of train.py: its module-level constants are the defaults
@@ -606,13 +531,8 @@ def changed_constants(run_dir):
     return [(k, v, defaults.get(k)) for k, v in config.items() if defaults.get(k, object()) != v], source
 
 
-def eval_label(row):
-    return STAGE_LABELS.get(row.get("stage"), f"{row.get('stage')} step {row.get('step')}")
-
-
 def code_block(text, width=REPORT_WIDTH):
-    """text in a fenced block whose fence is longer than any run of backticks inside it; lines longer than width
-    are wrapped at spaces (a code block does not wrap, and one 400-token line is unreadable)."""
+    """text in a fenced block, the fence longer than any run of backticks inside; lines wrapped at spaces."""
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
     lines = [part for line in text.splitlines() or [""] for part in
              (textwrap.wrap(line, width, break_long_words=False, break_on_hyphens=False) or [line])]
@@ -631,13 +551,15 @@ def cell(value):
 
 
 def report_markdown(run_dir, rows):
+    """report.md's text: setup and status, the changed constants, held-out tables, curves, scored examples."""
     config = read_json(run_dir / "config.json", {})
     summary = read_json(run_dir / "summary.json")
     evals = [r for r in rows if r.get("kind") == "eval"]
     if summary and "initial" in summary and not any(r.get("stage") == "initial" for r in evals):
         evals.insert(0, {"kind": "eval", "stage": "initial", "step": 0, "global_step": 0, **summary["initial"]})
-    labels = [eval_label(r) + (" (final)" if summary and i == len(evals) - 1 and r.get("stage") != "initial"
-                               else "") for i, r in enumerate(evals)]
+    labels = [STAGE_LABELS.get(r.get("stage"), f"{r.get('stage')} step {r.get('step')}") for r in evals]
+    if summary and evals and evals[-1].get("stage") != "initial":
+        labels[-1] += " (final)"
     setup = ", ".join(f"{k} {config[k]}" for k in ("MODEL", "ALGO", "PEOPLE", "STEPS") if k in config)
     if summary:
         status = f"Finished in {summary['seconds'] / 60:.1f} min." if "seconds" in summary else "Finished."
@@ -659,28 +581,23 @@ def report_markdown(run_dir, rows):
     else:
         lines += [f"None: the run used the defaults ({source})."]
     lines += ["", "## Held-out results", ""]
-    table_rows = dict(zip(labels, evals))
-    for metric, title in METRIC_TITLES.items():
-        if any(metric in r for r in evals):
-            digits = 0 if metric == "mean_length" else 2
-            lines += [f"### {title}", "", markdown_table(table_rows, metric, digits), ""]
-    for key in sorted({k for r in evals for k in r if k.startswith("pass@")}, key=lambda k: int(k[5:])) + (
-            ["sampled_length"] if any("sampled_length" in r for r in evals) else []):  # measured before/after only
-        title = (f"{key} at the rollout temperature (chance that one of {key[5:]} sampled completions is right)"
-                 if key != "sampled_length" else "mean length of those samples (tokens)")
-        measured = {label: row for label, row in table_rows.items() if key in row}
-        lines += [f"### {title}", "", markdown_table(measured, key, 0 if key == "sampled_length" else 2), ""]
+    pass_keys = sorted({k for r in evals for k in r if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+    titles = {**METRIC_TITLES, **{k: f"{k} at the rollout temperature (chance that one of {k[5:]} sampled "
+                                     "completions is right)" for k in pass_keys},
+              "sampled_length": "mean length of those samples (tokens)"}  # pass@k: measured before/after only
+    for key, title in titles.items():
+        if any(key in row for row in evals):
+            shown = {label: row for label, row in zip(labels, evals) if key in row or key in METRIC_TITLES}
+            lines += [f"### {title}", "", markdown_table(shown, key, 0 if "length" in key else 2), ""]
     if not evals:
         lines += ["No evaluation yet.", ""]
     if (run_dir / "curves.png").is_file():
         lines += ["## Curves", "", "![training curves](curves.png)", ""]
-    lines += example_sections(evals, labels)
-    return "\n".join(lines).rstrip() + "\n"
+    return "\n".join(lines + example_sections(evals, labels)).rstrip() + "\n"
 
 
 def example_sections(evals, labels):
-    """For every puzzle some evaluation kept an example of: the puzzle, the right answer, and what the model
-    wrote at (up to REPORT_MAX_EVALS of) the evaluations, each with its score."""
+    """Per puzzle kept in "examples": the puzzle, its answer, what the model wrote at (a spread of) evaluations."""
     by_puzzle = {}
     for row, label in zip(evals, labels):
         for example in row.get("examples") or []:
@@ -701,37 +618,25 @@ def example_sections(evals, labels):
         if len(picked) < len(shown):
             lines += [f"({len(picked)} of its {len(shown)} evaluations shown; all are in metrics.jsonl.)", ""]
         for label, row, example in picked:
-            meaning = SCORE_MEANING.get(example["total"], "")
             lines += [f"**{label}** (global step {row.get('global_step')}): total {example['total']:g} "
-                      f"({meaning}) = format {example['format']:+g} + answer {example['answer']:+g}; "
-                      f"{example['length']} tokens", "", code_block(example["completion"]), ""]
+                      f"({SCORE_MEANING.get(example['total'], '')}) = format {example['format']:+g} + answer "
+                      f"{example['answer']:+g}; {example['length']} tokens", "", code_block(example["completion"]), ""]
     return lines
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. wandb, when train.py's WANDB is on (wandb is optional: train.py refuses WANDB=True before any work when the
-# package is missing). WANDB_MODE=offline keeps the run on disk (OUT_DIR/wandb) with no network.
-def start_wandb(project, config, run_dir):
-    import wandb
-    return wandb.init(project=project, name=Path(run_dir).name, dir=str(run_dir), config=config)
+# 8. metrics.jsonl, and wandb when train.py's WANDB is on (optional; WANDB_MODE=offline keeps it on disk).
+def numbers(name, value):
+    """{"name/key/...": number} of the numbers in a nested dict (bools, text and lists left out)."""
+    if isinstance(value, dict):
+        return {k: v for key, inner in value.items() for k, v in numbers(f"{name}/{key}", inner).items()}
+    return {name: value} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
 
 
 def wandb_log(run, row):
-    """One metrics.jsonl row to a wandb run at its global step: numbers as "<kind>/<key>" ("eval/accuracy/3" per
-    puzzle size), an eval row's examples as a table "examples/<stage>"."""
-    data = {}
-
-    def add(name, value):
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                add(f"{name}/{key}", inner)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            data[name] = value
-
-    kind = row.get("kind", "row")
-    for key, value in row.items():
-        if key not in ("examples", "global_step"):
-            add(f"{kind}/{key}", value)
+    """One metrics.jsonl row to a wandb run at its global step: numbers as "<kind>/<key>" ("eval/accuracy/3"),
+    an eval row's examples as a table "examples/<stage>"."""
+    data = numbers(row.get("kind", "row"), {k: v for k, v in row.items() if k not in ("examples", "global_step")})
     if row.get("examples"):
         import wandb
         columns = ["stage", "step", "size", "record", "total", "format", "answer", "length", "completion"]
@@ -741,17 +646,17 @@ def wandb_log(run, row):
 
 
 class MetricsLog:
-    """train.py's writer of metrics.jsonl, one JSON object per row (read back by read_metrics); on resume the rows
-    after step keep_until are dropped (and a truncated last line, a kill mid-write, with a warning). Every eval row
-    rewrites report.md and curves.png; with a wandb project every row also goes to a wandb run. Under torchrun
-    only rank 0 writes."""
+    """train.py's metrics.jsonl writer (rank 0 only): on resume rows after keep_until are dropped; every eval row
+    rewrites report.md and curves.png; with a wandb project every row also goes to a wandb run."""
 
     def __init__(self, out_dir, keep_until, config, rank=0, wandb_project=None):
-        self.path, self.rank = Path(out_dir) / "metrics.jsonl", rank
+        self.path, self.rank, self.wandb = Path(out_dir) / "metrics.jsonl", rank, None
         rows = read_metrics(out_dir) if self.path.exists() and keep_until is not None else []
         if rank == 0:
             kk_data.save_jsonl([r for r in rows if r["global_step"] <= keep_until], self.path)
-        self.wandb = start_wandb(wandb_project, config, out_dir) if wandb_project and rank == 0 else None
+        if wandb_project and rank == 0:
+            import wandb
+            self.wandb = wandb.init(project=wandb_project, name=Path(out_dir).name, dir=str(out_dir), config=config)
 
     def write(self, row):
         if self.rank > 0:
@@ -775,104 +680,95 @@ class MetricsLog:
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("models", nargs="*", metavar="MODEL",
-                        help="local HF folder (e.g. runs/x/checkpoints/final) or hub name")
-    parser.add_argument("--plot", metavar="RUN_DIR", help="draw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl")
-    parser.add_argument("--report", metavar="RUN_DIR", help="write RUN_DIR/report.md (and curves.png) from the "
-                                                            "run folder's files, as train.py does")
-    parser.add_argument("--data", metavar="DIR", help="folder of people{n}_num{k}.jsonl test files "
-                                                      "(default: a generated split)")
-    parser.add_argument("--people", help='puzzle sizes, "a-b" or "a,b,c" (default: 2-8, or every file of --data)')
-    parser.add_argument("--per-size", type=int, help=f"puzzles per size (default: {DEFAULT_PER_SIZE} generated, "
-                                                     "or every record of --data)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="generated split and sampling seed")
-    parser.add_argument("--template", choices=kk_data.TEMPLATES,
-                        help=f"prompt template (default: from mini_logic_rl.json, else {DEFAULT_TEMPLATE})")
-    parser.add_argument("--samples", type=int, default=1, help="completions per puzzle (pass@k with k = samples)")
-    parser.add_argument("--temperature", type=float, help="0 = greedy (default); with --search beam: the step "
-                                                           "sampling temperature (default 1)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, help="generation budget (default: the one the model was "
-                        f"trained with, from mini_logic_rl.json, else {DEFAULT_MAX_NEW_TOKENS})")
-    parser.add_argument("--batch-size", type=int, default=EVAL_BATCH, help="completions generated together")
-    parser.add_argument("--sampler", choices=("hf", "vllm"), default="hf")
-    parser.add_argument("--search", choices=("greedy", "beam", "compare"), default="greedy",
-                        help="greedy: decode with the sampler (the settings above); beam: OREO's value-guided "
-                             "step-level beam search (needs --value); compare: the test-time compute curve of "
-                             f"{', '.join(TTC_METHODS)} at N = --ns (needs --value; writes --png)")
-    parser.add_argument("--ns", default=",".join(map(str, TTC_NS)), help="--search compare: the Ns, a,b,c")
-    parser.add_argument("--png", default="search.png", help="--search compare: the accuracy-vs-N plot")
-    parser.add_argument("--expand", type=int, default=DEFAULT_EXPAND,
-                        help="--search beam: next steps sampled per kept candidate (None: --beam, OREO's B x B)")
-    parser.add_argument("--beam", type=int, default=DEFAULT_BEAM, help="--search beam: beam width B")
-    parser.add_argument("--value", metavar="DIR", help="--search beam: value model folder (oreo.ValueModel.save)")
-    parser.add_argument("--max-expansions", type=int, default=DEFAULT_MAX_EXPANSIONS,
-                        help="--search beam: rounds of expansion")
-    parser.add_argument("--max-step-tokens", type=int, default=DEFAULT_MAX_STEP_TOKENS,
-                        help="--search beam: longest step")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the first GPU if any)")
-    parser.add_argument("--out", metavar="FILE", help="write the numbers and settings as JSON")
-    parser.add_argument("--completions", metavar="FILE", help="write every scored completion as JSONL")
-    args = parser.parse_args(argv)
+    add = parser.add_argument
+    add("models", nargs="*", metavar="MODEL", help="local HF folder (e.g. runs/x/checkpoints/final) or hub name")
+    add("--plot", metavar="RUN_DIR", help="draw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl")
+    add("--report", metavar="RUN_DIR", help="write RUN_DIR/report.md (and curves.png) from its files, as train.py does")
+    add("--data", metavar="DIR", help="folder of people{n}_num{k}.jsonl test files (default: a generated split)")
+    add("--people", help='puzzle sizes, "a-b" or "a,b,c" (default: 2-8, or every file of --data)')
+    add("--per-size", type=int, help=f"puzzles per size (default: {DEFAULT_PER_SIZE} generated, or all of --data)")
+    add("--seed", type=int, default=DEFAULT_SEED, help="generated split and sampling seed")
+    add("--template", choices=kk_data.TEMPLATES,
+        help=f"prompt template (default: from mini_logic_rl.json, else {DEFAULT_TEMPLATE})")
+    add("--samples", type=int, default=1, help="completions per puzzle (pass@k with k = samples)")
+    add("--temperature", type=float, help="0 = greedy (default); --search beam: the step temperature (default 1)")
+    add("--top-p", type=float, default=1.0)
+    add("--max-new-tokens", type=int, help="generation budget (default: the one the model was trained with, from "
+        f"mini_logic_rl.json, else {DEFAULT_MAX_NEW_TOKENS})")
+    add("--batch-size", type=int, default=EVAL_BATCH, help="completions generated together")
+    add("--sampler", choices=("hf", "vllm"), default="hf")
+    add("--search", choices=("greedy", "beam", "compare"), default="greedy",
+        help="greedy: decode with the sampler; beam: OREO's value-guided step-level beam search; compare: the "
+             f"test-time compute curve of {', '.join(TTC_METHODS)} at N = --ns, drawn to --png (both need --value)")
+    add("--ns", default=",".join(map(str, TTC_NS)), help="--search compare: the Ns, a,b,c")
+    add("--png", default="search.png", help="--search compare: the accuracy-vs-N plot")
+    add("--expand", type=int, default=DEFAULT_EXPAND,
+        help="--search beam: next steps sampled per kept candidate (None: --beam, OREO's B x B)")
+    add("--beam", type=int, default=DEFAULT_BEAM, help="--search beam: beam width B")
+    add("--value", metavar="DIR", help="--search beam: value model folder (oreo.ValueModel.save)")
+    add("--max-expansions", type=int, default=DEFAULT_MAX_EXPANSIONS, help="--search beam: rounds of expansion")
+    add("--max-step-tokens", type=int, default=DEFAULT_MAX_STEP_TOKENS, help="--search beam: longest step")
+    add("--device", help="cpu, cuda, cuda:1, ... (default: the first GPU if any)")
+    add("--out", metavar="FILE", help="write the numbers and settings as JSON")
+    add("--completions", metavar="FILE", help="write every scored completion as JSONL")
+    args, error = parser.parse_args(argv), parser.error
     if args.plot and args.report:
-        parser.error("give --plot or --report, not both (--report also draws the curves)")
+        error("give --plot or --report, not both (--report also draws the curves)")
     if (args.plot or args.report) and args.models:
-        parser.error(f"{'--plot' if args.plot else '--report'} RUN_DIR takes no MODEL")
+        error(f"{'--plot' if args.plot else '--report'} RUN_DIR takes no MODEL")
     if not (args.plot or args.report) and not args.models:
-        parser.error("give at least one MODEL (or --plot RUN_DIR, or --report RUN_DIR)")
+        error("give at least one MODEL (or --plot RUN_DIR, or --report RUN_DIR)")
     if len(set(args.models)) != len(args.models):
-        parser.error("a MODEL is given twice")
+        error("a MODEL is given twice")
     if args.temperature is None:
         args.temperature = 0.0 if args.search == "greedy" else 1.0
     if args.search != "greedy":
         if args.value is None:
-            parser.error("--search beam needs --value DIR (a folder written by oreo.ValueModel.save)")
+            error("--search beam needs --value DIR (a folder written by oreo.ValueModel.save)")
         if args.samples != 1 or args.sampler != "hf" or args.temperature == 0:
-            parser.error("--search beam runs one search per puzzle with HF generate at a temperature > 0: "
-                         "leave --samples at 1 and --sampler at hf, and give --temperature > 0")
+            error("--search beam runs one search per puzzle with HF generate at a temperature > 0: "
+                  "leave --samples at 1 and --sampler at hf, and give --temperature > 0")
         if min(args.beam, args.max_expansions, args.max_step_tokens, args.expand or 1) < 1:
-            parser.error("--beam, --expand, --max-expansions and --max-step-tokens must be >= 1")
+            error("--beam, --expand, --max-expansions and --max-step-tokens must be >= 1")
         try:
             args.ns = sorted({int(n) for n in args.ns.split(",")})
         except ValueError:
-            parser.error(f"--ns {args.ns!r}: write the Ns as a,b,c")
+            error(f"--ns {args.ns!r}: write the Ns as a,b,c")
         if args.ns[0] < 1 or (args.search == "compare" and len(args.models) != 1):
-            parser.error("--ns must be >= 1, and --search compare takes one MODEL")
+            error("--ns must be >= 1, and --search compare takes one MODEL")
     elif args.value is not None:
-        parser.error("--value is only used with --search beam or compare")
-    per_size = 1 if args.per_size is None else args.per_size
-    if min(args.samples, 1 if args.max_new_tokens is None else args.max_new_tokens, args.batch_size, per_size) < 1:
-        parser.error("--samples, --max-new-tokens, --batch-size and --per-size must be >= 1")
+        error("--value is only used with --search beam or compare")
+    sizes = [args.samples, args.batch_size] + [n for n in (args.max_new_tokens, args.per_size) if n is not None]
+    if min(sizes) < 1:
+        error("--samples, --max-new-tokens, --batch-size and --per-size must be >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
-        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+        error("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.samples > 1 and args.temperature == 0:
-        parser.error(f"--samples {args.samples} needs --temperature > 0 (greedy gives {args.samples} identical "
-                     "completions)")
+        error(f"--samples {args.samples} needs --temperature > 0 (greedy gives {args.samples} identical completions)")
     if args.people is not None:
         try:
             args.people = kk_data.parse_sizes(args.people)
         except ValueError:
-            parser.error(f'--people {args.people!r}: write sizes as "a-b" or "a,b,c"')
+            error(f'--people {args.people!r}: write sizes as "a-b" or "a,b,c"')
     for option, path in (("--out", args.out), ("--completions", args.completions),
                          ("--plot", args.plot and Path(args.plot) / "curves.png")):
         try:  # before any evaluation: an unwritable output must not cost a whole run
             if path:
                 kk_data.check_writable(path)
-        except ValueError as error:
-            parser.error(f"{option}: {error}")
+        except ValueError as message:
+            error(f"{option}: {message}")
     return args
 
 
 def load_test_set(args):
     """({size: records}, settings describing them) as the command line asks."""
     if args.data:
-        records_by_size = load_test_dir(args.data, args.people, args.per_size)
-        return records_by_size, {"data": str(args.data), "puzzles": {n: len(r) for n, r in records_by_size.items()}}
-    sizes = args.people or list(kk_data.SIZES)
-    per_size = args.per_size or DEFAULT_PER_SIZE
-    records_by_size = generated_split(sizes, per_size, args.seed)
-    return records_by_size, {"data": f"generated (kk_data.generate, seed {args.seed})",
-                             "puzzles": {n: len(r) for n, r in records_by_size.items()}}
+        records_by_size, data = load_test_dir(args.data, args.people, args.per_size), str(args.data)
+    else:
+        sizes, per_size = args.people or list(kk_data.SIZES), args.per_size or DEFAULT_PER_SIZE
+        records_by_size = generated_split(sizes, per_size, args.seed)
+        data = f"generated (kk_data.generate, seed {args.seed})"
+    return records_by_size, {"data": data, "puzzles": {n: len(r) for n, r in records_by_size.items()}}
 
 
 def evaluate_models(args):
@@ -884,6 +780,7 @@ def evaluate_models(args):
     device = torch.device(args.device) if args.device else kk_model.pick_device()
     transformers.utils.logging.disable_progress_bar()  # one bar per model is enough
     value_model = load_value_model(args.value, device) if args.value else None
+    beam_settings = dict(max_expansions=args.max_expansions, max_step_tokens=args.max_step_tokens, expand=args.expand)
     results, all_rows = {}, []
     for name in args.models:
         max_new_tokens = read_max_new_tokens(name, args.max_new_tokens)
@@ -891,23 +788,18 @@ def evaluate_models(args):
         template, template_source = templates[name]
         print(f"{name}: template {template!r} (from {template_source})", file=sys.stderr)
         torch.manual_seed(args.seed)  # the same sampling noise for every model
-        beam_settings = dict(max_expansions=args.max_expansions, max_step_tokens=args.max_step_tokens,
-                             expand=args.expand)
         if args.search == "compare":
             result = compare_search(sampler.model, value_model, tokenizer, records_by_size, template, args.ns,
                                     args.temperature, max_new_tokens, progress=True, **beam_settings)
-            return {name: {"compare": result, "settings": {"model": name, "value": args.value, "ns": args.ns,
-                                                           "temperature": args.temperature, **beam_settings,
-                                                           **data_settings}}}, []
+            settings = {"model": name, "value": args.value, "ns": args.ns, "temperature": args.temperature,
+                        **beam_settings, **data_settings}
+            return {name: {"compare": result, "settings": settings}}, []
         if args.search == "beam":
             rows = score_beam_search(sampler.model, value_model, tokenizer, records_by_size, template, args.beam,
-                                     temperature=args.temperature, max_new_tokens=max_new_tokens,
-                                     progress=True, desc=name, **beam_settings)
+                                     args.temperature, max_new_tokens, progress=True, desc=name, **beam_settings)
         else:
-            rows = score_completions(sampler, records_by_size, template, tokenizer, samples=args.samples,
-                                     temperature=args.temperature, top_p=args.top_p,
-                                     max_new_tokens=max_new_tokens, batch_size=args.batch_size,
-                                     progress=True, desc=name)
+            rows = score_completions(sampler, records_by_size, template, tokenizer, args.samples, args.temperature,
+                                     args.top_p, max_new_tokens, args.batch_size, progress=True, desc=name)
         k = args.samples if args.samples > 1 else None
         settings = {"model": name, "template": template, "template_from": template_source,
                     "scorer": "reward.score (strict)", "sampler": args.sampler, "device": str(device),
@@ -950,14 +842,11 @@ def main(argv=None):
     """Exit status: 0 done, 2 bad input (a one-line message on stderr naming what is wrong)."""
     args = parse_args(argv)
     try:
-        if args.plot:
-            out = plot_run(args.plot)
-            if out is None:
+        if args.plot or args.report:
+            out = plot_run(args.plot) if args.plot else write_report(args.report)
+            if out is None:  # no matplotlib to plot with
                 return 2
             print(f"wrote {out}")
-            return 0
-        if args.report:
-            print(f"wrote {write_report(args.report)}")
             return 0
         results, rows = evaluate_models(args)
     except (ValueError, OSError) as error:
