@@ -1,11 +1,12 @@
 """Time one full RL step (rollout + scoring + log-probs + update) of the tiny CPU preset, by hand:
 
-    .venv/bin/python bench/step.py [--steps 3] [--model runs/default/checkpoints/warmup]
+    .venv/bin/python bench/step.py [--steps 3] [--model runs/default/checkpoints/warmup] [--threads 2]
 
 It uses train.py's own rl_step with its CPU constants (PROMPTS_PER_STEP x GROUP_SIZE, MAX_NEW_TOKENS), after
 one untimed warm-up step, and prints a table of seconds per phase. If `trl` is installed it also times TRL's
 GRPOTrainer on the same model, batch, group size and lengths and prints the ratio (TRL is never a dependency
-of this project: install it by hand to compare).
+of this project: install it by hand to compare). Both run on --threads torch threads (default train.CPU_THREADS);
+time on a quiet machine: with other jobs on the cores, 2 threads ran 3-11x slower than 1 (NOTES.md).
 """
 import argparse
 import sys
@@ -97,12 +98,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--model", default="", help="HF folder; default: a fresh tiny model (untrained)")
+    parser.add_argument("--threads", type=int, default=train.CPU_THREADS, help="torch threads, for both trainers")
     args = parser.parse_args()
-    torch.set_num_threads(train.CPU_THREADS)
+    torch.set_num_threads(args.threads)
     model_path = args.model or kk_model.build_tiny(tempfile.mkdtemp(), kk_data.corpus_text(), **train.TINY_SIZES)
     ours = time_ours(model_path, args.steps)
     print(f"tiny preset: {train.PROMPTS_PER_STEP} prompts x {train.GROUP_SIZE} samples, max {train.MAX_NEW_TOKENS}"
-          f" new tokens, mean completion {ours['completion_length']:.0f} tokens, {args.steps} timed steps\n")
+          f" new tokens, mean completion {ours['completion_length']:.0f} tokens, {args.steps} timed steps, "
+          f"{args.threads} torch thread(s)\n")
     print("| phase | seconds per step |\n|---|---|")
     for key, value in ours.items():
         if key.startswith("seconds_") or key == "total":
