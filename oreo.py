@@ -1,62 +1,24 @@
-"""OREO: Offline REasoning Optimization (arXiv 2412.16145) -- the losses and the value model.
+"""OREO: Offline REasoning Optimization (arXiv 2412.16145) -- the losses, the value model, training and search.
 
-Spec: ../shared/spec/oreo.md. Checked against the original loss code (float64 reference case
-../shared/data/oreo_reference_case.json) in tests/test_oreo.py.
+Spec: ../shared/spec/oreo.md; tests/test_oreo.py checks the losses against the original code (float64 reference case
+../shared/data/oreo_reference_case.json). Reasoning and measurements: NOTES.md.
 
-The MDP
--------
-Token-level and undiscounted: a state s_t is the prompt plus the tokens generated so far, an action a_t is the
-next token, and the only reward is R in {0, 1} at the end. OREO maximises the KL-regularised return
-
-    E[R] - beta * KL(pi || pi_ref),        pi_ref = the starting (SFT) model, beta = 0.03 in every published run.
-
-Soft Bellman consistency
-------------------------
-The optimal policy and soft value of that objective satisfy, for every step,
-
-    V(s_t) - V(s_{t+1}) = r_t - beta * log pi(a_t|s_t) / pi_ref(a_t|s_t),
-
-and with the reward only at the end this telescopes to
+The MDP is token-level and undiscounted, with one reward R in {0, 1} at the end; OREO maximises
+E[R] - beta * KL(pi || pi_ref) (pi_ref = the SFT model, beta = 0.03). Soft Bellman consistency,
+V(s_t) - V(s_{t+1}) = r_t - beta * log pi(a_t|s_t) / pi_ref(a_t|s_t), telescopes to
 
     V(s_t) = R - beta * A_t,        A_t = sum_{i >= t} log pi(a_i|s_i) / pi_ref(a_i|s_i).
 
-OREO trains both sides of this equation towards each other on offline (prompt, response, reward) rows. With the
-residual  delta_t = beta * A_t + V(s_t) - R  both losses are  mean_b( sum_t delta_t^2 / n_b ):  a mean over the
-sequence's scored states, then a mean over the batch.  They have the SAME value and differ only in where the
-gradient goes:
-
-    loss          gradient flows into                                       stop-gradient on
-    value  L_V    V(s_t)                                                    all log-probs
-    policy L_pi   token level:    log pi(a_t) of the current token only     V, A_{t+1}
-                  step level:     log pi of the current step's tokens       V, A at the next step start
-                  response level: log pi of every token (one state, s_0)    V
-
-Levels (which states are scored, and the weight alpha of the KL regulariser added to the policy loss):
-    token     every completion token is a state                             alpha = 0.01
-    step      only the first token of each step (steps end at a newline)    alpha = 0.1
-    response  only the first completion token                               alpha = 0.3
-The three are one computation: a "state" owns the tokens up to the next state, and the policy gradient flows
-through exactly the tokens it owns.
-
-KL regulariser (added to the policy loss as alpha * KL): the exact reverse KL over the whole vocabulary at every
-action position, sum_v pi(v) (log pi(v) - log pi_ref(v)), as the paper did; the sampled k3 estimate is the
-cheaper fallback.
-
-The value function is a separate copy of the starting model with a bias-free linear head on its last hidden state,
-initialised to zero so that V = 0 at the start.
-
-Layout: everything here is in the project's completion-token layout [B, C] (column j = completion token j, see
-NOTES.md), where the original code kept full-sequence tensors with state masks; the numbers are the same.
-The paper trained its 7B critic with LoRA (rank 64, lr 1e-4): ValueModel(lora_rank=64), train.py VALUE_LORA_RANK;
-0 (the CPU default) fine-tunes the whole copy.
-
-The rest of the file is the algorithm around the losses, in the order it runs:
-    6. offline data     sample K completions per training prompt from the starting model, reward 1 if strictly
-                        correct else 0, optionally keep at most m correct and m wrong per prompt; JSONL rows
-                        {"prompt", "response", "reward", "size", "index"}
-    7. training step    per micro-batch: log-probs without grad -> critic loss -> actor loss + alpha*KL, gradients
-                        accumulating over the batch; then one step of the critic and one of the policy
-    8. test-time search value-guided step-level beam search
+With delta_t = beta * A_t + V(s_t) - R, the value loss L_V and the policy loss L_pi both are
+mean_b(sum_t delta_t^2 / n_b) over the scored states: L_V's gradient goes into V only, L_pi's into log pi of the
+tokens each state owns (up to the next scored state). Levels (scored states; alpha weighs the KL added to L_pi):
+    token     every completion token                                        alpha = 0.01
+    step      the first token of each step (steps end at a newline)         alpha = 0.1
+    response  the first completion token                                    alpha = 0.3
+KL: exact reverse KL over the vocabulary (the paper's), or the sampled k3 estimate. Tensors use the project's
+completion-token layout [B, C] (NOTES.md). V is a separate copy of the starting model with a zero-initialised linear
+head (LoRA rank 64 for the paper's 7B critic: ValueModel(lora_rank=64)). Sections: 1-4 the losses, 5 the value model,
+6 offline data, 7 the training step and the critic-only phase with its quality metrics, 8 value-guided beam search.
 """
 import json
 import math
@@ -82,9 +44,7 @@ HEAD_FILE = "value_head.safetensors"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # LoRA: every linear
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 1. Soft Bellman consistency, telescoped
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 1. Soft Bellman consistency, telescoped -------------------------------------------------------------------
 
 def reverse_cumsum(x):
     """out[..., j] = sum_{i >= j} x[..., i] over the last dim."""
@@ -106,9 +66,7 @@ def sequence_mean(x, mask):
     return ((x * mask).sum(-1) / mask.sum(-1)).mean()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Which states are scored: token, step or response level
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 2. Which states are scored: token, step or response level -------------------------------------------------
 
 def newline_token_ids(tokenizer):
     """Ids of every vocabulary token whose text contains a newline (those tokens end a step)."""
@@ -156,9 +114,7 @@ def at_next_state(x, states):
     return padded.gather(-1, next_state_index(states))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 3. The losses
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 3. The losses ---------------------------------------------------------------------------------------------
 
 def check_loss_inputs(logp, ref_logp, values, rewards, mask, level, step_start_mask):
     if level not in LEVELS:
@@ -211,9 +167,7 @@ def losses(logp, ref_logp, values, rewards, mask, beta, level="token", step_star
     return policy_loss, value_loss
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 4. The KL regulariser (added to the policy loss as alpha * KL)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 4. The KL regulariser (added to the policy loss as alpha * KL) --------------------------------------------
 
 def full_kl(policy_logits, ref_logits, mask):
     """Exact reverse KL(pi || pi_ref) over the vocabulary at each action position, per-sequence mean over the
@@ -241,9 +195,7 @@ def k3_kl(logp, ref_logp, mask):
     return sequence_mean(torch.exp(x) - x - 1, mask.to(logp.dtype))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 5. The value model: a separate backbone and a zero-initialised bias-free head
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 5. The value model: a separate backbone and a zero-initialised bias-free head -----------------------------
 
 class ValueModel(nn.Module):
     """V(s) = head(last hidden state of s).  The head starts at zero, so V = 0 before any training.
@@ -319,9 +271,7 @@ def with_lora(model, rank):
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 6. Offline data: K sampled completions per training prompt, each with a 0/1 reward
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 6. Offline data: K sampled completions per training prompt, each with a 0/1 reward ------------------------
 
 OFFLINE_FIELDS = {"prompt": str, "response": str, "reward": (int, float), "size": int, "index": int}
 
@@ -390,9 +340,7 @@ def load_offline(path):
     return kk_data.read_jsonl(path, check_offline_row)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 7. One joint training step on a batch of offline rows
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 7. One joint training step on a batch of offline rows -----------------------------------------------------
 
 def encode_offline_batch(tokenizer, rows, device):
     """The rows as model inputs, in the project's layout:
@@ -642,9 +590,7 @@ def critic_quality(value_model, tokenizer, rows, batch_size=32):
             "value_first_mean": first.mean().item(), "reward_mean": R.mean().item()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 8. Test-time search: value-guided step-level beam search
-# ----------------------------------------------------------------------------------------------------------------
+# ---- 8. Test-time search: value-guided step-level beam search --------------------------------------------------
 # Keep `beam` partial solutions. From each, sample `beam` next steps (a step ends at a step-end token or EOS); score
 # every candidate with V at the LAST token of its prefix, i.e. the value of the state after the step, which is the
 # next step's start state: the state the step-level critic is trained on. (The original code read the
