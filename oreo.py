@@ -75,10 +75,8 @@ def newline_token_ids(tokenizer):
 
 
 def step_starts_from_newlines(completion_ids, mask, newline_ids):
-    """1 on completion tokens that start a step: the first token, and every token right after a newline token.
-
-    completion_ids, mask: [B, C]; newline_ids: ids of the tokens that end a step.  Returns [B, C] in mask's dtype.
-    """
+    """1 (in mask's dtype) on the first completion token and on every token right after one of newline_ids, the
+    tokens that end a step.  completion_ids, mask: [B, C] -> [B, C]"""
     if completion_ids.shape != mask.shape:
         raise ValueError(f"completion_ids {tuple(completion_ids.shape)} and mask {tuple(mask.shape)} differ in shape")
     newline_ids = torch.as_tensor(list(newline_ids), dtype=completion_ids.dtype, device=completion_ids.device)
@@ -170,11 +168,8 @@ def losses(logp, ref_logp, values, rewards, mask, beta, level="token", step_star
 # ---- 4. The KL regulariser (added to the policy loss as alpha * KL) --------------------------------------------
 
 def full_kl(policy_logits, ref_logits, mask):
-    """Exact reverse KL(pi || pi_ref) over the vocabulary at each action position, per-sequence mean over the
-    action tokens, then batch mean.  Gradient through pi only.
-
-    policy_logits, ref_logits: [B, C, V] (column j = the logits that predict completion token j); mask: [B, C].
-    """
+    """Exact reverse KL(pi || pi_ref) over the vocabulary at each action, sequence mean then batch mean; gradient
+    through pi only.  policy_logits, ref_logits: [B, C, V] (column j predicts completion token j); mask: [B, C]."""
     if policy_logits.shape != ref_logits.shape or policy_logits.shape[:2] != mask.shape:
         raise ValueError(f"policy_logits {tuple(policy_logits.shape)}, ref_logits {tuple(ref_logits.shape)} "
                          f"and mask {tuple(mask.shape)} must agree as [B, C, V] / [B, C]")
@@ -198,11 +193,7 @@ def k3_kl(logp, ref_logp, mask):
 # ---- 5. The value model: a separate backbone and a zero-initialised bias-free head -----------------------------
 
 class ValueModel(nn.Module):
-    """V(s) = head(last hidden state of s).  The head starts at zero, so V = 0 before any training.
-
-    The head is kept in float32 (or float64) even when the backbone is bf16: values are compared with beta-sized
-    log-ratio sums, which bf16 would round away.
-    """
+    """V(s) = head(last hidden state of s); the head starts at zero (V = 0) and stays float32 on a bf16 backbone."""
 
     def __init__(self, backbone, lora_rank=0):
         super().__init__()
@@ -214,10 +205,8 @@ class ValueModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device, dtype=torch.float32, attn_implementation=None, lora_rank=0):
         """Backbone of the causal LM (or of a folder written by save) at path; the saved head if there is one.
-        lora_rank > 0: frozen backbone + fresh LoRA adapters (with_lora). A folder a LoRA critic saved (its
-        adapter_config.json names the base model) loads the base and those adapters.
-
-        Loading a causal-LM folder reports lm_head.weight as UNEXPECTED: that is the LM head we leave out."""
+        lora_rank > 0: frozen backbone + fresh LoRA adapters (with_lora); a LoRA critic's folder loads base + adapters.
+        (A causal-LM folder reports lm_head.weight as UNEXPECTED: the LM head we leave out.)"""
         adapter_file = Path(path) / "adapter_config.json"
         base = json.loads(adapter_file.read_text())["base_model_name_or_path"] if adapter_file.is_file() else path
         backbone = AutoModel.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
@@ -254,9 +243,7 @@ class ValueModel(nn.Module):
         return self.head(before_each_token.to(self.head.weight.dtype)).squeeze(-1)      # [B, C]
 
     def last_value(self, input_ids, attention_mask):
-        """V of the state that each row's tokens make up: the head read at the row's LAST real token.  [B, L] -> [B]
-
-        This is the value of the state AFTER that token (what forward calls "the state before the next token")."""
+        """V of the state AFTER each row's LAST real token (forward's "state before the next token").  [B, L] -> [B]"""
         hidden = self.hidden_states(input_ids, attention_mask)                          # [B, L, H]
         L = input_ids.shape[1]
         last = L - 1 - attention_mask.flip(-1).argmax(-1)                               # [B] column of the last 1
@@ -277,9 +264,7 @@ OFFLINE_FIELDS = {"prompt": str, "response": str, "reward": (int, float), "size"
 
 
 def binary_reward(response, solution):
-    """1.0 when "<think>" + response is fully correct (reward.score's strict rule: format and every role), else 0.0.
-
-    The paper's reward; the prompt pre-fills "<think>", so it is put back before scoring."""
+    """The paper's reward: 1.0 when "<think>" (pre-filled by the prompt) + response is strictly correct, else 0.0."""
     return 1.0 if score("<think>" + response, solution).correct else 0.0
 
 
@@ -299,12 +284,9 @@ def balance_rows(rows, m):
 
 def sample_offline_data(sampler, records, template, tokenizer, k, temperature=1.0, max_new_tokens=400,
                         balance=None, prompts_per_call=8, progress=False):
-    """Rows {"prompt", "response", "reward", "size", "index"}: k completions of every record's prompt.
-
-    sampler: a rollout sampler (HFSampler or VLLMSampler) holding the starting model; "response" is the decoded
-    completion (without the pre-filled "<think>" and without EOS); "size" is the number of people, "index" the
-    record's "index". balance: keep at most that many correct and that many wrong rows per prompt (None: all).
-    """
+    """OFFLINE_FIELDS rows, k per record: sampler's (HFSampler / VLLMSampler) completion of the prompt without the
+    pre-filled "<think>" and EOS, its reward, the number of people, the record's index. balance: keep at most that many
+    correct and that many wrong rows per prompt (None: all)."""
     if k < 1 or prompts_per_call < 1:
         raise ValueError(f"sample_offline_data needs k >= 1 and prompts_per_call >= 1, got {k}, {prompts_per_call}")
     rows = []
@@ -343,16 +325,10 @@ def load_offline(path):
 # ---- 7. One joint training step on a batch of offline rows -----------------------------------------------------
 
 def encode_offline_batch(tokenizer, rows, device):
-    """The rows as model inputs, in the project's layout:
-
-        input_ids, attention_mask [B, P + C]: prompt LEFT-padded, then response + " " + EOS RIGHT-padded
-        completion_ids, mask      [B, C]:     the completion part; mask is 1 on its real tokens, EOS included
-        n_prompt                  P
-        rewards                   [B]
-
-    The spec's training text is prompt + completion + " " + EOS, and both appended tokens are actions. (A word-level
-    tokenizer has no token for " ", so there only EOS is appended.)
-    """
+    """The rows as model inputs; the spec's text is prompt + response + " " + EOS (both appended tokens are actions;
+    a word-level tokenizer has no " " token, so there only EOS):
+        input_ids, attention_mask [B, P + C]: prompt LEFT-padded, then the completion RIGHT-padded
+        completion_ids, mask [B, C] (1 on real tokens, EOS included); n_prompt = P; rewards [B]"""
     prompts = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False)
     completions = tokenizer([row["response"] + " " + tokenizer.eos_token for row in rows], return_tensors="pt",
@@ -380,11 +356,8 @@ def step_end_ids(tokenizer):
 
 
 def completion_logits(model, input_ids, attention_mask, n_prompt):
-    """Logits [B, C, V] that predict the C completion tokens (the LM head runs on those positions only).
-
-    Memory: this is the full [B, C, V] tensor that token_logprobs avoids. full_kl needs it for the policy (with
-    gradient) and the reference; in float32 it is B * C * V * 4 bytes per tensor and autograd keeps a few of them,
-    e.g. 1 sequence of 4,096 tokens with Qwen2.5's V = 152k is 2.5 GB each. kl="k3" avoids it."""
+    """Logits [B, C, V] that predict the C completion tokens (the LM head runs on those positions only): the full
+    tensor token_logprobs avoids, which full_kl needs (kl="k3" does not)."""
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     return model.lm_head(hidden[:, n_prompt - 1:-1])                                    # [B, C, V]
@@ -423,29 +396,14 @@ def make_oreo_optimizers(policy, value_model, lr_policy, lr_value, total_steps, 
 
 def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, rows, beta, alpha, level,
               micro_batch, step_ids=None, grad_clip=1.0, kl="full", policy_scheduler=None, value_scheduler=None):
-    """Train the critic and the policy on one batch of offline rows: ONE optimizer step of each; mean metrics.
+    """ONE optimizer step of the critic and one of the policy on a batch of offline rows; returns mean metrics.
 
-    The batch is the spec's global batch (128 rows on the GPU defaults); it goes through the models in micro-batches
-    of `micro_batch` rows whose gradients accumulate. For every micro-batch, in the spec's order:
-      1. policy and reference log-probs of the completion tokens, without gradient;
-      2. critic: values V [b, C] -> value loss (oreo.losses) -> backward (accumulates);
-      3. actor: policy log-probs with gradient -> policy loss with the values of 2. + alpha * KL -> backward.
-    Then, once per batch: clip and step the critic, then clip and step the policy (the order does not matter: the
-    two models share no parameter, and both gradients were taken before either step).
-    "The actor sees the critic's values from before the critic's update" (spec: "V here is the critic's value
-    before this micro-batch's critic update") holds for every micro-batch: the critic only moves at the end of the
-    batch, so every micro-batch's actor loss uses the values of the critic as it was when the batch began. The
-    original code reaches the same with DeepSpeed's gradient accumulation, whose optimizer step only acts at the
-    end of the global batch. Each micro-batch's losses are weighted by its share of the rows, so the accumulated
-    gradient is that of the per-sequence-then-batch mean over the WHOLE batch: any `micro_batch` gives the same step.
-    The schedulers (if given) step with the optimizers.
-
-    level: "token" | "step" | "response"; step_ids: ids of the tokens that END a step (level "step"; default
-    step_end_ids(tokenizer)). kl: "full" = the exact reverse KL over the vocabulary (the paper's; needs the
-    [b, C, V] logits of policy and reference, see completion_logits) or "k3" = the sampled estimate.
-    Metrics: value_loss, policy_loss, kl, value_first (mean V at the first state, before the update), reward
-    (mean R), completion_length, grad_norm_value, grad_norm_policy (of the accumulated gradients, before clipping).
-    """
+    Per micro-batch of `micro_batch` rows, weighted by its share of the rows (any micro_batch gives the same step):
+    1. log-probs without gradient, 2. critic: value loss -> backward, 3. actor: policy loss with the values of 2.
+    (the critic as it was when the batch began) + alpha * KL -> backward. Then clip and step both (and schedulers).
+    level: LEVELS; step_ids: the tokens that END a step (default step_end_ids); kl: "full" (exact, the paper's) or
+    "k3". Metrics: value_loss, policy_loss, kl, value_first (mean V at the first state, before the update), reward,
+    completion_length, grad_norm_value, grad_norm_policy (before clipping)."""
     if kl not in ("full", "k3"):
         raise ValueError(f"kl must be 'full' or 'k3', got {kl!r}")
     if level not in LEVELS:
@@ -507,8 +465,7 @@ def encode_with_step_starts(tokenizer, rows, device, level, step_ids=None):
 
 
 def critic_step(value_model, optimizer, tokenizer, rows, level, micro_batch, grad_clip=1.0, scheduler=None):
-    """One optimizer step of the critic alone, before any policy step: while the policy IS the reference every
-    log-ratio is 0, so A = 0 and the soft value target is R itself (the value loss of oreo.losses with A = 0).
+    """One optimizer step of the critic alone: before any policy step pi = pi_ref, so A = 0 and the target is R.
     Micro-batches accumulate as in oreo_step. Returns {"value_loss", "grad_norm_value"}."""
     total, step_ids = 0.0, step_end_ids(tokenizer) if level == "step" else None
     for part in by_length(rows, micro_batch):
@@ -578,11 +535,9 @@ def auc(scores, labels):
 
 
 def critic_quality(value_model, tokenizer, rows, batch_size=32):
-    """How well V predicts the final reward R on (held-out) offline rows:
-        value_auc_first   AUC of V(first state) for correct vs wrong rows (only the prompt is seen: difficulty)
-        value_auc_last    AUC of V(last state: the answer written, before EOS)
-        value_explained_variance  1 - mean_b(mean_t (V - R)^2) / Var(R), over every completion state
-        value_first_mean  mean V(first state) (compare with reward_mean, the rows' mean R)."""
+    """How well V predicts R on (held-out) offline rows: value_auc_first / value_auc_last (AUC of V at the first
+    state, which sees only the prompt / at the last, before EOS, for correct vs wrong rows), value_explained_variance
+    (1 - mean_b(mean_t (V - R)^2) / Var(R)), value_first_mean (mean V at the first state) and reward_mean."""
     first, last, square_error, R = offline_values(value_model, tokenizer, rows, batch_size)
     variance = R.var(unbiased=False).item()
     return {"value_auc_first": auc(first, R), "value_auc_last": auc(last, R),
@@ -591,14 +546,9 @@ def critic_quality(value_model, tokenizer, rows, batch_size=32):
 
 
 # ---- 8. Test-time search: value-guided step-level beam search --------------------------------------------------
-# Keep `beam` partial solutions. From each, sample `beam` next steps (a step ends at a step-end token or EOS); score
-# every candidate with V at the LAST token of its prefix, i.e. the value of the state after the step, which is the
-# next step's start state: the state the step-level critic is trained on. (The original code read the
-# second-to-last token: the state before the step's last token, a bug.) Keep the best `beam`; those that ended
-# (EOS, or max_new_tokens reached) go to a finished pool. After max_expansions rounds, or when no partial solution
-# is left, return the finished candidate with the highest value (the best partial one if none finished).
-# Note: for a candidate ending in EOS the last token is the EOS itself; training never scores the state after EOS
-# (only states before actions), so that value is an extrapolation of the critic.
+# Keep `beam` partial solutions; from each sample next steps (ending at a step-end token or EOS), score each candidate
+# with V at the last token of its prefix (the next step's start state, which the step-level critic is trained on),
+# keep the best `beam`, and move those that ended to a finished pool; return the finished one of highest value.
 
 @dataclass
 class SearchResult:
@@ -627,9 +577,8 @@ def through_first_stop(tokens, stop_ids):
 
 @torch.no_grad()
 def sample_next_steps(policy, tokenizer, prompt_ids, prefixes, n, step_ids, temperature, max_step_tokens):
-    """n sampled next steps after prompt + each prefix (lists of ids), in ONE generate call (left padding): a list
-    per prefix of n lists of token ids, each ending with its stop token (a step end or EOS) unless
-    max_step_tokens ran out first."""
+    """Per prefix (a list of ids), n sampled next steps after prompt + prefix, all in ONE generate call: lists of
+    token ids, each ending with its stop token (a step end or EOS) unless max_step_tokens ran out first."""
     device = next(policy.parameters()).device
     rows = [prompt_ids + prefix for prefix in prefixes for _ in range(n)]
     longest = max(map(len, rows))
@@ -668,11 +617,9 @@ def keep_best(candidates, values, beam, is_finished):
 def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, max_expansions=20, max_step_tokens=256,
                 temperature=1.0, max_new_tokens=4096, expand=None):
     """Value-guided step-level beam search for one prompt (see the section comment); returns a SearchResult.
-
-    policy: a causal LM; value_model: a ValueModel; step_ids: ids of the tokens that end a step (step_end_ids);
-    expand: next steps sampled from each kept partial solution (default: beam, OREO's B x B).
-    Identical candidates of one round are scored once (duplicates would only crowd the beam). A candidate that
-    ended with EOS is scored at the state before its EOS: the last state the critic is trained on."""
+    step_ids: the tokens that end a step (step_end_ids); expand: next steps sampled from each kept partial solution
+    (default beam: OREO's B x B). A round's identical candidates are scored once; one that ended with EOS is scored
+    at the state before its EOS, the last state the critic is trained on."""
     expand = beam if expand is None else expand
     if min(beam, expand, max_expansions, max_step_tokens, max_new_tokens) < 1 or temperature <= 0:
         raise ValueError(f"beam_search needs beam, max_expansions, max_step_tokens, max_new_tokens >= 1 and "
