@@ -45,7 +45,6 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 # ---- 1. Soft Bellman consistency, telescoped -------------------------------------------------------------------
-
 def reverse_cumsum(x):
     """out[..., j] = sum_{i >= j} x[..., i] over the last dim."""
     return x.flip(-1).cumsum(-1).flip(-1)
@@ -67,11 +66,17 @@ def sequence_mean(x, mask):
 
 
 # ---- 2. Which states are scored: token, step or response level -------------------------------------------------
-
-def newline_token_ids(tokenizer):
-    """Ids of every vocabulary token whose text contains a newline (those tokens end a step)."""
+def step_end_ids(tokenizer):
+    """Token ids that end a reasoning step: every token containing a newline; for a tokenizer without any (the
+    tiny word-level one, whose traces separate the checks of each person with " ; "), the ";" token."""
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return [i for i, text in enumerate(texts) if "\n" in text]
+    newline_ids = [i for i, text in enumerate(texts) if "\n" in text]
+    if newline_ids:
+        return newline_ids
+    semicolon = tokenizer.convert_tokens_to_ids(";")
+    if semicolon is None or semicolon == tokenizer.unk_token_id:
+        raise ValueError("step_end_ids: the tokenizer has no newline token and no ';' token to end a step with")
+    return [semicolon]
 
 
 def step_starts_from_newlines(completion_ids, mask, newline_ids):
@@ -113,7 +118,6 @@ def at_next_state(x, states):
 
 
 # ---- 3. The losses ---------------------------------------------------------------------------------------------
-
 def check_loss_inputs(logp, ref_logp, values, rewards, mask, level, step_start_mask):
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
@@ -131,8 +135,7 @@ def check_loss_inputs(logp, ref_logp, values, rewards, mask, level, step_start_m
         if step_start_mask is None:
             raise ValueError("level='step' needs step_start_mask (see step_starts_from_newlines)")
         if step_start_mask.shape != logp.shape:
-            raise ValueError(f"step_start_mask has shape {tuple(step_start_mask.shape)}, "
-                             f"logp has {tuple(logp.shape)}")
+            raise ValueError(f"step_start_mask has shape {tuple(step_start_mask.shape)}, logp has {tuple(logp.shape)}")
         if not step_start_mask[:, 0].bool().all():
             rows = (~step_start_mask[:, 0].bool()).nonzero().flatten().tolist()
             raise ValueError(f"step_start_mask must mark the first completion token; rows {rows} do not")
@@ -166,7 +169,6 @@ def losses(logp, ref_logp, values, rewards, mask, beta, level="token", step_star
 
 
 # ---- 4. The KL regulariser (added to the policy loss as alpha * KL) --------------------------------------------
-
 def full_kl(policy_logits, ref_logits, mask):
     """Exact reverse KL(pi || pi_ref) over the vocabulary at each action, sequence mean then batch mean; gradient
     through pi only.  policy_logits, ref_logits: [B, C, V] (column j predicts completion token j); mask: [B, C]."""
@@ -191,7 +193,6 @@ def k3_kl(logp, ref_logp, mask):
 
 
 # ---- 5. The value model: a separate backbone and a zero-initialised bias-free head -----------------------------
-
 class ValueModel(nn.Module):
     """V(s) = head(last hidden state of s); the head starts at zero (V = 0) and stays float32 on a bf16 backbone."""
 
@@ -228,7 +229,7 @@ class ValueModel(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask):
         """Last hidden states [B, L, H], positions counted from each row's first real token (left padding)."""
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)                    # [B, L]
+        position_ids = position_ids_from_mask(attention_mask)                           # [B, L]
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state                        # [B, L, H]
 
@@ -245,8 +246,7 @@ class ValueModel(nn.Module):
     def last_value(self, input_ids, attention_mask):
         """V of the state AFTER each row's LAST real token (forward's "state before the next token").  [B, L] -> [B]"""
         hidden = self.hidden_states(input_ids, attention_mask)                          # [B, L, H]
-        L = input_ids.shape[1]
-        last = L - 1 - attention_mask.flip(-1).argmax(-1)                               # [B] column of the last 1
+        last = input_ids.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)              # [B] column of the last 1
         at_last = hidden[torch.arange(len(last), device=hidden.device), last]           # [B, H]
         return self.head(at_last.to(self.head.weight.dtype)).squeeze(-1)                # [B]
 
@@ -259,7 +259,6 @@ def with_lora(model, rank):
 
 
 # ---- 6. Offline data: K sampled completions per training prompt, each with a 0/1 reward ------------------------
-
 OFFLINE_FIELDS = {"prompt": str, "response": str, "reward": (int, float), "size": int, "index": int}
 
 
@@ -290,18 +289,17 @@ def sample_offline_data(sampler, records, template, tokenizer, k, temperature=1.
     if k < 1 or prompts_per_call < 1:
         raise ValueError(f"sample_offline_data needs k >= 1 and prompts_per_call >= 1, got {k}, {prompts_per_call}")
     rows = []
-    bar = tqdm(total=len(records) * k, desc="offline data", unit="seq", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(records), prompts_per_call):
-        batch = records[start:start + prompts_per_call]
-        prompts = [kk_data.make_prompt(record, template, tokenizer) for record in batch]
-        out = sampler.generate(prompts, n=k, temperature=temperature, max_new_tokens=max_new_tokens)
-        for row, response in enumerate(out.completions):               # rows i*k .. i*k+k-1 belong to prompt i
-            record = batch[row // k]
-            rows.append({"prompt": prompts[row // k], "response": response,
-                         "reward": binary_reward(response, record["solution_text_format"]),
-                         "size": len(record["names"]), "index": record["index"]})
-        bar.update(len(out.completions))
-    bar.close()
+    with tqdm(total=len(records) * k, desc="offline data", unit="seq", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(records), prompts_per_call):
+            batch = records[start:start + prompts_per_call]
+            prompts = [kk_data.make_prompt(record, template, tokenizer) for record in batch]
+            out = sampler.generate(prompts, n=k, temperature=temperature, max_new_tokens=max_new_tokens)
+            for row, response in enumerate(out.completions):           # rows i*k .. i*k+k-1 belong to prompt i
+                record = batch[row // k]
+                rows.append({"prompt": prompts[row // k], "response": response,
+                             "reward": binary_reward(response, record["solution_text_format"]),
+                             "size": len(record["names"]), "index": record["index"]})
+            bar.update(len(out.completions))
     return rows if balance is None else balance_rows(rows, balance)
 
 
@@ -323,7 +321,6 @@ def load_offline(path):
 
 
 # ---- 7. One joint training step on a batch of offline rows -----------------------------------------------------
-
 def encode_offline_batch(tokenizer, rows, device):
     """The rows as model inputs; the spec's text is prompt + response + " " + EOS (both appended tokens are actions;
     a word-level tokenizer has no " " token, so there only EOS):
@@ -343,18 +340,6 @@ def encode_offline_batch(tokenizer, rows, device):
     }
 
 
-def step_end_ids(tokenizer):
-    """Token ids that end a reasoning step: every token containing a newline; for a tokenizer without any (the
-    tiny word-level one, whose traces separate the checks of each person with " ; "), the ";" token."""
-    newline_ids = newline_token_ids(tokenizer)
-    if newline_ids:
-        return newline_ids
-    semicolon = tokenizer.convert_tokens_to_ids(";")
-    if semicolon is None or semicolon == tokenizer.unk_token_id:
-        raise ValueError("step_end_ids: the tokenizer has no newline token and no ';' token to end a step with")
-    return [semicolon]
-
-
 def completion_logits(model, input_ids, attention_mask, n_prompt):
     """Logits [B, C, V] that predict the C completion tokens (the LM head runs on those positions only): the full
     tensor token_logprobs avoids, which full_kl needs (kl="k3" does not)."""
@@ -367,6 +352,15 @@ def logprobs_from_logits(logits, token_ids):
     """log softmax(logits) at the given tokens: [B, C, V], [B, C] -> [B, C] (float32 at least)."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     return logits.to(dtype).log_softmax(-1).gather(-1, token_ids[..., None]).squeeze(-1)
+
+
+def completion_logprobs(model, batch, with_logits):
+    """(log-probs [B, C] of batch's completion tokens, and their logits [B, C, V] if with_logits, else None)."""
+    args = batch["input_ids"], batch["attention_mask"], batch["n_prompt"]
+    if not with_logits:
+        return token_logprobs(model, *args), None
+    logits = completion_logits(model, *args)                                            # [B, C, V]
+    return logprobs_from_logits(logits, batch["completion_ids"]), logits
 
 
 def warmup_cosine(step, total_steps, warmup_steps, floor=0.1):
@@ -406,8 +400,6 @@ def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, 
     completion_length, grad_norm_value, grad_norm_policy (before clipping)."""
     if kl not in ("full", "k3"):
         raise ValueError(f"kl must be 'full' or 'k3', got {kl!r}")
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     if not rows or micro_batch < 1:
         raise ValueError(f"oreo_step needs at least one row and micro_batch >= 1, got {len(rows)} rows, "
                          f"micro_batch={micro_batch}")
@@ -416,33 +408,23 @@ def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, 
     totals = {}
     for part in by_length(rows, micro_batch):                                          # micro-batches
         batch, starts = encode_with_step_starts(tokenizer, part, device, level, step_ids)
-        ids, attention, rewards, mask = batch["input_ids"], batch["attention_mask"], batch["rewards"], batch["mask"]
-        n_prompt, completion_ids = batch["n_prompt"], batch["completion_ids"]
+        rewards, mask = batch["rewards"], batch["mask"]                                 # [b], [b, C]
         share = len(part) / len(rows)                                                   # micro-batch means -> batch
 
         # 1. log-probs without gradient: the critic's targets are data
         with torch.no_grad():
-            if kl == "full":
-                ref_logits = completion_logits(reference, ids, attention, n_prompt)      # [b, C, V]
-                ref_logp = logprobs_from_logits(ref_logits, completion_ids)          # [b, C]
-            else:
-                ref_logp = token_logprobs(reference, ids, attention, n_prompt)          # [b, C]
-            logp_now = token_logprobs(policy, ids, attention, n_prompt)                 # [b, C]
+            ref_logp, ref_logits = completion_logprobs(reference, batch, kl == "full")  # [b, C], [b, C, V] or None
+            logp_now, _ = completion_logprobs(policy, batch, with_logits=False)         # [b, C]
 
         # 2. critic gradient (the critic steps once, after the last micro-batch)
-        values = value_model(ids, attention, n_prompt)                                  # [b, C]
+        values = value_model(batch["input_ids"], batch["attention_mask"], batch["n_prompt"])  # [b, C]
         _, value_loss = losses(logp_now, ref_logp, values, rewards, mask, beta, level, starts)
         (value_loss * share).backward()
         values_before_update = values.detach()                                          # [b, C]
 
         # 3. actor gradient, against the values of the critic as it was when the batch began
-        if kl == "full":
-            logits = completion_logits(policy, ids, attention, n_prompt)                # [b, C, V]
-            logp = logprobs_from_logits(logits, completion_ids)                     # [b, C]
-            kl_value = full_kl(logits, ref_logits, mask)
-        else:
-            logp = token_logprobs(policy, ids, attention, n_prompt)                     # [b, C]
-            kl_value = k3_kl(logp, ref_logp, mask)
+        logp, logits = completion_logprobs(policy, batch, kl == "full")                 # [b, C], [b, C, V] or None
+        kl_value = full_kl(logits, ref_logits, mask) if kl == "full" else k3_kl(logp, ref_logp, mask)
         policy_loss, _ = losses(logp, ref_logp, values_before_update, rewards, mask, beta, level, starts)
         ((policy_loss + alpha * kl_value) * share).backward()
 

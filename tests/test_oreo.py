@@ -246,7 +246,7 @@ def test_step_starts_from_newlines_hand_example():
     assert torch.equal(oreo.step_starts_from_newlines(ids, mask, [NL]), expected)
 
 
-def test_newline_token_ids_finds_tokens_containing_a_newline():
+def test_step_end_ids_finds_tokens_containing_a_newline():
     class FakeTokenizer:                                           # decode is all that is needed
         vocab = ["a", "\n", "b.\n\n", "c"]
 
@@ -256,7 +256,7 @@ def test_newline_token_ids_finds_tokens_containing_a_newline():
         def batch_decode(self, sequences):
             return ["".join(self.vocab[i] for i in seq) for seq in sequences]
 
-    assert oreo.newline_token_ids(FakeTokenizer()) == [1, 2]
+    assert oreo.step_end_ids(FakeTokenizer()) == [1, 2]
 
 
 @pytest.mark.parametrize("bad, message", [
