@@ -67,8 +67,7 @@ def sequence_mean(x, mask):
 
 # ---- 2. Which states are scored: token, step or response level -------------------------------------------------
 def step_end_ids(tokenizer):
-    """Token ids that end a reasoning step: every token containing a newline; for a tokenizer without any (the
-    tiny word-level one, whose traces separate the checks of each person with " ; "), the ";" token."""
+    """Token ids that end a reasoning step: those containing a newline; without any (the tiny tokenizer), ";"."""
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     newline_ids = [i for i, text in enumerate(texts) if "\n" in text]
     if newline_ids:
@@ -80,8 +79,7 @@ def step_end_ids(tokenizer):
 
 
 def step_starts_from_newlines(completion_ids, mask, newline_ids):
-    """1 (in mask's dtype) on the first completion token and on every token right after one of newline_ids, the
-    tokens that end a step.  completion_ids, mask: [B, C] -> [B, C]"""
+    """1 on the first completion token and on each token right after a newline_ids one.  [B, C] -> [B, C]"""
     if completion_ids.shape != mask.shape:
         raise ValueError(f"completion_ids {tuple(completion_ids.shape)} and mask {tuple(mask.shape)} differ in shape")
     newline_ids = torch.as_tensor(list(newline_ids), dtype=completion_ids.dtype, device=completion_ids.device)
@@ -170,8 +168,7 @@ def losses(logp, ref_logp, values, rewards, mask, beta, level="token", step_star
 
 # ---- 4. The KL regulariser (added to the policy loss as alpha * KL) --------------------------------------------
 def full_kl(policy_logits, ref_logits, mask):
-    """Exact reverse KL(pi || pi_ref) over the vocabulary at each action, sequence mean then batch mean; gradient
-    through pi only.  policy_logits, ref_logits: [B, C, V] (column j predicts completion token j); mask: [B, C]."""
+    """Exact reverse KL(pi || pi_ref) over the vocabulary, sequence mean then batch mean.  [B, C, V], mask [B, C]"""
     if policy_logits.shape != ref_logits.shape or policy_logits.shape[:2] != mask.shape:
         raise ValueError(f"policy_logits {tuple(policy_logits.shape)}, ref_logits {tuple(ref_logits.shape)} "
                          f"and mask {tuple(mask.shape)} must agree as [B, C, V] / [B, C]")
@@ -183,8 +180,7 @@ def full_kl(policy_logits, ref_logits, mask):
 
 
 def k3_kl(logp, ref_logp, mask):
-    """Sampled k3 estimate of KL(pi || pi_ref): exp(x) - x - 1 with x = log pi_ref - log pi of the sampled token,
-    same reduction as full_kl.  Gradient through logp only.  [B, C] -> scalar"""
+    """Sampled k3 estimate of KL(pi || pi_ref): exp(x) - x - 1, x = log pi_ref - log pi, reduced as full_kl.  [B, C]"""
     if logp.shape != ref_logp.shape or logp.shape != mask.shape:
         raise ValueError(f"logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)} and mask "
                          f"{tuple(mask.shape)} must have the same [B, C] shape")
@@ -206,8 +202,7 @@ class ValueModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device, dtype=torch.float32, attn_implementation=None, lora_rank=0):
         """Backbone of the causal LM (or of a folder written by save) at path; the saved head if there is one.
-        lora_rank > 0: frozen backbone + fresh LoRA adapters (with_lora); a LoRA critic's folder loads base + adapters.
-        (A causal-LM folder reports lm_head.weight as UNEXPECTED: the LM head we leave out.)"""
+        lora_rank > 0: fresh LoRA adapters (with_lora); a LoRA critic's folder loads its base and adapters."""
         adapter_file = Path(path) / "adapter_config.json"
         base = json.loads(adapter_file.read_text())["base_model_name_or_path"] if adapter_file.is_file() else path
         backbone = AutoModel.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
@@ -252,8 +247,7 @@ class ValueModel(nn.Module):
 
 
 def with_lora(model, rank):
-    """model with fresh LoRA adapters (peft; rank `rank`, alpha = rank, no dropout) on every linear layer of its
-    blocks, everything else frozen. The adapters' B starts at zero, so the model computes what it did before."""
+    """model with fresh LoRA adapters (alpha = rank, no dropout, B = 0: same output) on every linear; the rest frozen"""
     from peft import LoraConfig, get_peft_model
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
 
@@ -268,8 +262,7 @@ def binary_reward(response, solution):
 
 
 def balance_rows(rows, m):
-    """At most m rows with reward 1 and m rows with reward 0 per prompt, the first ones in order (the paper's 7B
-    run: 16 sampled, at most 4 correct + 4 wrong kept)."""
+    """The first m rows with reward 1 and the first m with reward 0 of each prompt (paper's 7B run: m = 4 of 16)."""
     if m < 1:
         raise ValueError(f"balance_rows: m must be >= 1, got {m}")
     kept, counts = [], {}
@@ -283,9 +276,8 @@ def balance_rows(rows, m):
 
 def sample_offline_data(sampler, records, template, tokenizer, k, temperature=1.0, max_new_tokens=400,
                         balance=None, prompts_per_call=8, progress=False):
-    """OFFLINE_FIELDS rows, k per record: sampler's (HFSampler / VLLMSampler) completion of the prompt without the
-    pre-filled "<think>" and EOS, its reward, the number of people, the record's index. balance: keep at most that many
-    correct and that many wrong rows per prompt (None: all)."""
+    """OFFLINE_FIELDS rows, k per record: the sampler's completion (without the pre-filled "<think>" and EOS), its
+    reward, the number of people, the record's index. balance: balance_rows' m (None: keep all)."""
     if k < 1 or prompts_per_call < 1:
         raise ValueError(f"sample_offline_data needs k >= 1 and prompts_per_call >= 1, got {k}, {prompts_per_call}")
     rows = []
@@ -341,8 +333,7 @@ def encode_offline_batch(tokenizer, rows, device):
 
 
 def completion_logits(model, input_ids, attention_mask, n_prompt):
-    """Logits [B, C, V] that predict the C completion tokens (the LM head runs on those positions only): the full
-    tensor token_logprobs avoids, which full_kl needs (kl="k3" does not)."""
+    """Logits [B, C, V] that predict the C completion tokens (the LM head runs on those positions only)."""
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     return model.lm_head(hidden[:, n_prompt - 1:-1])                                    # [B, C, V]
@@ -447,8 +438,7 @@ def encode_with_step_starts(tokenizer, rows, device, level, step_ids=None):
 
 
 def critic_step(value_model, optimizer, tokenizer, rows, level, micro_batch, grad_clip=1.0, scheduler=None):
-    """One optimizer step of the critic alone: before any policy step pi = pi_ref, so A = 0 and the target is R.
-    Micro-batches accumulate as in oreo_step. Returns {"value_loss", "grad_norm_value"}."""
+    """One step of the critic alone, micro-batched as oreo_step: before any policy step pi = pi_ref, so A = 0."""
     total, step_ids = 0.0, step_end_ids(tokenizer) if level == "step" else None
     for part in by_length(rows, micro_batch):
         batch, starts = encode_with_step_starts(tokenizer, part, value_model.head.weight.device, level, step_ids)
@@ -507,8 +497,7 @@ def by_length(rows, size):
 
 
 def auc(scores, labels):
-    """Chance that a random row with label 1 scores above a random row with label 0 (ties count half); None
-    unless both kinds are there.  scores, labels: [N]"""
+    """P(a random label-1 row scores above a label-0 one), ties half; None without both.  scores, labels: [N]"""
     pos, neg = scores[labels > 0], scores[labels <= 0]
     if not len(pos) or not len(neg):
         return None
@@ -542,31 +531,23 @@ class SearchResult:
     generated: int = 0   # tokens sampled by the whole search (every candidate step)
 
 
-def step_generation_config(tokenizer, step_ids, temperature, max_new_tokens):
-    """Sampling that stops at EOS or at any step-end token (generate stops at any id of eos_token_id)."""
-    return GenerationConfig(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                            max_new_tokens=max_new_tokens, eos_token_id=[tokenizer.eos_token_id] + list(step_ids),
-                            pad_token_id=tokenizer.pad_token_id, use_cache=True)
-
-
 def through_first_stop(tokens, stop_ids):
     """tokens up to and including the first stop token (all of them if there is none)."""
-    for i, token in enumerate(tokens):
-        if token in stop_ids:
-            return tokens[:i + 1]
-    return tokens
+    ends = [i + 1 for i, token in enumerate(tokens) if token in stop_ids]
+    return tokens[:ends[0]] if ends else tokens
 
 
 @torch.no_grad()
 def sample_next_steps(policy, tokenizer, prompt_ids, prefixes, n, step_ids, temperature, max_step_tokens):
-    """Per prefix (a list of ids), n sampled next steps after prompt + prefix, all in ONE generate call: lists of
-    token ids, each ending with its stop token (a step end or EOS) unless max_step_tokens ran out first."""
+    """Per prefix, n sampled next steps (lists of ids, through the step end or EOS) in ONE generate call."""
     device = next(policy.parameters()).device
     rows = [prompt_ids + prefix for prefix in prefixes for _ in range(n)]
     longest = max(map(len, rows))
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(r)) + r for r in rows], device=device)
     attention = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)  # [R, L]
-    config = step_generation_config(tokenizer, step_ids, temperature, max_step_tokens)
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                              max_new_tokens=max_step_tokens, eos_token_id=[tokenizer.eos_token_id] + list(step_ids),
+                              pad_token_id=tokenizer.pad_token_id, use_cache=True)  # stops at EOS and step ends
     with generation_mode(policy, config):
         output = policy.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
     new_tokens = output[:, longest:].tolist()                                           # [R, T], padded after a stop
@@ -598,10 +579,8 @@ def keep_best(candidates, values, beam, is_finished):
 
 def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, max_expansions=20, max_step_tokens=256,
                 temperature=1.0, max_new_tokens=4096, expand=None):
-    """Value-guided step-level beam search for one prompt (see the section comment); returns a SearchResult.
-    step_ids: the tokens that end a step (step_end_ids); expand: next steps sampled from each kept partial solution
-    (default beam: OREO's B x B). A round's identical candidates are scored once; one that ended with EOS is scored
-    at the state before its EOS, the last state the critic is trained on."""
+    """Value-guided step-level beam search for one prompt; a SearchResult. expand: steps sampled per kept partial
+    solution (default beam: OREO's B x B). Candidates ending in EOS are scored at the state before it."""
     expand = beam if expand is None else expand
     if min(beam, expand, max_expansions, max_step_tokens, max_new_tokens) < 1 or temperature <= 0:
         raise ValueError(f"beam_search needs beam, max_expansions, max_step_tokens, max_new_tokens >= 1 and "
