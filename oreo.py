@@ -45,14 +45,9 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 # ---- 1. Soft Bellman consistency, telescoped -------------------------------------------------------------------
-def reverse_cumsum(x):
-    """out[..., j] = sum_{i >= j} x[..., i] over the last dim."""
-    return x.flip(-1).cumsum(-1).flip(-1)
-
-
 def log_ratio_to_go(logp, ref_logp, mask):
     """A[b, j] = sum_{i >= j} (log pi - log pi_ref)(token i), real tokens only.  [B, C] -> [B, C]"""
-    return reverse_cumsum((logp - ref_logp) * mask)
+    return ((logp - ref_logp) * mask).flip(-1).cumsum(-1).flip(-1)                   # sums from the right
 
 
 def consistency_residual(log_ratio_sum, values, rewards, beta):
@@ -339,19 +334,15 @@ def completion_logits(model, input_ids, attention_mask, n_prompt):
     return model.lm_head(hidden[:, n_prompt - 1:-1])                                    # [B, C, V]
 
 
-def logprobs_from_logits(logits, token_ids):
-    """log softmax(logits) at the given tokens: [B, C, V], [B, C] -> [B, C] (float32 at least)."""
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    return logits.to(dtype).log_softmax(-1).gather(-1, token_ids[..., None]).squeeze(-1)
-
-
 def completion_logprobs(model, batch, with_logits):
-    """(log-probs [B, C] of batch's completion tokens, and their logits [B, C, V] if with_logits, else None)."""
+    """(log-probs [B, C] of batch's completion tokens (float32 at least), and their logits [B, C, V] if with_logits,
+    else None)."""
     args = batch["input_ids"], batch["attention_mask"], batch["n_prompt"]
     if not with_logits:
         return token_logprobs(model, *args), None
     logits = completion_logits(model, *args)                                            # [B, C, V]
-    return logprobs_from_logits(logits, batch["completion_ids"]), logits
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return logits.to(dtype).log_softmax(-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1), logits
 
 
 def warmup_cosine(step, total_steps, warmup_steps, floor=0.1):
@@ -600,8 +591,8 @@ def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, max_expa
         candidates = [prefix + step for prefix, its_steps in zip(prefixes, steps) for step in its_steps]
         generated += sum(len(step) for its_steps in steps for step in its_steps)
         candidates = [list(c) for c in dict.fromkeys(tuple(c) for c in candidates)]      # drop duplicates, keep order
-        values = prefix_values(value_model, prompt_ids, [without_eos(c, tokenizer.eos_token_id) for c in candidates],
-                               tokenizer.pad_token_id)
+        before_eos = [c[:-1] if c[-1] == tokenizer.eos_token_id else c for c in candidates]  # scored without EOS
+        values = prefix_values(value_model, prompt_ids, before_eos, tokenizer.pad_token_id)
         expansions += 1
         partial, newly_finished = keep_best(candidates, values, beam, is_finished)
         finished += newly_finished
@@ -609,7 +600,3 @@ def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, max_expa
     tokens, value = max(pool, key=lambda pair: pair[1])                                  # first of the best
     return SearchResult(text=tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens, value=value,
                         finished=bool(finished), expansions=expansions, generated=generated)
-
-
-def without_eos(tokens, eos_id):
-    return tokens[:-1] if tokens and tokens[-1] == eos_id else tokens
