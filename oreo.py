@@ -12,13 +12,9 @@ V(s_t) - V(s_{t+1}) = r_t - beta * log pi(a_t|s_t) / pi_ref(a_t|s_t), telescopes
 With delta_t = beta * A_t + V(s_t) - R, the value loss L_V and the policy loss L_pi both are
 mean_b(sum_t delta_t^2 / n_b) over the scored states: L_V's gradient goes into V only, L_pi's into log pi of the
 tokens each state owns (up to the next scored state). Levels (scored states; alpha weighs the KL added to L_pi):
-    token     every completion token                                        alpha = 0.01
-    step      the first token of each step (steps end at a newline)         alpha = 0.1
-    response  the first completion token                                    alpha = 0.3
-KL: exact reverse KL over the vocabulary (the paper's), or the sampled k3 estimate. Tensors use the project's
-completion-token layout [B, C] (NOTES.md). V is a separate copy of the starting model with a zero-initialised linear
-head (LoRA rank 64 for the paper's 7B critic: ValueModel(lora_rank=64)). Sections: 1-4 the losses, 5 the value model,
-6 offline data, 7 the training step and the critic-only phase with its quality metrics, 8 value-guided beam search.
+token (every completion token, alpha = 0.01), step (each step's first token, 0.1), response (the first token, 0.3).
+KL: the exact reverse KL over the vocabulary (the paper's), or the sampled k3 estimate. Tensors: the project's
+completion-token layout [B, C] (NOTES.md). V: a copy of the starting model with a zero-initialised linear head.
 """
 import json
 import math
@@ -372,14 +368,10 @@ def make_oreo_optimizers(policy, value_model, lr_policy, lr_value, total_steps, 
 
 def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, rows, beta, alpha, level,
               micro_batch, step_ids=None, grad_clip=1.0, kl="full", policy_scheduler=None, value_scheduler=None):
-    """ONE optimizer step of the critic and one of the policy on a batch of offline rows; returns mean metrics.
-
-    Per micro-batch of `micro_batch` rows, weighted by its share of the rows (any micro_batch gives the same step):
-    1. log-probs without gradient, 2. critic: value loss -> backward, 3. actor: policy loss with the values of 2.
-    (the critic as it was when the batch began) + alpha * KL -> backward. Then clip and step both (and schedulers).
-    level: LEVELS; step_ids: the tokens that END a step (default step_end_ids); kl: "full" (exact, the paper's) or
-    "k3". Metrics: value_loss, policy_loss, kl, value_first (mean V at the first state, before the update), reward,
-    completion_length, grad_norm_value, grad_norm_policy (before clipping)."""
+    """ONE optimizer step of the critic and one of the policy on a batch of offline rows, in micro-batches of
+    `micro_batch` rows weighted by their share (any micro_batch gives the same step). level: LEVELS; step_ids: the
+    tokens that END a step (default step_end_ids); kl: "full" (exact, the paper's) or "k3". Returns the mean
+    value_loss, policy_loss, kl, value_first, reward, completion_length and grad norms (before clipping)."""
     if kl not in ("full", "k3"):
         raise ValueError(f"kl must be 'full' or 'k3', got {kl!r}")
     if not rows or micro_batch < 1:
