@@ -309,8 +309,7 @@ def encode_offline_batch(tokenizer, rows, device):
     a word-level tokenizer has no " " token, so there only EOS):
         input_ids, attention_mask [B, P + C]: prompt LEFT-padded, then the completion RIGHT-padded
         completion_ids, mask [B, C] (1 on real tokens, EOS included); n_prompt = P; rewards [B]"""
-    prompts = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False)
+    prompts = encode_prompts(tokenizer, [row["prompt"] for row in rows])
     completions = tokenizer([row["response"] + " " + tokenizer.eos_token for row in rows], return_tensors="pt",
                             padding=True, padding_side="right", add_special_tokens=False)
     return {
