@@ -330,8 +330,7 @@ def completion_logits(model, input_ids, attention_mask, n_prompt):
 
 
 def completion_logprobs(model, batch, with_logits):
-    """(log-probs [B, C] of batch's completion tokens (float32 at least), and their logits [B, C, V] if with_logits,
-    else None)."""
+    """(log-probs [B, C] of batch's completion tokens, float32 at least; logits [B, C, V] if with_logits else None)"""
     args = batch["input_ids"], batch["attention_mask"], batch["n_prompt"]
     if not with_logits:
         return token_logprobs(model, *args), None
