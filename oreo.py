@@ -1,62 +1,20 @@
-"""OREO: Offline REasoning Optimization (arXiv 2412.16145) -- the losses and the value model.
+"""OREO: Offline REasoning Optimization (arXiv 2412.16145) -- the losses, the value model, training and search.
 
-Spec: ../shared/spec/oreo.md. Checked against the original loss code (float64 reference case
-../shared/data/oreo_reference_case.json) in tests/test_oreo.py.
+Spec: ../shared/spec/oreo.md; tests/test_oreo.py checks the losses against the original code (float64 reference case
+../shared/data/oreo_reference_case.json). Reasoning and measurements: NOTES.md.
 
-The MDP
--------
-Token-level and undiscounted: a state s_t is the prompt plus the tokens generated so far, an action a_t is the
-next token, and the only reward is R in {0, 1} at the end. OREO maximises the KL-regularised return
-
-    E[R] - beta * KL(pi || pi_ref),        pi_ref = the starting (SFT) model, beta = 0.03 in every published run.
-
-Soft Bellman consistency
-------------------------
-The optimal policy and soft value of that objective satisfy, for every step,
-
-    V(s_t) - V(s_{t+1}) = r_t - beta * log pi(a_t|s_t) / pi_ref(a_t|s_t),
-
-and with the reward only at the end this telescopes to
+The MDP is token-level and undiscounted, with one reward R in {0, 1} at the end; OREO maximises
+E[R] - beta * KL(pi || pi_ref) (pi_ref = the SFT model, beta = 0.03). Soft Bellman consistency,
+V(s_t) - V(s_{t+1}) = r_t - beta * log pi(a_t|s_t) / pi_ref(a_t|s_t), telescopes to
 
     V(s_t) = R - beta * A_t,        A_t = sum_{i >= t} log pi(a_i|s_i) / pi_ref(a_i|s_i).
 
-OREO trains both sides of this equation towards each other on offline (prompt, response, reward) rows. With the
-residual  delta_t = beta * A_t + V(s_t) - R  both losses are  mean_b( sum_t delta_t^2 / n_b ):  a mean over the
-sequence's scored states, then a mean over the batch.  They have the SAME value and differ only in where the
-gradient goes:
-
-    loss          gradient flows into                                       stop-gradient on
-    value  L_V    V(s_t)                                                    all log-probs
-    policy L_pi   token level:    log pi(a_t) of the current token only     V, A_{t+1}
-                  step level:     log pi of the current step's tokens       V, A at the next step start
-                  response level: log pi of every token (one state, s_0)    V
-
-Levels (which states are scored, and the weight alpha of the KL regulariser added to the policy loss):
-    token     every completion token is a state                             alpha = 0.01
-    step      only the first token of each step (steps end at a newline)    alpha = 0.1
-    response  only the first completion token                               alpha = 0.3
-The three are one computation: a "state" owns the tokens up to the next state, and the policy gradient flows
-through exactly the tokens it owns.
-
-KL regulariser (added to the policy loss as alpha * KL): the exact reverse KL over the whole vocabulary at every
-action position, sum_v pi(v) (log pi(v) - log pi_ref(v)), as the paper did; the sampled k3 estimate is the
-cheaper fallback.
-
-The value function is a separate copy of the starting model with a bias-free linear head on its last hidden state,
-initialised to zero so that V = 0 at the start.
-
-Layout: everything here is in the project's completion-token layout [B, C] (column j = completion token j, see
-NOTES.md), where the original code kept full-sequence tensors with state masks; the numbers are the same.
-The paper trained its 7B critic with LoRA (rank 64, lr 1e-4): ValueModel(lora_rank=64), train.py VALUE_LORA_RANK;
-0 (the CPU default) fine-tunes the whole copy.
-
-The rest of the file is the algorithm around the losses, in the order it runs:
-    6. offline data     sample K completions per training prompt from the starting model, reward 1 if strictly
-                        correct else 0, optionally keep at most m correct and m wrong per prompt; JSONL rows
-                        {"prompt", "response", "reward", "size", "index"}
-    7. training step    per micro-batch: log-probs without grad -> critic loss -> actor loss + alpha*KL, gradients
-                        accumulating over the batch; then one step of the critic and one of the policy
-    8. test-time search value-guided step-level beam search
+With delta_t = beta * A_t + V(s_t) - R, the value loss L_V and the policy loss L_pi both are
+mean_b(sum_t delta_t^2 / n_b) over the scored states: L_V's gradient goes into V only, L_pi's into log pi of the
+tokens each state owns (up to the next scored state). Levels (scored states; alpha weighs the KL added to L_pi):
+token (every completion token, alpha = 0.01), step (each step's first token, 0.1), response (the first token, 0.3).
+KL: the exact reverse KL over the vocabulary (the paper's), or the sampled k3 estimate. Tensors: the project's
+completion-token layout [B, C] (NOTES.md). V: a copy of the starting model with a zero-initialised linear head.
 """
 import json
 import math
@@ -82,18 +40,10 @@ HEAD_FILE = "value_head.safetensors"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # LoRA: every linear
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 1. Soft Bellman consistency, telescoped
-# ----------------------------------------------------------------------------------------------------------------
-
-def reverse_cumsum(x):
-    """out[..., j] = sum_{i >= j} x[..., i] over the last dim."""
-    return x.flip(-1).cumsum(-1).flip(-1)
-
-
+# ---- 1. Soft Bellman consistency, telescoped -------------------------------------------------------------------
 def log_ratio_to_go(logp, ref_logp, mask):
     """A[b, j] = sum_{i >= j} (log pi - log pi_ref)(token i), real tokens only.  [B, C] -> [B, C]"""
-    return reverse_cumsum((logp - ref_logp) * mask)
+    return ((logp - ref_logp) * mask).flip(-1).cumsum(-1).flip(-1)                   # sums from the right
 
 
 def consistency_residual(log_ratio_sum, values, rewards, beta):
@@ -106,21 +56,21 @@ def sequence_mean(x, mask):
     return ((x * mask).sum(-1) / mask.sum(-1)).mean()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Which states are scored: token, step or response level
-# ----------------------------------------------------------------------------------------------------------------
-
-def newline_token_ids(tokenizer):
-    """Ids of every vocabulary token whose text contains a newline (those tokens end a step)."""
+# ---- 2. Which states are scored: token, step or response level -------------------------------------------------
+def step_end_ids(tokenizer):
+    """Token ids that end a reasoning step: those containing a newline; without any (the tiny tokenizer), ";"."""
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return [i for i, text in enumerate(texts) if "\n" in text]
+    newline_ids = [i for i, text in enumerate(texts) if "\n" in text]
+    if newline_ids:
+        return newline_ids
+    semicolon = tokenizer.convert_tokens_to_ids(";")
+    if semicolon is None or semicolon == tokenizer.unk_token_id:
+        raise ValueError("step_end_ids: the tokenizer has no newline token and no ';' token to end a step with")
+    return [semicolon]
 
 
 def step_starts_from_newlines(completion_ids, mask, newline_ids):
-    """1 on completion tokens that start a step: the first token, and every token right after a newline token.
-
-    completion_ids, mask: [B, C]; newline_ids: ids of the tokens that end a step.  Returns [B, C] in mask's dtype.
-    """
+    """1 on the first completion token and on each token right after a newline_ids one.  [B, C] -> [B, C]"""
     if completion_ids.shape != mask.shape:
         raise ValueError(f"completion_ids {tuple(completion_ids.shape)} and mask {tuple(mask.shape)} differ in shape")
     newline_ids = torch.as_tensor(list(newline_ids), dtype=completion_ids.dtype, device=completion_ids.device)
@@ -156,10 +106,7 @@ def at_next_state(x, states):
     return padded.gather(-1, next_state_index(states))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 3. The losses
-# ----------------------------------------------------------------------------------------------------------------
-
+# ---- 3. The losses ---------------------------------------------------------------------------------------------
 def check_loss_inputs(logp, ref_logp, values, rewards, mask, level, step_start_mask):
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
@@ -177,8 +124,7 @@ def check_loss_inputs(logp, ref_logp, values, rewards, mask, level, step_start_m
         if step_start_mask is None:
             raise ValueError("level='step' needs step_start_mask (see step_starts_from_newlines)")
         if step_start_mask.shape != logp.shape:
-            raise ValueError(f"step_start_mask has shape {tuple(step_start_mask.shape)}, "
-                             f"logp has {tuple(logp.shape)}")
+            raise ValueError(f"step_start_mask has shape {tuple(step_start_mask.shape)}, logp has {tuple(logp.shape)}")
         if not step_start_mask[:, 0].bool().all():
             rows = (~step_start_mask[:, 0].bool()).nonzero().flatten().tolist()
             raise ValueError(f"step_start_mask must mark the first completion token; rows {rows} do not")
@@ -211,16 +157,9 @@ def losses(logp, ref_logp, values, rewards, mask, beta, level="token", step_star
     return policy_loss, value_loss
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 4. The KL regulariser (added to the policy loss as alpha * KL)
-# ----------------------------------------------------------------------------------------------------------------
-
+# ---- 4. The KL regulariser (added to the policy loss as alpha * KL) --------------------------------------------
 def full_kl(policy_logits, ref_logits, mask):
-    """Exact reverse KL(pi || pi_ref) over the vocabulary at each action position, per-sequence mean over the
-    action tokens, then batch mean.  Gradient through pi only.
-
-    policy_logits, ref_logits: [B, C, V] (column j = the logits that predict completion token j); mask: [B, C].
-    """
+    """Exact reverse KL(pi || pi_ref) over the vocabulary, sequence mean then batch mean.  [B, C, V], mask [B, C]"""
     if policy_logits.shape != ref_logits.shape or policy_logits.shape[:2] != mask.shape:
         raise ValueError(f"policy_logits {tuple(policy_logits.shape)}, ref_logits {tuple(ref_logits.shape)} "
                          f"and mask {tuple(mask.shape)} must agree as [B, C, V] / [B, C]")
@@ -232,8 +171,7 @@ def full_kl(policy_logits, ref_logits, mask):
 
 
 def k3_kl(logp, ref_logp, mask):
-    """Sampled k3 estimate of KL(pi || pi_ref): exp(x) - x - 1 with x = log pi_ref - log pi of the sampled token,
-    same reduction as full_kl.  Gradient through logp only.  [B, C] -> scalar"""
+    """Sampled k3 estimate of KL(pi || pi_ref): exp(x) - x - 1, x = log pi_ref - log pi, reduced as full_kl.  [B, C]"""
     if logp.shape != ref_logp.shape or logp.shape != mask.shape:
         raise ValueError(f"logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)} and mask "
                          f"{tuple(mask.shape)} must have the same [B, C] shape")
@@ -241,16 +179,9 @@ def k3_kl(logp, ref_logp, mask):
     return sequence_mean(torch.exp(x) - x - 1, mask.to(logp.dtype))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 5. The value model: a separate backbone and a zero-initialised bias-free head
-# ----------------------------------------------------------------------------------------------------------------
-
+# ---- 5. The value model: a separate backbone and a zero-initialised bias-free head -----------------------------
 class ValueModel(nn.Module):
-    """V(s) = head(last hidden state of s).  The head starts at zero, so V = 0 before any training.
-
-    The head is kept in float32 (or float64) even when the backbone is bf16: values are compared with beta-sized
-    log-ratio sums, which bf16 would round away.
-    """
+    """V(s) = head(last hidden state of s); the head starts at zero (V = 0) and stays float32 on a bf16 backbone."""
 
     def __init__(self, backbone, lora_rank=0):
         super().__init__()
@@ -262,10 +193,7 @@ class ValueModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device, dtype=torch.float32, attn_implementation=None, lora_rank=0):
         """Backbone of the causal LM (or of a folder written by save) at path; the saved head if there is one.
-        lora_rank > 0: frozen backbone + fresh LoRA adapters (with_lora). A folder a LoRA critic saved (its
-        adapter_config.json names the base model) loads the base and those adapters.
-
-        Loading a causal-LM folder reports lm_head.weight as UNEXPECTED: that is the LM head we leave out."""
+        lora_rank > 0: fresh LoRA adapters (with_lora); a LoRA critic's folder loads its base and adapters."""
         adapter_file = Path(path) / "adapter_config.json"
         base = json.loads(adapter_file.read_text())["base_model_name_or_path"] if adapter_file.is_file() else path
         backbone = AutoModel.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
@@ -287,7 +215,7 @@ class ValueModel(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask):
         """Last hidden states [B, L, H], positions counted from each row's first real token (left padding)."""
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)                    # [B, L]
+        position_ids = position_ids_from_mask(attention_mask)                           # [B, L]
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state                        # [B, L, H]
 
@@ -302,40 +230,30 @@ class ValueModel(nn.Module):
         return self.head(before_each_token.to(self.head.weight.dtype)).squeeze(-1)      # [B, C]
 
     def last_value(self, input_ids, attention_mask):
-        """V of the state that each row's tokens make up: the head read at the row's LAST real token.  [B, L] -> [B]
-
-        This is the value of the state AFTER that token (what forward calls "the state before the next token")."""
+        """V of the state AFTER each row's LAST real token (forward's "state before the next token").  [B, L] -> [B]"""
         hidden = self.hidden_states(input_ids, attention_mask)                          # [B, L, H]
-        L = input_ids.shape[1]
-        last = L - 1 - attention_mask.flip(-1).argmax(-1)                               # [B] column of the last 1
+        last = input_ids.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)              # [B] column of the last 1
         at_last = hidden[torch.arange(len(last), device=hidden.device), last]           # [B, H]
         return self.head(at_last.to(self.head.weight.dtype)).squeeze(-1)                # [B]
 
 
 def with_lora(model, rank):
-    """model with fresh LoRA adapters (peft; rank `rank`, alpha = rank, no dropout) on every linear layer of its
-    blocks, everything else frozen. The adapters' B starts at zero, so the model computes what it did before."""
+    """model with fresh LoRA adapters (alpha = rank, no dropout, B = 0: same output) on every linear; the rest frozen"""
     from peft import LoraConfig, get_peft_model
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 6. Offline data: K sampled completions per training prompt, each with a 0/1 reward
-# ----------------------------------------------------------------------------------------------------------------
-
+# ---- 6. Offline data: K sampled completions per training prompt, each with a 0/1 reward ------------------------
 OFFLINE_FIELDS = {"prompt": str, "response": str, "reward": (int, float), "size": int, "index": int}
 
 
 def binary_reward(response, solution):
-    """1.0 when "<think>" + response is fully correct (reward.score's strict rule: format and every role), else 0.0.
-
-    The paper's reward; the prompt pre-fills "<think>", so it is put back before scoring."""
+    """The paper's reward: 1.0 when "<think>" (pre-filled by the prompt) + response is strictly correct, else 0.0."""
     return 1.0 if score("<think>" + response, solution).correct else 0.0
 
 
 def balance_rows(rows, m):
-    """At most m rows with reward 1 and m rows with reward 0 per prompt, the first ones in order (the paper's 7B
-    run: 16 sampled, at most 4 correct + 4 wrong kept)."""
+    """The first m rows with reward 1 and the first m with reward 0 of each prompt (paper's 7B run: m = 4 of 16)."""
     if m < 1:
         raise ValueError(f"balance_rows: m must be >= 1, got {m}")
     kept, counts = [], {}
@@ -349,27 +267,22 @@ def balance_rows(rows, m):
 
 def sample_offline_data(sampler, records, template, tokenizer, k, temperature=1.0, max_new_tokens=400,
                         balance=None, prompts_per_call=8, progress=False):
-    """Rows {"prompt", "response", "reward", "size", "index"}: k completions of every record's prompt.
-
-    sampler: a rollout sampler (HFSampler or VLLMSampler) holding the starting model; "response" is the decoded
-    completion (without the pre-filled "<think>" and without EOS); "size" is the number of people, "index" the
-    record's "index". balance: keep at most that many correct and that many wrong rows per prompt (None: all).
-    """
+    """OFFLINE_FIELDS rows, k per record: the sampler's completion (without the pre-filled "<think>" and EOS), its
+    reward, the number of people, the record's index. balance: balance_rows' m (None: keep all)."""
     if k < 1 or prompts_per_call < 1:
         raise ValueError(f"sample_offline_data needs k >= 1 and prompts_per_call >= 1, got {k}, {prompts_per_call}")
     rows = []
-    bar = tqdm(total=len(records) * k, desc="offline data", unit="seq", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(records), prompts_per_call):
-        batch = records[start:start + prompts_per_call]
-        prompts = [kk_data.make_prompt(record, template, tokenizer) for record in batch]
-        out = sampler.generate(prompts, n=k, temperature=temperature, max_new_tokens=max_new_tokens)
-        for row, response in enumerate(out.completions):               # rows i*k .. i*k+k-1 belong to prompt i
-            record = batch[row // k]
-            rows.append({"prompt": prompts[row // k], "response": response,
-                         "reward": binary_reward(response, record["solution_text_format"]),
-                         "size": len(record["names"]), "index": record["index"]})
-        bar.update(len(out.completions))
-    bar.close()
+    with tqdm(total=len(records) * k, desc="offline data", unit="seq", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(records), prompts_per_call):
+            batch = records[start:start + prompts_per_call]
+            prompts = [kk_data.make_prompt(record, template, tokenizer) for record in batch]
+            out = sampler.generate(prompts, n=k, temperature=temperature, max_new_tokens=max_new_tokens)
+            for row, response in enumerate(out.completions):           # rows i*k .. i*k+k-1 belong to prompt i
+                record = batch[row // k]
+                rows.append({"prompt": prompts[row // k], "response": response,
+                             "reward": binary_reward(response, record["solution_text_format"]),
+                             "size": len(record["names"]), "index": record["index"]})
+            bar.update(len(out.completions))
     return rows if balance is None else balance_rows(rows, balance)
 
 
@@ -390,23 +303,13 @@ def load_offline(path):
     return kk_data.read_jsonl(path, check_offline_row)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 7. One joint training step on a batch of offline rows
-# ----------------------------------------------------------------------------------------------------------------
-
+# ---- 7. One joint training step on a batch of offline rows -----------------------------------------------------
 def encode_offline_batch(tokenizer, rows, device):
-    """The rows as model inputs, in the project's layout:
-
-        input_ids, attention_mask [B, P + C]: prompt LEFT-padded, then response + " " + EOS RIGHT-padded
-        completion_ids, mask      [B, C]:     the completion part; mask is 1 on its real tokens, EOS included
-        n_prompt                  P
-        rewards                   [B]
-
-    The spec's training text is prompt + completion + " " + EOS, and both appended tokens are actions. (A word-level
-    tokenizer has no token for " ", so there only EOS is appended.)
-    """
-    prompts = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False)
+    """The rows as model inputs; the spec's text is prompt + response + " " + EOS (both appended tokens are actions;
+    a word-level tokenizer has no " " token, so there only EOS):
+        input_ids, attention_mask [B, P + C]: prompt LEFT-padded, then the completion RIGHT-padded
+        completion_ids, mask [B, C] (1 on real tokens, EOS included); n_prompt = P; rewards [B]"""
+    prompts = encode_prompts(tokenizer, [row["prompt"] for row in rows])
     completions = tokenizer([row["response"] + " " + tokenizer.eos_token for row in rows], return_tensors="pt",
                             padding=True, padding_side="right", add_special_tokens=False)
     return {
@@ -419,33 +322,21 @@ def encode_offline_batch(tokenizer, rows, device):
     }
 
 
-def step_end_ids(tokenizer):
-    """Token ids that end a reasoning step: every token containing a newline; for a tokenizer without any (the
-    tiny word-level one, whose traces separate the checks of each person with " ; "), the ";" token."""
-    newline_ids = newline_token_ids(tokenizer)
-    if newline_ids:
-        return newline_ids
-    semicolon = tokenizer.convert_tokens_to_ids(";")
-    if semicolon is None or semicolon == tokenizer.unk_token_id:
-        raise ValueError("step_end_ids: the tokenizer has no newline token and no ';' token to end a step with")
-    return [semicolon]
-
-
 def completion_logits(model, input_ids, attention_mask, n_prompt):
-    """Logits [B, C, V] that predict the C completion tokens (the LM head runs on those positions only).
-
-    Memory: this is the full [B, C, V] tensor that token_logprobs avoids. full_kl needs it for the policy (with
-    gradient) and the reference; in float32 it is B * C * V * 4 bytes per tensor and autograd keeps a few of them,
-    e.g. 1 sequence of 4,096 tokens with Qwen2.5's V = 152k is 2.5 GB each. kl="k3" avoids it."""
+    """Logits [B, C, V] that predict the C completion tokens (the LM head runs on those positions only)."""
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     return model.lm_head(hidden[:, n_prompt - 1:-1])                                    # [B, C, V]
 
 
-def logprobs_from_logits(logits, token_ids):
-    """log softmax(logits) at the given tokens: [B, C, V], [B, C] -> [B, C] (float32 at least)."""
+def completion_logprobs(model, batch, with_logits):
+    """(log-probs [B, C] of batch's completion tokens, float32 at least; logits [B, C, V] if with_logits else None)"""
+    args = batch["input_ids"], batch["attention_mask"], batch["n_prompt"]
+    if not with_logits:
+        return token_logprobs(model, *args), None
+    logits = completion_logits(model, *args)                                            # [B, C, V]
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    return logits.to(dtype).log_softmax(-1).gather(-1, token_ids[..., None]).squeeze(-1)
+    return logits.to(dtype).log_softmax(-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1), logits
 
 
 def warmup_cosine(step, total_steps, warmup_steps, floor=0.1):
@@ -475,33 +366,12 @@ def make_oreo_optimizers(policy, value_model, lr_policy, lr_value, total_steps, 
 
 def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, rows, beta, alpha, level,
               micro_batch, step_ids=None, grad_clip=1.0, kl="full", policy_scheduler=None, value_scheduler=None):
-    """Train the critic and the policy on one batch of offline rows: ONE optimizer step of each; mean metrics.
-
-    The batch is the spec's global batch (128 rows on the GPU defaults); it goes through the models in micro-batches
-    of `micro_batch` rows whose gradients accumulate. For every micro-batch, in the spec's order:
-      1. policy and reference log-probs of the completion tokens, without gradient;
-      2. critic: values V [b, C] -> value loss (oreo.losses) -> backward (accumulates);
-      3. actor: policy log-probs with gradient -> policy loss with the values of 2. + alpha * KL -> backward.
-    Then, once per batch: clip and step the critic, then clip and step the policy (the order does not matter: the
-    two models share no parameter, and both gradients were taken before either step).
-    "The actor sees the critic's values from before the critic's update" (spec: "V here is the critic's value
-    before this micro-batch's critic update") holds for every micro-batch: the critic only moves at the end of the
-    batch, so every micro-batch's actor loss uses the values of the critic as it was when the batch began. The
-    original code reaches the same with DeepSpeed's gradient accumulation, whose optimizer step only acts at the
-    end of the global batch. Each micro-batch's losses are weighted by its share of the rows, so the accumulated
-    gradient is that of the per-sequence-then-batch mean over the WHOLE batch: any `micro_batch` gives the same step.
-    The schedulers (if given) step with the optimizers.
-
-    level: "token" | "step" | "response"; step_ids: ids of the tokens that END a step (level "step"; default
-    step_end_ids(tokenizer)). kl: "full" = the exact reverse KL over the vocabulary (the paper's; needs the
-    [b, C, V] logits of policy and reference, see completion_logits) or "k3" = the sampled estimate.
-    Metrics: value_loss, policy_loss, kl, value_first (mean V at the first state, before the update), reward
-    (mean R), completion_length, grad_norm_value, grad_norm_policy (of the accumulated gradients, before clipping).
-    """
+    """ONE optimizer step of the critic and one of the policy on a batch of offline rows, in micro-batches of
+    `micro_batch` rows weighted by their share (any micro_batch gives the same step). level: LEVELS; step_ids: the
+    tokens that END a step (default step_end_ids); kl: "full" (exact, the paper's) or "k3". Returns the mean
+    value_loss, policy_loss, kl, value_first, reward, completion_length and grad norms (before clipping)."""
     if kl not in ("full", "k3"):
         raise ValueError(f"kl must be 'full' or 'k3', got {kl!r}")
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     if not rows or micro_batch < 1:
         raise ValueError(f"oreo_step needs at least one row and micro_batch >= 1, got {len(rows)} rows, "
                          f"micro_batch={micro_batch}")
@@ -510,33 +380,23 @@ def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, 
     totals = {}
     for part in by_length(rows, micro_batch):                                          # micro-batches
         batch, starts = encode_with_step_starts(tokenizer, part, device, level, step_ids)
-        ids, attention, rewards, mask = batch["input_ids"], batch["attention_mask"], batch["rewards"], batch["mask"]
-        n_prompt, completion_ids = batch["n_prompt"], batch["completion_ids"]
+        rewards, mask = batch["rewards"], batch["mask"]                                 # [b], [b, C]
         share = len(part) / len(rows)                                                   # micro-batch means -> batch
 
         # 1. log-probs without gradient: the critic's targets are data
         with torch.no_grad():
-            if kl == "full":
-                ref_logits = completion_logits(reference, ids, attention, n_prompt)      # [b, C, V]
-                ref_logp = logprobs_from_logits(ref_logits, completion_ids)          # [b, C]
-            else:
-                ref_logp = token_logprobs(reference, ids, attention, n_prompt)          # [b, C]
-            logp_now = token_logprobs(policy, ids, attention, n_prompt)                 # [b, C]
+            ref_logp, ref_logits = completion_logprobs(reference, batch, kl == "full")  # [b, C], [b, C, V] or None
+            logp_now, _ = completion_logprobs(policy, batch, with_logits=False)         # [b, C]
 
         # 2. critic gradient (the critic steps once, after the last micro-batch)
-        values = value_model(ids, attention, n_prompt)                                  # [b, C]
+        values = value_model(batch["input_ids"], batch["attention_mask"], batch["n_prompt"])  # [b, C]
         _, value_loss = losses(logp_now, ref_logp, values, rewards, mask, beta, level, starts)
         (value_loss * share).backward()
         values_before_update = values.detach()                                          # [b, C]
 
         # 3. actor gradient, against the values of the critic as it was when the batch began
-        if kl == "full":
-            logits = completion_logits(policy, ids, attention, n_prompt)                # [b, C, V]
-            logp = logprobs_from_logits(logits, completion_ids)                     # [b, C]
-            kl_value = full_kl(logits, ref_logits, mask)
-        else:
-            logp = token_logprobs(policy, ids, attention, n_prompt)                     # [b, C]
-            kl_value = k3_kl(logp, ref_logp, mask)
+        logp, logits = completion_logprobs(policy, batch, kl == "full")                 # [b, C], [b, C, V] or None
+        kl_value = full_kl(logits, ref_logits, mask) if kl == "full" else k3_kl(logp, ref_logp, mask)
         policy_loss, _ = losses(logp, ref_logp, values_before_update, rewards, mask, beta, level, starts)
         ((policy_loss + alpha * kl_value) * share).backward()
 
@@ -559,9 +419,7 @@ def encode_with_step_starts(tokenizer, rows, device, level, step_ids=None):
 
 
 def critic_step(value_model, optimizer, tokenizer, rows, level, micro_batch, grad_clip=1.0, scheduler=None):
-    """One optimizer step of the critic alone, before any policy step: while the policy IS the reference every
-    log-ratio is 0, so A = 0 and the soft value target is R itself (the value loss of oreo.losses with A = 0).
-    Micro-batches accumulate as in oreo_step. Returns {"value_loss", "grad_norm_value"}."""
+    """One step of the critic alone, micro-batched as oreo_step: before any policy step pi = pi_ref, so A = 0."""
     total, step_ids = 0.0, step_end_ids(tokenizer) if level == "step" else None
     for part in by_length(rows, micro_batch):
         batch, starts = encode_with_step_starts(tokenizer, part, value_model.head.weight.device, level, step_ids)
@@ -620,8 +478,7 @@ def by_length(rows, size):
 
 
 def auc(scores, labels):
-    """Chance that a random row with label 1 scores above a random row with label 0 (ties count half); None
-    unless both kinds are there.  scores, labels: [N]"""
+    """P(a random label-1 row scores above a label-0 one), ties half; None without both.  scores, labels: [N]"""
     pos, neg = scores[labels > 0], scores[labels <= 0]
     if not len(pos) or not len(neg):
         return None
@@ -630,11 +487,9 @@ def auc(scores, labels):
 
 
 def critic_quality(value_model, tokenizer, rows, batch_size=32):
-    """How well V predicts the final reward R on (held-out) offline rows:
-        value_auc_first   AUC of V(first state) for correct vs wrong rows (only the prompt is seen: difficulty)
-        value_auc_last    AUC of V(last state: the answer written, before EOS)
-        value_explained_variance  1 - mean_b(mean_t (V - R)^2) / Var(R), over every completion state
-        value_first_mean  mean V(first state) (compare with reward_mean, the rows' mean R)."""
+    """How well V predicts R on (held-out) offline rows: value_auc_first / value_auc_last (AUC of V at the first
+    state, which sees only the prompt / at the last, before EOS, for correct vs wrong rows), value_explained_variance
+    (1 - mean_b(mean_t (V - R)^2) / Var(R)), value_first_mean (mean V at the first state) and reward_mean."""
     first, last, square_error, R = offline_values(value_model, tokenizer, rows, batch_size)
     variance = R.var(unbiased=False).item()
     return {"value_auc_first": auc(first, R), "value_auc_last": auc(last, R),
@@ -642,17 +497,10 @@ def critic_quality(value_model, tokenizer, rows, batch_size=32):
             "value_first_mean": first.mean().item(), "reward_mean": R.mean().item()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 8. Test-time search: value-guided step-level beam search
-# ----------------------------------------------------------------------------------------------------------------
-# Keep `beam` partial solutions. From each, sample `beam` next steps (a step ends at a step-end token or EOS); score
-# every candidate with V at the LAST token of its prefix, i.e. the value of the state after the step, which is the
-# next step's start state: the state the step-level critic is trained on. (The original code read the
-# second-to-last token: the state before the step's last token, a bug.) Keep the best `beam`; those that ended
-# (EOS, or max_new_tokens reached) go to a finished pool. After max_expansions rounds, or when no partial solution
-# is left, return the finished candidate with the highest value (the best partial one if none finished).
-# Note: for a candidate ending in EOS the last token is the EOS itself; training never scores the state after EOS
-# (only states before actions), so that value is an extrapolation of the critic.
+# ---- 8. Test-time search: value-guided step-level beam search --------------------------------------------------
+# Keep `beam` partial solutions; from each sample next steps (ending at a step-end token or EOS), score each candidate
+# with V at the last token of its prefix (the next step's start state, which the step-level critic is trained on),
+# keep the best `beam`, and move those that ended to a finished pool; return the finished one of highest value.
 
 @dataclass
 class SearchResult:
@@ -664,32 +512,23 @@ class SearchResult:
     generated: int = 0   # tokens sampled by the whole search (every candidate step)
 
 
-def step_generation_config(tokenizer, step_ids, temperature, max_new_tokens):
-    """Sampling that stops at EOS or at any step-end token (generate stops at any id of eos_token_id)."""
-    return GenerationConfig(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                            max_new_tokens=max_new_tokens, eos_token_id=[tokenizer.eos_token_id] + list(step_ids),
-                            pad_token_id=tokenizer.pad_token_id, use_cache=True)
-
-
 def through_first_stop(tokens, stop_ids):
     """tokens up to and including the first stop token (all of them if there is none)."""
-    for i, token in enumerate(tokens):
-        if token in stop_ids:
-            return tokens[:i + 1]
-    return tokens
+    ends = [i + 1 for i, token in enumerate(tokens) if token in stop_ids]
+    return tokens[:ends[0]] if ends else tokens
 
 
 @torch.no_grad()
 def sample_next_steps(policy, tokenizer, prompt_ids, prefixes, n, step_ids, temperature, max_step_tokens):
-    """n sampled next steps after prompt + each prefix (lists of ids), in ONE generate call (left padding): a list
-    per prefix of n lists of token ids, each ending with its stop token (a step end or EOS) unless
-    max_step_tokens ran out first."""
+    """Per prefix, n sampled next steps (lists of ids, through the step end or EOS) in ONE generate call."""
     device = next(policy.parameters()).device
     rows = [prompt_ids + prefix for prefix in prefixes for _ in range(n)]
     longest = max(map(len, rows))
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(r)) + r for r in rows], device=device)
     attention = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)  # [R, L]
-    config = step_generation_config(tokenizer, step_ids, temperature, max_step_tokens)
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                              max_new_tokens=max_step_tokens, eos_token_id=[tokenizer.eos_token_id] + list(step_ids),
+                              pad_token_id=tokenizer.pad_token_id, use_cache=True)  # stops at EOS and step ends
     with generation_mode(policy, config):
         output = policy.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
     new_tokens = output[:, longest:].tolist()                                           # [R, T], padded after a stop
@@ -721,12 +560,8 @@ def keep_best(candidates, values, beam, is_finished):
 
 def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, max_expansions=20, max_step_tokens=256,
                 temperature=1.0, max_new_tokens=4096, expand=None):
-    """Value-guided step-level beam search for one prompt (see the section comment); returns a SearchResult.
-
-    policy: a causal LM; value_model: a ValueModel; step_ids: ids of the tokens that end a step (step_end_ids);
-    expand: next steps sampled from each kept partial solution (default: beam, OREO's B x B).
-    Identical candidates of one round are scored once (duplicates would only crowd the beam). A candidate that
-    ended with EOS is scored at the state before its EOS: the last state the critic is trained on."""
+    """Value-guided step-level beam search for one prompt; a SearchResult. expand: steps sampled per kept partial
+    solution (default beam: OREO's B x B). Candidates ending in EOS are scored at the state before it."""
     expand = beam if expand is None else expand
     if min(beam, expand, max_expansions, max_step_tokens, max_new_tokens) < 1 or temperature <= 0:
         raise ValueError(f"beam_search needs beam, max_expansions, max_step_tokens, max_new_tokens >= 1 and "
@@ -746,8 +581,8 @@ def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, max_expa
         candidates = [prefix + step for prefix, its_steps in zip(prefixes, steps) for step in its_steps]
         generated += sum(len(step) for its_steps in steps for step in its_steps)
         candidates = [list(c) for c in dict.fromkeys(tuple(c) for c in candidates)]      # drop duplicates, keep order
-        values = prefix_values(value_model, prompt_ids, [without_eos(c, tokenizer.eos_token_id) for c in candidates],
-                               tokenizer.pad_token_id)
+        before_eos = [c[:-1] if c[-1] == tokenizer.eos_token_id else c for c in candidates]  # scored without EOS
+        values = prefix_values(value_model, prompt_ids, before_eos, tokenizer.pad_token_id)
         expansions += 1
         partial, newly_finished = keep_best(candidates, values, beam, is_finished)
         finished += newly_finished
@@ -755,7 +590,3 @@ def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, max_expa
     tokens, value = max(pool, key=lambda pair: pair[1])                                  # first of the best
     return SearchResult(text=tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens, value=value,
                         finished=bool(finished), expansions=expansions, generated=generated)
-
-
-def without_eos(tokens, eos_id):
-    return tokens[:-1] if tokens and tokens[-1] == eos_id else tokens

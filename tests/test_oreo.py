@@ -188,9 +188,10 @@ def random_batch(seed=0, B=5, C=9):
     return logp, ref_logp, values, rewards, mask
 
 
-def test_reverse_cumsum():
+def test_log_ratio_to_go_sums_from_the_right():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, -1.0]])
-    assert torch.equal(oreo.reverse_cumsum(x), torch.tensor([[6.0, 5.0, 3.0], [3.0, -1.0, -1.0]]))
+    assert torch.equal(oreo.log_ratio_to_go(x, torch.zeros_like(x), torch.ones_like(x)),
+                       torch.tensor([[6.0, 5.0, 3.0], [3.0, -1.0, -1.0]]))
 
 
 @pytest.mark.exercise(11)
@@ -246,7 +247,7 @@ def test_step_starts_from_newlines_hand_example():
     assert torch.equal(oreo.step_starts_from_newlines(ids, mask, [NL]), expected)
 
 
-def test_newline_token_ids_finds_tokens_containing_a_newline():
+def test_step_end_ids_finds_tokens_containing_a_newline():
     class FakeTokenizer:                                           # decode is all that is needed
         vocab = ["a", "\n", "b.\n\n", "c"]
 
@@ -256,7 +257,7 @@ def test_newline_token_ids_finds_tokens_containing_a_newline():
         def batch_decode(self, sequences):
             return ["".join(self.vocab[i] for i in seq) for seq in sequences]
 
-    assert oreo.newline_token_ids(FakeTokenizer()) == [1, 2]
+    assert oreo.step_end_ids(FakeTokenizer()) == [1, 2]
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -556,7 +557,8 @@ def test_completion_logits_give_token_logprobs(tiny_dirs, rows):
     args = batch["input_ids"], batch["attention_mask"], batch["n_prompt"]
     logits = oreo.completion_logits(policy, *args)                  # [B, C, V]
     assert logits.shape == batch["completion_ids"].shape + (len(tokenizer),)
-    logp = oreo.logprobs_from_logits(logits, batch["completion_ids"])
+    logp, with_logits = oreo.completion_logprobs(policy, batch, with_logits=True)
+    assert torch.equal(with_logits, logits)
     assert torch.allclose(logp * batch["mask"], M.token_logprobs(policy, *args).double() * batch["mask"],
                           atol=1e-6)                                # token_logprobs works in float32
 
