@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers import AutoModel, GenerationConfig
 
 import kk_data
-from model import clip_and_step, position_ids_from_mask, token_logprobs
+from model import clip_and_step, encode_pairs, position_ids_from_mask, token_logprobs, warmup_cosine
 from reward import score
 from rollout import encode_prompts, generation_mode
 
@@ -309,17 +309,12 @@ def encode_offline_batch(tokenizer, rows, device):
     a word-level tokenizer has no " " token, so there only EOS):
         input_ids, attention_mask [B, P + C]: prompt LEFT-padded, then the completion RIGHT-padded
         completion_ids, mask [B, C] (1 on real tokens, EOS included); n_prompt = P; rewards [B]"""
-    prompts = encode_prompts(tokenizer, [row["prompt"] for row in rows])
-    completions = tokenizer([row["response"] + " " + tokenizer.eos_token for row in rows], return_tensors="pt",
-                            padding=True, padding_side="right", add_special_tokens=False)
-    return {
-        "input_ids": torch.cat([prompts.input_ids, completions.input_ids], 1).to(device),            # [B, P + C]
-        "attention_mask": torch.cat([prompts.attention_mask, completions.attention_mask], 1).to(device),
-        "completion_ids": completions.input_ids.to(device),                                          # [B, C]
-        "mask": completions.attention_mask.float().to(device),                                       # [B, C]
-        "n_prompt": prompts.input_ids.shape[1],
-        "rewards": torch.tensor([float(row["reward"]) for row in rows], device=device),              # [B]
-    }
+    input_ids, attention_mask, mask, n_prompt = encode_pairs(
+        tokenizer, [row["prompt"] for row in rows], [row["response"] + " " + tokenizer.eos_token for row in rows],
+        device)  # [B, P + C] (two), [B, C], P
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_ids": input_ids[:, n_prompt:],
+            "mask": mask, "n_prompt": n_prompt,
+            "rewards": torch.tensor([float(row["reward"]) for row in rows], device=device)}  # [B]
 
 
 def completion_logits(model, input_ids, attention_mask, n_prompt):
@@ -339,29 +334,23 @@ def completion_logprobs(model, batch, with_logits):
     return logits.to(dtype).log_softmax(-1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1), logits
 
 
-def warmup_cosine(step, total_steps, warmup_steps, floor=0.1):
-    """Learning-rate factor at optimizer step `step` (0-based): linear warm-up to 1, then a cosine down to
-    `floor` (0.1, as train.py's cosine and OpenRLHF's "cosine_with_min_lr", on which the original code runs)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+def adam_cosine(module, lr, total_steps, warmup_frac=0.03):
+    """(optimizer, scheduler) as the original code builds them: Adam (0.9, 0.95) without weight decay, and a cosine
+    to 10% after warmup_frac of total_steps of linear warm-up (model.warmup_cosine)."""
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup_steps = math.ceil(warmup_frac * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps))
 
 
 def make_oreo_optimizers(policy, value_model, lr_policy, lr_value, total_steps, warmup_frac=0.03):
-    """(policy_opt, value_opt, policy_scheduler, value_scheduler): Adam (0.9, 0.95) without weight decay, and a
-    cosine schedule with warmup_frac of total_steps of linear warm-up. total_steps counts OPTIMIZER steps, and
-    oreo_step makes one per batch, whatever its micro-batch size (see there)."""
+    """(policy_opt, value_opt, policy_scheduler, value_scheduler), each pair from adam_cosine. total_steps counts
+    OPTIMIZER steps, and oreo_step makes one per batch, whatever its micro-batch size (see there)."""
     if total_steps < 1:
         raise ValueError(f"make_oreo_optimizers: total_steps must be >= 1, got {total_steps}")
-    warmup_steps = math.ceil(warmup_frac * total_steps)
-    optimizers, schedulers = [], []
-    for module, lr in ((policy, lr_policy), (value_model, lr_value)):
-        optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-        optimizers.append(optimizer)
-        schedulers.append(torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps)))
-    return optimizers[0], optimizers[1], schedulers[0], schedulers[1]
+    policy_opt, policy_scheduler = adam_cosine(policy, lr_policy, total_steps, warmup_frac)
+    value_opt, value_scheduler = adam_cosine(value_model, lr_value, total_steps, warmup_frac)
+    return policy_opt, value_opt, policy_scheduler, value_scheduler
 
 
 def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, rows, beta, alpha, level,
@@ -435,9 +424,7 @@ def critic_step(value_model, optimizer, tokenizer, rows, level, micro_batch, gra
 def fit_critic(value_model, tokenizer, rows, steps, batch_size, lr, level, micro_batch, grad_clip=1.0, seed=0):
     """`steps` critic_steps on batches of `batch_size` rows, reshuffled every pass over `rows`; its own Adam
     (0.9, 0.95) and cosine schedule (3% warm-up). Yields each step's metrics."""
-    optimizer = torch.optim.Adam(value_model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, steps, math.ceil(0.03 * steps)))
+    optimizer, scheduler = adam_cosine(value_model, lr, steps)
     rng, queue = random.Random(seed), []
     for _ in range(steps):
         while len(queue) < batch_size:

@@ -714,7 +714,7 @@ def test_make_oreo_optimizers_adam_settings_and_schedule(tiny_dirs):
 
 
 def test_warmup_cosine_shape():
-    factors = [oreo.warmup_cosine(step, 100, 3) for step in range(101)]
+    factors = [M.warmup_cosine(step, 100, 3) for step in range(101)]
     assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and factors[3] == 1.0
     assert all(a >= b for a, b in zip(factors[3:], factors[4:]))                 # decreasing after warm-up
     assert factors[100] == pytest.approx(0.1)
