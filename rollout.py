@@ -1,21 +1,20 @@
 """Rollouts: sample completions for a batch of prompts, with the log-prob of every sampled token.
 
-The RL loop (../shared/spec/algorithms.md) needs G completions per prompt, their token mask, and `logp_old`, each
-sampled token's log_softmax(logits / temperature) under the sampling policy. A `Rollout` holds them in NOTES.md's
-layout: `prompt_ids [B, P]` LEFT-padded, `completion_ids [B, C]` RIGHT-padded, prompt i's samples in rows
-i*G .. i*G+G-1. Two samplers share one interface, `Sampler` (`generate(...)` -> Rollout):
+The RL loop (../shared/spec/algorithms.md) needs G completions per prompt, their mask, and `logp_old`, each sampled
+token's log_softmax(logits / temperature). A `Rollout` holds them: `prompt_ids [B, P]` LEFT-padded, `completion_ids
+[B, C]` RIGHT-padded, prompt i's samples in rows i*G .. i*G+G-1. Two samplers share `Sampler.generate(...)`:
 1. `HFSampler` samples on the module being trained with `decode` (a preallocated KV cache; ended rows leave).
-2. `VLLMSampler`: an in-process vLLM 0.32.0 engine (one per rank), built from the config with dummy weights;
-   `sync_weights` streams the trainer's full tensors in (`reload_weights`, `lm_head.weight` always; no disk).
-   Token ids in and out (OUR tokenizer does the text); its log-probs are "processed_logprobs"; sleeps on a GPU.
-Both must give the log-probs `token_logprobs` (model.py) recomputes on `rollout.input_ids()` (positions
-`cumsum(mask) - 1` everywhere); `logprob_gap` measures the difference during training. Details: NOTES.md.
+2. `VLLMSampler`: an in-process vLLM 0.32.0 engine (one per rank) built with dummy weights, which `sync_weights`
+   streams in from the trainer (no disk); token ids in and out; it sleeps on a GPU between rollouts.
+Both must give the log-probs `token_logprobs` (model.py) recomputes on `rollout.input_ids()`; `logprob_gap` measures
+the difference during training. Details: NOTES.md.
 """
 import os
 import tempfile
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -49,10 +48,9 @@ def mask_through_first_eos(completion_ids, eos_id):
 
 
 def next_token(logits, temperature, top_p):
-    """One token per row from logits [b, V] and its log-prob [b] under log_softmax(logits / temperature).
-
-    temperature 0: the argmax, scored at temperature 1. Else a sample from the top-p nucleus (the tokens whose
-    mass before them is < top_p; no top-k), scored under the full distribution, as the trainer recomputes it."""
+    """One token per row from logits [b, V] and its log-prob [b] under log_softmax(logits / temperature): the argmax
+    (scored at temperature 1) at temperature 0, else a sample from the top-p nucleus (the tokens whose mass before
+    them is < top_p; no top-k), scored under the full distribution, as the trainer recomputes it."""
     logp_all = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # [b, V]
     if temperature == 0:
         token = logp_all.argmax(dim=-1)  # [b]
@@ -99,12 +97,10 @@ def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, e
     capacity = prompt_ids.shape[1] + max_new_tokens
     cache = Cache(layers=[PreallocatedLayer(capacity) for _ in range(model.config.num_hidden_layers)])
     running = torch.arange(batch, device=device)  # [b] the rows still generating
-    attention = prompt_mask  # [b, P + t]
-    positions = position_ids_from_mask(prompt_mask)  # [b, P]
-    logits = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]  # [b, V]
-    position = positions[:, -1:] + 1  # [b, 1]
-    for t in range(max_new_tokens):
+    inputs, attention, positions = prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask)  # [b, P] each
+    for t in range(max_new_tokens):  # step 0 reads the whole prompt, each later step the last token
+        logits = model(input_ids=inputs, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]  # [b, V]
         token, logp = next_token(logits, temperature, top_p)  # [b], [b]
         completion[running, t], logprobs[running, t] = token, logp
         alive = token != eos_id  # [b]
@@ -112,12 +108,10 @@ def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, e
             break
         if not alive.all():
             keep = alive.nonzero().squeeze(-1)
-            running, token, attention, position = running[keep], token[keep], attention[keep], position[keep]
+            running, token, attention, positions = running[keep], token[keep], attention[keep], positions[keep]
             cache.batch_select_indices(keep)
+        inputs, positions = token[:, None], positions[:, -1:] + 1  # [b, 1]
         attention = torch.cat([attention, attention.new_ones(len(running), 1)], dim=1)  # [b, P + t + 1]
-        logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=position,
-                       past_key_values=cache, use_cache=True).logits[:, -1]  # [b, V]
-        position = position + 1
     return completion, logprobs
 
 
@@ -143,9 +137,8 @@ def encode_prompts(tokenizer, prompts):
 
 
 class Sampler:
-    """What both samplers share: `generate` checks the knobs, encodes the prompts, lets the subclass's `sample`
-    draw the completions and decodes them with our tokenizer. A subclass sets `self.device` (where the Rollout
-    goes) and has `sync_weights(model)` (after every optimizer step) and `close()`."""
+    """`generate` checks the knobs, encodes the prompts, lets the subclass's `sample` draw the completions and decodes
+    them; a subclass sets `self.device` (for the Rollout) and has `sync_weights(model)` and `close()`."""
 
     def __init__(self, tokenizer):
         if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
@@ -159,10 +152,9 @@ class Sampler:
         greedy. Every knob is explicit: no top-k, no penalties, nothing from the model's generation_config."""
         if isinstance(prompts, str) or len(prompts) == 0:
             raise ValueError("generate expects a non-empty list of prompt strings")
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(f"generate needs n >= 1 and max_new_tokens >= 1, got {n}, {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"generate needs temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"generate needs n >= 1, max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1, got "
+                             f"n={n}, max_new_tokens={max_new_tokens}, temperature={temperature}, top_p={top_p}")
         encoded = encode_prompts(self.tokenizer, prompts)
         prompt_ids = encoded["input_ids"].repeat_interleave(n, dim=0).to(self.device)  # [B, P], B = len(prompts) * n
         prompt_mask = encoded["attention_mask"].repeat_interleave(n, dim=0).to(self.device)  # [B, P]
@@ -188,21 +180,18 @@ class HFSampler(Sampler):
 
     def sample(self, prompt_ids, prompt_mask, n, temperature, top_p, max_new_tokens):
         """(completion ids, mask, log-probs), each [B, C], C the longest row's length (its EOS included)."""
-        was_training = self.model.training
-        self.model.eval()  # (no dropout; HF skips gradient checkpointing outside training)
-        try:
-            completion_ids, logprobs = decode(self.model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens,
-                                              self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)  # [B, T]
+        try:  # eval mode (no dropout, no gradient checkpointing) until decode is done
+            with generation_mode(self.model, self.model.generation_config):
+                completion_ids, logprobs = decode(self.model, prompt_ids, prompt_mask, temperature, top_p,
+                                                  max_new_tokens, self.tokenizer.eos_token_id,
+                                                  self.tokenizer.pad_token_id)  # [B, T]
         except RuntimeError as error:  # torch.multinomial refuses NaN or infinite probabilities
             if "probability tensor" not in str(error):
                 raise
             raise NonFiniteError("the model's sampling probabilities are not finite") from None
-        finally:
-            self.model.train(was_training)
         mask = mask_through_first_eos(completion_ids, self.tokenizer.eos_token_id)  # [B, T]
         longest = int(mask.sum(dim=1).max().item())  # trimming to the longest row keeps C minimal
-        mask = mask[:, :longest]  # [B, C]
-        return completion_ids[:, :longest], mask, logprobs[:, :longest] * mask  # log-probs 0 where masked
+        return completion_ids[:, :longest], mask[:, :longest], logprobs[:, :longest]  # [B, C]; decode put 0 after EOS
 
 
 # ---- The vLLM sampler --------------------------------------------------------------------------------------
@@ -265,17 +254,12 @@ def default_process_group_kept():
         if group is not None:
             destroy(group)
 
-    torch.distributed.destroy_process_group = destroy_all_but_default
-    try:
+    with mock.patch.object(torch.distributed, "destroy_process_group", destroy_all_but_default):
         yield
-    finally:
-        torch.distributed.destroy_process_group = destroy
 
 
 class VLLMSampler(Sampler):
-    """Samples with an in-process vLLM engine built from the policy's config and CURRENT weights; our tokenizer
-    does the text. Defaults: sleep mode on a GPU only, KV cache 1 GiB on CPU, dtype as model.pick_dtype, eager on
-    CPU only, max_model_len the config's max_position_embeddings (NOTES.md)."""
+    """An in-process vLLM engine built from the policy's config and CURRENT weights; our tokenizer does the text."""
 
     def __init__(self, model, tokenizer, gpu_memory_utilization=0.3, tensor_parallel_size=1, enable_sleep_mode=None,
                  seed=0, max_model_len=None, dtype=None, kv_cache_memory_bytes=None, enforce_eager=None):
@@ -293,13 +277,11 @@ class VLLMSampler(Sampler):
         # Checked before the engine exists: in a single process vLLM creates a (1-process) group of its own.
         self.under_torchrun = torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if self.under_torchrun else 0
-
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: weights by reference
         self.config_dir = tempfile.TemporaryDirectory(prefix="vllm-sampler-")
         model.config.save_pretrained(self.config_dir.name)  # the config only: the weights come via sync_weights
         self.llm = self.vllm.LLM(
-            model=self.config_dir.name,
-            load_format="dummy",  # random weights, replaced below
+            model=self.config_dir.name, load_format="dummy",  # random weights, replaced below
             skip_tokenizer_init=True,  # token ids in and out; our tokenizer does the text
             generation_config="vllm",  # ignore any generation_config.json defaults (top_k, penalties, ...)
             logprobs_mode="processed_logprobs",  # log_softmax(logits / temperature) of each sampled token
@@ -307,17 +289,16 @@ class VLLMSampler(Sampler):
             seed=seed + rank // tensor_parallel_size,  # each data-parallel rank draws different samples
             tensor_parallel_size=tensor_parallel_size,
             distributed_executor_backend="external_launcher" if self.under_torchrun else None,
-            gpu_memory_utilization=gpu_memory_utilization,
+            gpu_memory_utilization=gpu_memory_utilization,  # on a GPU; on CPU the KV cache is 1 GiB:
             kv_cache_memory_bytes=kv_cache_memory_bytes or (None if on_gpu else CPU_KV_CACHE_BYTES),
-            enable_sleep_mode=enable_sleep_mode,
-            enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
+            enable_sleep_mode=enable_sleep_mode,  # default: on a GPU only
+            enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,  # default: eager on CPU only
             max_model_len=max_model_len or model.config.max_position_embeddings,
         )
         self.sync_weights(model)
 
     def load_weights(self, named_tensors):
-        """Copy (Hugging Face name, tensor) pairs into the engine with the worker's `reload_weights` (the model's
-        `load_weights`, q/k/v and gate/up fusion, then each layer's post-load processing), then reset its cache."""
+        """Copy (Hugging Face name, tensor) pairs into the engine (the worker's `reload_weights`), reset its cache."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
