@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from unittest import mock
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers.cache_utils import Cache, DynamicLayer
 
 from model import NonFiniteError, full_tensor, iter_full_state, pick_dtype, position_ids_from_mask
@@ -43,8 +44,7 @@ class Rollout:
 def mask_through_first_eos(completion_ids, eos_id):
     """1 on every token up to and including the first EOS of each row, 0 after it. [B, C] -> [B, C] float"""
     is_eos = (completion_ids == eos_id).long()  # [B, C]
-    eos_strictly_before = is_eos.cumsum(dim=1) - is_eos  # [B, C] number of EOS tokens before column j
-    return (eos_strictly_before == 0).float()
+    return (is_eos.cumsum(dim=1) - is_eos == 0).float()  # [B, C]: no EOS strictly before column j
 
 
 def next_token(logits, temperature, top_p):
@@ -158,10 +158,9 @@ class Sampler:
         encoded = encode_prompts(self.tokenizer, prompts)
         prompt_ids = encoded["input_ids"].repeat_interleave(n, dim=0).to(self.device)  # [B, P], B = len(prompts) * n
         prompt_mask = encoded["attention_mask"].repeat_interleave(n, dim=0).to(self.device)  # [B, P]
-        completion_ids, mask, logprobs = self.sample(prompt_ids, prompt_mask, n, temperature, top_p,
-                                                     max_new_tokens)  # [B, C] each
-        completions = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return Rollout(prompt_ids, prompt_mask, completion_ids, mask, logprobs, completions)
+        ids, mask, logprobs = self.sample(prompt_ids, prompt_mask, n, temperature, top_p, max_new_tokens)  # [B, C] each
+        completions = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return Rollout(prompt_ids, prompt_mask, ids, mask, logprobs, completions)
 
 
 class HFSampler(Sampler):
@@ -238,12 +237,6 @@ def logprob_gap(sampler_logprobs, trainer_logprobs, mask) -> float:
     return (sampler_logprobs.float() - trainer_logprobs.float())[mask].abs().mean().item()
 
 
-def pad_right(rows, pad_value, dtype):
-    """Lists of different lengths -> a [len(rows), longest] tensor, right-padded with `pad_value`."""
-    longest = max(len(row) for row in rows)
-    return torch.tensor([list(row) + [pad_value] * (longest - len(row)) for row in rows], dtype=dtype)
-
-
 @contextmanager
 def default_process_group_kept():
     """While active, `torch.distributed.destroy_process_group()` (no argument: the default group, under torchrun
@@ -274,8 +267,7 @@ class VLLMSampler(Sampler):
                              "class to build (load the policy with model.load_model)")
         self.device = next(model.parameters()).device  # where the rollout tensors go: the trainer's device
         self.enable_sleep_mode, self.asleep = enable_sleep_mode, False
-        # Checked before the engine exists: in a single process vLLM creates a (1-process) group of its own.
-        self.under_torchrun = torch.distributed.is_initialized()
+        self.under_torchrun = torch.distributed.is_initialized()  # before the engine: vLLM makes a group of its own
         rank = torch.distributed.get_rank() if self.under_torchrun else 0
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: weights by reference
         self.config_dir = tempfile.TemporaryDirectory(prefix="vllm-sampler-")
@@ -289,7 +281,7 @@ class VLLMSampler(Sampler):
             seed=seed + rank // tensor_parallel_size,  # each data-parallel rank draws different samples
             tensor_parallel_size=tensor_parallel_size,
             distributed_executor_backend="external_launcher" if self.under_torchrun else None,
-            gpu_memory_utilization=gpu_memory_utilization,  # on a GPU; on CPU the KV cache is 1 GiB:
+            gpu_memory_utilization=gpu_memory_utilization,  # a GPU's share; the CPU backend takes bytes:
             kv_cache_memory_bytes=kv_cache_memory_bytes or (None if on_gpu else CPU_KV_CACHE_BYTES),
             enable_sleep_mode=enable_sleep_mode,  # default: on a GPU only
             enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,  # default: eager on CPU only
@@ -311,14 +303,6 @@ class VLLMSampler(Sampler):
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
 
-    def sampling_params(self, n, temperature, top_p, max_new_tokens):
-        """Every knob explicit: temperature 0 is greedy (one sample, vLLM refuses n > 1); no top-k, no penalties."""
-        return self.vllm.SamplingParams(
-            n=1 if temperature == 0 else n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-            top_k=0, min_p=0.0, repetition_penalty=1.0,  # all off
-            stop_token_ids=[self.tokenizer.eos_token_id],  # the EOS stays in the output ids, as with HF
-            logprobs=0, detokenize=False)  # only the sampled token's log-prob, no text
-
     def sample(self, prompt_ids, prompt_mask, n, temperature, top_p, max_new_tokens):
         """(completion ids, mask, log-probs), each [B, C], from the engine, given each prompt once and unpadded."""
         requests = [self.vllm.TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
@@ -326,24 +310,27 @@ class VLLMSampler(Sampler):
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
-        outputs = self.llm.generate(requests, self.sampling_params(n, temperature, top_p, max_new_tokens),
-                                    use_tqdm=False)  # in the order of `requests`
+        params = self.vllm.SamplingParams(  # every knob explicit; greedy: one sample (vLLM refuses n > 1)
+            n=1 if temperature == 0 else n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+            top_k=0, min_p=0.0, repetition_penalty=1.0,  # all off
+            stop_token_ids=[self.tokenizer.eos_token_id],  # the EOS stays in the output ids, as with HF
+            logprobs=0, detokenize=False)  # only the sampled token's log-prob, no text
+        outputs = self.llm.generate(requests, params, use_tqdm=False)  # in the order of `requests`
         if self.enable_sleep_mode:
             self.llm.sleep(level=1)  # free the KV cache, park the weights in host RAM while the trainer works
             self.asleep = True
 
-        token_rows, logprob_rows = [], []  # B = len(prompts) * n lists of different lengths
+        token_rows, logprob_rows = [], []  # B = len(prompts) * n tensors [c] of different lengths
         for output in outputs:
             samples = sorted(output.outputs, key=lambda sample: sample.index)
             if temperature == 0:
                 samples = samples * n  # greedy: the n samples of a prompt are identical
             for sample in samples:
-                token_rows.append(list(sample.token_ids))
-                logprob_rows.append([step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)])
-
-        completion_ids = pad_right(token_rows, self.tokenizer.pad_token_id, torch.long)  # [B, C]
-        mask = pad_right([[1.0] * len(row) for row in token_rows], 0.0, torch.float32)  # [B, C], the EOS included
-        logprobs = pad_right(logprob_rows, 0.0, torch.float32)  # [B, C], 0 where masked
+                token_rows.append(torch.tensor(sample.token_ids, dtype=torch.long))  # [c]
+                logprob_rows.append(torch.tensor([top[t].logprob for top, t in zip(sample.logprobs, sample.token_ids)]))
+        completion_ids = pad_sequence(token_rows, batch_first=True, padding_value=self.tokenizer.pad_token_id)  # [B, C]
+        mask = pad_sequence([torch.ones(len(row)) for row in token_rows], batch_first=True)  # [B, C], EOS included
+        logprobs = pad_sequence(logprob_rows, batch_first=True)  # [B, C], 0 where masked
         return completion_ids.to(self.device), mask.to(self.device), logprobs.to(self.device)
 
     def close(self):
