@@ -94,10 +94,9 @@ def has_chat_template(path):
 def load_model(path, device, dtype=None, gradient_checkpointing=False, attn_implementation=None):
     """The policy: a causal LM from a hub name or a local folder, on `device`, in train mode (dtype and attention
     default to pick_dtype / attention_implementation of `device`; load_sharded names them, loading on the CPU)."""
-    dtype = dtype or pick_dtype(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, attn_implementation=attn_implementation or attention_implementation(device)
-    )
+    attention = attn_implementation or attention_implementation(device)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or pick_dtype(device),
+                                                 attn_implementation=attention)
     return set_train_mode(model.to(device), gradient_checkpointing)
 
 
@@ -269,8 +268,7 @@ def token_logprobs(model, input_ids, attention_mask, n_prompt, temperature=1.0, 
 
 
 def bf16_compute(model):
-    """bf16 autocast for an unsharded fp32 model on a GPU (fp32 master weights, bf16 compute, as FSDP2's mixed
-    precision gives a sharded one); nothing for any other model."""
+    """bf16 autocast for an unsharded fp32 model on a GPU (what FSDP2 mixed precision does for a sharded one)."""
     weight = next(model.parameters())
     if weight.device.type != "cuda" or weight.dtype != torch.float32 or isinstance(weight, DTensor):
         return contextlib.nullcontext()
@@ -286,8 +284,7 @@ MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=
 
 
 def init_distributed():
-    """Join torchrun's process group and return (rank, world_size): NCCL with one GPU per rank, gloo on CPU;
-    (0, 1) without torchrun (WORLD_SIZE unset)."""
+    """Join torchrun's process group (NCCL, a GPU per rank; gloo on CPU): (rank, world_size), (0, 1) without it."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1
     if not dist.is_initialized():
@@ -437,8 +434,7 @@ def iter_full_state(model):
 
 @torch.no_grad()
 def copy_full_weights(sharded, plain):
-    """Copy the weights of the sharded policy into an unsharded copy of it (e.g. the sampler's), cast to its
-    dtype, one parameter at a time. A collective: every rank calls it."""
+    """Copy the sharded policy's weights into an unsharded copy (the sampler's), one at a time; every rank calls it."""
     targets = plain.state_dict()
     for name, tensor in iter_full_state(sharded):
         if name not in targets or targets[name].shape != tensor.shape:
@@ -464,11 +460,10 @@ def save_hf(model, tokenizer, out_dir, extra=None):
             state[name] = state[alias[name]] if alias[name] != name else tensor.to("cpu", torch.bfloat16)
     if writer:
         live_dtype = model.config.dtype
-        model.save_pretrained(out_dir, state_dict=state)
-        model.config.dtype = live_dtype  # save_pretrained overwrote it with the live weights' dtype...
-        config = copy.deepcopy(model.config)
-        config.dtype = torch.bfloat16  # ...so write the config again with the dtype of the saved weights
-        config.save_pretrained(out_dir)
+        model.save_pretrained(out_dir, state_dict=state)  # (it writes the live weights' dtype into the config,
+        model.config.dtype = torch.bfloat16  # so the config is written again with the dtype of the saved ones)
+        model.config.save_pretrained(out_dir)
+        model.config.dtype = live_dtype
         tokenizer.save_pretrained(out_dir)
         if extra is not None:
             (out_dir / EXTRA_FILE).write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
@@ -488,14 +483,13 @@ def save_trainer_state(path, model, optimizer, extra: dict):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     state = {**extra, "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    previous = None
+    previous = load_trainer_state(path) if world > 1 and rank == 0 else None  # its shards go once the pointer moved
     if world > 1:
         folder = path.parent / f"sharded_{extra.get('stage', '')}_{extra.get('step', 0)}"
         model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards, in
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))  # one file a rank
         torch.save(state, folder / f"rank{rank}.pt")
         barrier()  # every rank's part is on disk before the pointer moves
-        previous = load_trainer_state(path) if rank == 0 else None
         state = {"folder": folder.name, "world_size": world}
     else:
         state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
