@@ -354,8 +354,7 @@ def shard_model(model, mixed_precision=None, cpu_offload=False):
     """Shard a Hugging Face causal LM (Qwen2 layout) in place, in units: each decoder layer; the embedding with the
     LM head (tied: one parameter); the root `model.model`. mixed_precision (default: on a GPU): MIXED_PRECISION;
     cpu_offload: shards, gradients and AdamW in host RAM. Gradients are SUMMED over ranks (train.py divides)."""
-    if mixed_precision is None:
-        mixed_precision = torch.cuda.is_available()
+    mixed_precision = torch.cuda.is_available() if mixed_precision is None else mixed_precision
     options = {"mp_policy": MIXED_PRECISION} if mixed_precision else {}
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
@@ -418,16 +417,16 @@ def full_tensor(tensor):
     return tensor.full_tensor()
 
 
-def iter_full_state(model):
-    """Yield (Hugging Face name, full tensor) for every entry of model.state_dict(), one parameter gathered at a time
-    (peak: one full parameter; tied names get one tensor). Sharded: collectives, so EVERY rank runs it to the end."""
+def iter_full_state(model, cast=None):
+    """Yield (Hugging Face name, full tensor, passed through `cast` if given) for every entry of model.state_dict(),
+    one parameter gathered at a time (tied names get one tensor). Sharded: collectives: EVERY rank runs it through."""
     state = model.state_dict(keep_vars=True)  # the parameters themselves: tied names share one object
     uses_left = collections.Counter(id(tensor) for tensor in state.values())
     gathered = {}  # a tied parameter's full tensor, kept until its last name has been yielded
     for name, tensor in state.items():
         key = id(tensor)
         if key not in gathered:
-            gathered[key] = full_tensor(tensor)
+            gathered[key] = full_tensor(tensor) if cast is None else cast(full_tensor(tensor))
         uses_left[key] -= 1
         yield name, gathered[key] if uses_left[key] else gathered.pop(key)
 
@@ -451,13 +450,11 @@ def save_hf(model, tokenizer, out_dir, extra=None):
     check_finite_weights(model)
     sharded = isinstance(next(model.parameters()), DTensor)  # FSDP shards
     writer = not sharded or dist.get_rank() == 0
-    # Tied weights (embedding = LM head) are one parameter under two names: cast it once so they stay tied.
-    first_name = {}  # id of a parameter -> the first name it appears under
-    alias = {name: first_name.setdefault(id(p), name) for name, p in model.state_dict(keep_vars=True).items()}
+    to_bf16 = (lambda full: full.to("cpu", torch.bfloat16)) if writer else None  # once a parameter: tied stay tied
     state = {}
-    for name, tensor in iter_full_state(model):
+    for name, tensor in iter_full_state(model, cast=to_bf16):
         if writer:  # (the other ranks only take part in the all-gathers)
-            state[name] = state[alias[name]] if alias[name] != name else tensor.to("cpu", torch.bfloat16)
+            state[name] = tensor
     if writer:
         live_dtype = model.config.dtype
         model.save_pretrained(out_dir, state_dict=state)  # (it writes the live weights' dtype into the config,
