@@ -1,13 +1,9 @@
 """Knights-and-Knaves puzzles: logic, generator, text, dataset files, prompts and reasoning traces.
 
 ../shared/spec/logic_rl.md §1 (the K&K benchmark's puzzles, arXiv 2410.23123) and §2 (the Logic-RL prompts, arXiv
-2502.14768). Knights always tell the truth, knaves always lie; each of n people makes one statement.
-
-    statement trees  ->  evaluate / solve (brute force over all 2^n assignments)
-    seeded sampler   ->  generate(): keep puzzles with exactly one solution, no duplicates
-    text rendering   ->  records in the benchmark's own JSONL format (quiz, solution_text, cot_*, ...)
-    prompts          ->  make_prompt(): the Logic-RL strings, ending with a pre-filled "<think>"
-    training targets ->  local_trace() / sft_completion(): what a model writes after "<think>"
+2502.14768). Knights always tell the truth, knaves always lie; each of n people makes one statement. generate()
+keeps seeded puzzles with exactly one solution as records in the benchmark's JSONL format; make_prompt() gives the
+Logic-RL prompts, ending with a pre-filled "<think>"; local_trace() / sft_completion() what a model writes after it.
 
 Statements are the benchmark's own tuples, person i being 0-based and True meaning "knight":
     ("telling-truth", i)  "i is a knight"        ("lying", i)      "i is a knave"
