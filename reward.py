@@ -15,9 +15,8 @@
     -1       +1     -2       format fine, answer unparseable
     -3       -1     -2       format broken
 
-The caller passes the completion itself ("<think>" + generated text); nothing is split on "Assistant:" as the
-original code does (NOTES.md). `Score.lenient_correct` (analysis only, never a reward) applies the answer rule
-to the text after the LAST `<answer>` (to `</answer>` or the end; the whole text without one).
+The caller passes "<think>" + the generated text (no split on "Assistant:", NOTES.md). `Score.lenient_correct`
+(analysis only) applies the answer rule to the text after the LAST `<answer>` (the whole text without one).
 """
 import re
 from dataclasses import dataclass
@@ -43,7 +42,6 @@ class Score:
 
 
 # ---- The ground truth: {name: "knight" | "knave"} --------------------------------------------------------
-
 # One line of `solution_text_format`, "(2) Oliver is a knave"; the role is loose, to name a wrong one in errors.
 SOLUTION_LINE = re.compile(r"\((\d+)\)\s+(.+?)\s+is\s+a\s+(\S+)")
 
@@ -82,9 +80,8 @@ def roles_from_dict(solution: dict) -> dict[str, str]:
         raise ValueError("solution dict is empty; expected {name: 'knight' | 'knave' | bool}")
     roles = {}
     for name, value in solution.items():
-        if isinstance(value, bool):
-            value = "knight" if value else "knave"
-        add_role(roles, name, value, where=f"solution entry {name!r}")
+        role = ("knight" if value else "knave") if isinstance(value, bool) else value
+        add_role(roles, name, role, where=f"solution entry {name!r}")
     return roles
 
 
@@ -118,8 +115,7 @@ def answer_text(completion: str) -> str:
 
 def claimed_role(answer: str, name: str) -> str | None:
     """The role ("knight" / "knave") of the answer's first "<Name> is a <role>" for `name`; None if none."""
-    pattern = rf"\b{re.escape(name)}\s+is\s+a\s+(knight|knave)\b"
-    match = re.search(pattern, answer, flags=re.IGNORECASE)
+    match = re.search(rf"\b{re.escape(name)}\s+is\s+a\s+(knight|knave)\b", answer, flags=re.IGNORECASE)
     return match.group(1).lower() if match else None
 
 
@@ -139,10 +135,8 @@ def answer_score(answer: str, roles: dict[str, str]) -> float:
 
 def lenient_answer_text(completion: str) -> str:
     """After the LAST `<answer>` up to the next `</answer>` (or the end); the whole text if no `<answer>`."""
-    start = completion.rfind("<answer>")
-    if start == -1:
-        return completion
-    return completion[start + len("<answer>"):].partition("</answer>")[0]
+    _before, tag, after = completion.rpartition("<answer>")
+    return after.partition("</answer>")[0] if tag else completion
 
 
 # ---- Public entry points -----------------------------------------------------------------------------------
@@ -170,11 +164,7 @@ def summarize(scores: list[Score]) -> dict[str, float]:
     if not scores:
         raise ValueError("summarize needs at least one Score")
     n = len(scores)
-    return {
-        "reward": sum(s.total for s in scores) / n,
-        "format": sum(s.format for s in scores) / n,
-        "answer": sum(s.answer for s in scores) / n,
-        "accuracy": sum(s.correct for s in scores) / n,  # share scoring 3
-        "format_rate": sum(s.format == FORMAT_OK for s in scores) / n,
-        "lenient_accuracy": sum(s.lenient_correct for s in scores) / n,
-    }
+    return {"reward": sum(s.total for s in scores) / n, "format": sum(s.format for s in scores) / n,
+            "answer": sum(s.answer for s in scores) / n, "accuracy": sum(s.correct for s in scores) / n,
+            "format_rate": sum(s.format == FORMAT_OK for s in scores) / n,
+            "lenient_accuracy": sum(s.lenient_correct for s in scores) / n}

@@ -1,23 +1,23 @@
 """Rollouts: sample completions for a batch of prompts, with the log-prob of every sampled token.
 
-The RL loop (../shared/spec/algorithms.md) needs G completions per prompt, their token mask, and `logp_old`, each
-sampled token's log_softmax(logits / temperature) under the sampling policy. A `Rollout` holds them in NOTES.md's
-layout: `prompt_ids [B, P]` LEFT-padded, `completion_ids [B, C]` RIGHT-padded, prompt i's samples in rows
-i*G .. i*G+G-1. Two samplers share one interface, `Sampler` (`generate(...)` -> Rollout):
+The RL loop (../shared/spec/algorithms.md) needs G completions per prompt, their mask, and `logp_old`, each sampled
+token's log_softmax(logits / temperature). A `Rollout` holds them: `prompt_ids [B, P]` LEFT-padded, `completion_ids
+[B, C]` RIGHT-padded, prompt i's samples in rows i*G .. i*G+G-1. Two samplers share `Sampler.generate(...)`:
 1. `HFSampler` samples on the module being trained with `decode` (a preallocated KV cache; ended rows leave).
-2. `VLLMSampler`: an in-process vLLM 0.32.0 engine (one per rank), built from the config with dummy weights;
-   `sync_weights` streams the trainer's full tensors in (`reload_weights`, `lm_head.weight` always; no disk).
-   Token ids in and out (OUR tokenizer does the text); its log-probs are "processed_logprobs"; sleeps on a GPU.
-Both must give the log-probs `token_logprobs` (model.py) recomputes on `rollout.input_ids()` (positions
-`cumsum(mask) - 1` everywhere); `logprob_gap` measures the difference during training. Details: NOTES.md.
+2. `VLLMSampler`: an in-process vLLM 0.32.0 engine (one per rank) built with dummy weights, which `sync_weights`
+   streams in from the trainer (no disk); token ids in and out; it sleeps on a GPU between rollouts.
+Both must give the log-probs `token_logprobs` (model.py) recomputes on `rollout.input_ids()`; `logprob_gap` measures
+the difference during training. Details: NOTES.md.
 """
 import os
 import tempfile
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers.cache_utils import Cache, DynamicLayer
 
 from model import NonFiniteError, full_tensor, iter_full_state, pick_dtype, position_ids_from_mask
@@ -44,15 +44,13 @@ class Rollout:
 def mask_through_first_eos(completion_ids, eos_id):
     """1 on every token up to and including the first EOS of each row, 0 after it. [B, C] -> [B, C] float"""
     is_eos = (completion_ids == eos_id).long()  # [B, C]
-    eos_strictly_before = is_eos.cumsum(dim=1) - is_eos  # [B, C] number of EOS tokens before column j
-    return (eos_strictly_before == 0).float()
+    return (is_eos.cumsum(dim=1) - is_eos == 0).float()  # [B, C]: no EOS strictly before column j
 
 
 def next_token(logits, temperature, top_p):
-    """One token per row from logits [b, V] and its log-prob [b] under log_softmax(logits / temperature).
-
-    temperature 0: the argmax, scored at temperature 1. Else a sample from the top-p nucleus (the tokens whose
-    mass before them is < top_p; no top-k), scored under the full distribution, as the trainer recomputes it."""
+    """One token per row from logits [b, V] and its log-prob [b] under log_softmax(logits / temperature): the argmax
+    (scored at temperature 1) at temperature 0, else a sample from the top-p nucleus (the tokens whose mass before
+    them is < top_p; no top-k), scored under the full distribution, as the trainer recomputes it."""
     logp_all = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # [b, V]
     if temperature == 0:
         token = logp_all.argmax(dim=-1)  # [b]
@@ -99,12 +97,10 @@ def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, e
     capacity = prompt_ids.shape[1] + max_new_tokens
     cache = Cache(layers=[PreallocatedLayer(capacity) for _ in range(model.config.num_hidden_layers)])
     running = torch.arange(batch, device=device)  # [b] the rows still generating
-    attention = prompt_mask  # [b, P + t]
-    positions = position_ids_from_mask(prompt_mask)  # [b, P]
-    logits = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]  # [b, V]
-    position = positions[:, -1:] + 1  # [b, 1]
-    for t in range(max_new_tokens):
+    inputs, attention, positions = prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask)  # [b, P] each
+    for t in range(max_new_tokens):  # step 0 reads the whole prompt, each later step the last token
+        logits = model(input_ids=inputs, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]  # [b, V]
         token, logp = next_token(logits, temperature, top_p)  # [b], [b]
         completion[running, t], logprobs[running, t] = token, logp
         alive = token != eos_id  # [b]
@@ -112,12 +108,10 @@ def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, e
             break
         if not alive.all():
             keep = alive.nonzero().squeeze(-1)
-            running, token, attention, position = running[keep], token[keep], attention[keep], position[keep]
+            running, token, attention, positions = running[keep], token[keep], attention[keep], positions[keep]
             cache.batch_select_indices(keep)
+        inputs, positions = token[:, None], positions[:, -1:] + 1  # [b, 1]
         attention = torch.cat([attention, attention.new_ones(len(running), 1)], dim=1)  # [b, P + t + 1]
-        logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=position,
-                       past_key_values=cache, use_cache=True).logits[:, -1]  # [b, V]
-        position = position + 1
     return completion, logprobs
 
 
@@ -143,9 +137,8 @@ def encode_prompts(tokenizer, prompts):
 
 
 class Sampler:
-    """What both samplers share: `generate` checks the knobs, encodes the prompts, lets the subclass's `sample`
-    draw the completions and decodes them with our tokenizer. A subclass sets `self.device` (where the Rollout
-    goes) and has `sync_weights(model)` (after every optimizer step) and `close()`."""
+    """`generate` checks the knobs, encodes the prompts, lets the subclass's `sample` draw the completions and decodes
+    them; a subclass sets `self.device` (for the Rollout) and has `sync_weights(model)` and `close()`."""
 
     def __init__(self, tokenizer):
         if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
@@ -159,17 +152,15 @@ class Sampler:
         greedy. Every knob is explicit: no top-k, no penalties, nothing from the model's generation_config."""
         if isinstance(prompts, str) or len(prompts) == 0:
             raise ValueError("generate expects a non-empty list of prompt strings")
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(f"generate needs n >= 1 and max_new_tokens >= 1, got {n}, {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"generate needs temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"generate needs n >= 1, max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1, got "
+                             f"n={n}, max_new_tokens={max_new_tokens}, temperature={temperature}, top_p={top_p}")
         encoded = encode_prompts(self.tokenizer, prompts)
         prompt_ids = encoded["input_ids"].repeat_interleave(n, dim=0).to(self.device)  # [B, P], B = len(prompts) * n
         prompt_mask = encoded["attention_mask"].repeat_interleave(n, dim=0).to(self.device)  # [B, P]
-        completion_ids, mask, logprobs = self.sample(prompt_ids, prompt_mask, n, temperature, top_p,
-                                                     max_new_tokens)  # [B, C] each
-        completions = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return Rollout(prompt_ids, prompt_mask, completion_ids, mask, logprobs, completions)
+        ids, mask, logprobs = self.sample(prompt_ids, prompt_mask, n, temperature, top_p, max_new_tokens)  # [B, C] each
+        completions = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return Rollout(prompt_ids, prompt_mask, ids, mask, logprobs, completions)
 
 
 class HFSampler(Sampler):
@@ -188,21 +179,18 @@ class HFSampler(Sampler):
 
     def sample(self, prompt_ids, prompt_mask, n, temperature, top_p, max_new_tokens):
         """(completion ids, mask, log-probs), each [B, C], C the longest row's length (its EOS included)."""
-        was_training = self.model.training
-        self.model.eval()  # (no dropout; HF skips gradient checkpointing outside training)
-        try:
-            completion_ids, logprobs = decode(self.model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens,
-                                              self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)  # [B, T]
+        try:  # eval mode (no dropout, no gradient checkpointing) until decode is done
+            with generation_mode(self.model, self.model.generation_config):
+                completion_ids, logprobs = decode(self.model, prompt_ids, prompt_mask, temperature, top_p,
+                                                  max_new_tokens, self.tokenizer.eos_token_id,
+                                                  self.tokenizer.pad_token_id)  # [B, T]
         except RuntimeError as error:  # torch.multinomial refuses NaN or infinite probabilities
             if "probability tensor" not in str(error):
                 raise
             raise NonFiniteError("the model's sampling probabilities are not finite") from None
-        finally:
-            self.model.train(was_training)
         mask = mask_through_first_eos(completion_ids, self.tokenizer.eos_token_id)  # [B, T]
         longest = int(mask.sum(dim=1).max().item())  # trimming to the longest row keeps C minimal
-        mask = mask[:, :longest]  # [B, C]
-        return completion_ids[:, :longest], mask, logprobs[:, :longest] * mask  # log-probs 0 where masked
+        return completion_ids[:, :longest], mask[:, :longest], logprobs[:, :longest]  # [B, C]; decode put 0 after EOS
 
 
 # ---- The vLLM sampler --------------------------------------------------------------------------------------
@@ -249,12 +237,6 @@ def logprob_gap(sampler_logprobs, trainer_logprobs, mask) -> float:
     return (sampler_logprobs.float() - trainer_logprobs.float())[mask].abs().mean().item()
 
 
-def pad_right(rows, pad_value, dtype):
-    """Lists of different lengths -> a [len(rows), longest] tensor, right-padded with `pad_value`."""
-    longest = max(len(row) for row in rows)
-    return torch.tensor([list(row) + [pad_value] * (longest - len(row)) for row in rows], dtype=dtype)
-
-
 @contextmanager
 def default_process_group_kept():
     """While active, `torch.distributed.destroy_process_group()` (no argument: the default group, under torchrun
@@ -265,17 +247,12 @@ def default_process_group_kept():
         if group is not None:
             destroy(group)
 
-    torch.distributed.destroy_process_group = destroy_all_but_default
-    try:
+    with mock.patch.object(torch.distributed, "destroy_process_group", destroy_all_but_default):
         yield
-    finally:
-        torch.distributed.destroy_process_group = destroy
 
 
 class VLLMSampler(Sampler):
-    """Samples with an in-process vLLM engine built from the policy's config and CURRENT weights; our tokenizer
-    does the text. Defaults: sleep mode on a GPU only, KV cache 1 GiB on CPU, dtype as model.pick_dtype, eager on
-    CPU only, max_model_len the config's max_position_embeddings (NOTES.md)."""
+    """An in-process vLLM engine built from the policy's config and CURRENT weights; our tokenizer does the text."""
 
     def __init__(self, model, tokenizer, gpu_memory_utilization=0.3, tensor_parallel_size=1, enable_sleep_mode=None,
                  seed=0, max_model_len=None, dtype=None, kv_cache_memory_bytes=None, enforce_eager=None):
@@ -290,16 +267,13 @@ class VLLMSampler(Sampler):
                              "class to build (load the policy with model.load_model)")
         self.device = next(model.parameters()).device  # where the rollout tensors go: the trainer's device
         self.enable_sleep_mode, self.asleep = enable_sleep_mode, False
-        # Checked before the engine exists: in a single process vLLM creates a (1-process) group of its own.
-        self.under_torchrun = torch.distributed.is_initialized()
+        self.under_torchrun = torch.distributed.is_initialized()  # before the engine: vLLM makes a group of its own
         rank = torch.distributed.get_rank() if self.under_torchrun else 0
-
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: weights by reference
         self.config_dir = tempfile.TemporaryDirectory(prefix="vllm-sampler-")
         model.config.save_pretrained(self.config_dir.name)  # the config only: the weights come via sync_weights
         self.llm = self.vllm.LLM(
-            model=self.config_dir.name,
-            load_format="dummy",  # random weights, replaced below
+            model=self.config_dir.name, load_format="dummy",  # random weights, replaced below
             skip_tokenizer_init=True,  # token ids in and out; our tokenizer does the text
             generation_config="vllm",  # ignore any generation_config.json defaults (top_k, penalties, ...)
             logprobs_mode="processed_logprobs",  # log_softmax(logits / temperature) of each sampled token
@@ -307,17 +281,16 @@ class VLLMSampler(Sampler):
             seed=seed + rank // tensor_parallel_size,  # each data-parallel rank draws different samples
             tensor_parallel_size=tensor_parallel_size,
             distributed_executor_backend="external_launcher" if self.under_torchrun else None,
-            gpu_memory_utilization=gpu_memory_utilization,
+            gpu_memory_utilization=gpu_memory_utilization,  # a GPU's share; the CPU backend takes bytes:
             kv_cache_memory_bytes=kv_cache_memory_bytes or (None if on_gpu else CPU_KV_CACHE_BYTES),
-            enable_sleep_mode=enable_sleep_mode,
-            enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
+            enable_sleep_mode=enable_sleep_mode,  # default: on a GPU only
+            enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,  # default: eager on CPU only
             max_model_len=max_model_len or model.config.max_position_embeddings,
         )
         self.sync_weights(model)
 
     def load_weights(self, named_tensors):
-        """Copy (Hugging Face name, tensor) pairs into the engine with the worker's `reload_weights` (the model's
-        `load_weights`, q/k/v and gate/up fusion, then each layer's post-load processing), then reset its cache."""
+        """Copy (Hugging Face name, tensor) pairs into the engine (the worker's `reload_weights`), reset its cache."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
@@ -330,14 +303,6 @@ class VLLMSampler(Sampler):
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
 
-    def sampling_params(self, n, temperature, top_p, max_new_tokens):
-        """Every knob explicit: temperature 0 is greedy (one sample, vLLM refuses n > 1); no top-k, no penalties."""
-        return self.vllm.SamplingParams(
-            n=1 if temperature == 0 else n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-            top_k=0, min_p=0.0, repetition_penalty=1.0,  # all off
-            stop_token_ids=[self.tokenizer.eos_token_id],  # the EOS stays in the output ids, as with HF
-            logprobs=0, detokenize=False)  # only the sampled token's log-prob, no text
-
     def sample(self, prompt_ids, prompt_mask, n, temperature, top_p, max_new_tokens):
         """(completion ids, mask, log-probs), each [B, C], from the engine, given each prompt once and unpadded."""
         requests = [self.vllm.TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
@@ -345,24 +310,27 @@ class VLLMSampler(Sampler):
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
-        outputs = self.llm.generate(requests, self.sampling_params(n, temperature, top_p, max_new_tokens),
-                                    use_tqdm=False)  # in the order of `requests`
+        params = self.vllm.SamplingParams(  # every knob explicit; greedy: one sample (vLLM refuses n > 1)
+            n=1 if temperature == 0 else n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+            top_k=0, min_p=0.0, repetition_penalty=1.0,  # all off
+            stop_token_ids=[self.tokenizer.eos_token_id],  # the EOS stays in the output ids, as with HF
+            logprobs=0, detokenize=False)  # only the sampled token's log-prob, no text
+        outputs = self.llm.generate(requests, params, use_tqdm=False)  # in the order of `requests`
         if self.enable_sleep_mode:
             self.llm.sleep(level=1)  # free the KV cache, park the weights in host RAM while the trainer works
             self.asleep = True
 
-        token_rows, logprob_rows = [], []  # B = len(prompts) * n lists of different lengths
+        token_rows, logprob_rows = [], []  # B = len(prompts) * n tensors [c] of different lengths
         for output in outputs:
             samples = sorted(output.outputs, key=lambda sample: sample.index)
             if temperature == 0:
                 samples = samples * n  # greedy: the n samples of a prompt are identical
             for sample in samples:
-                token_rows.append(list(sample.token_ids))
-                logprob_rows.append([step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)])
-
-        completion_ids = pad_right(token_rows, self.tokenizer.pad_token_id, torch.long)  # [B, C]
-        mask = pad_right([[1.0] * len(row) for row in token_rows], 0.0, torch.float32)  # [B, C], the EOS included
-        logprobs = pad_right(logprob_rows, 0.0, torch.float32)  # [B, C], 0 where masked
+                token_rows.append(torch.tensor(sample.token_ids, dtype=torch.long))  # [c]
+                logprob_rows.append(torch.tensor([top[t].logprob for top, t in zip(sample.logprobs, sample.token_ids)]))
+        completion_ids = pad_sequence(token_rows, batch_first=True, padding_value=self.tokenizer.pad_token_id)  # [B, C]
+        mask = pad_sequence([torch.ones(len(row)) for row in token_rows], batch_first=True)  # [B, C], EOS included
+        logprobs = pad_sequence(logprob_rows, batch_first=True)  # [B, C], 0 where masked
         return completion_ids.to(self.device), mask.to(self.device), logprobs.to(self.device)
 
     def close(self):
