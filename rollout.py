@@ -3,7 +3,7 @@
 The RL loop (../shared/spec/algorithms.md) needs G completions per prompt, their mask, and `logp_old`, each sampled
 token's log_softmax(logits / temperature). A `Rollout` holds them: `prompt_ids [B, P]` LEFT-padded, `completion_ids
 [B, C]` RIGHT-padded, prompt i's samples in rows i*G .. i*G+G-1. Two samplers share `Sampler.generate(...)`:
-1. `HFSampler` samples on the module being trained with `decode` (a preallocated KV cache; ended rows leave).
+1. `HFSampler` samples on the module being trained with `decode` (a growing KV cache; ended rows leave).
 2. `VLLMSampler`: an in-process vLLM 0.32.0 engine (one per rank) built with dummy weights, which `sync_weights`
    streams in from the trainer (no disk); token ids in and out; it sleeps on a GPU between rollouts.
 Both must give the log-probs `token_logprobs` (model.py) recomputes on `rollout.input_ids()`; `logprob_gap` measures
@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from unittest import mock
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.utils.rnn import pad_sequence
 from transformers.cache_utils import Cache, DynamicLayer
 
-from model import NonFiniteError, full_tensor, iter_full_state, pick_dtype, position_ids_from_mask
+from model import NonFiniteError, copy_full_weights, full_tensor, iter_full_state, pick_dtype, position_ids_from_mask
 
 
 @dataclass
@@ -64,43 +65,52 @@ def next_token(logits, temperature, top_p):
     return token, logp_all.gather(-1, token[:, None]).squeeze(-1)
 
 
-class PreallocatedLayer(DynamicLayer):
-    """One layer's KV cache in a buffer [b, heads, capacity, d] allocated once: a step writes its columns in place
-    (HF's DynamicLayer concatenates, copying the cache every step); attention reads the filled ones as a view."""
-
-    def __init__(self, capacity):
-        super().__init__()
-        self.capacity, self.length = capacity, 0
+class GrowingKVLayer(DynamicLayer):
+    """One layer's KV cache in buffers [b, heads, room, d] that a step writes in place (HF's DynamicLayer
+    concatenates, copying the whole cache every step); the room doubles when full, and selecting rows copies only
+    the filled columns. Attention reads the filled ones as a view."""
 
     def update(self, key_states, value_states, *args, **kwargs):  # states [b, heads, t, d]
         if not self.is_initialized:
-            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
-            shape = (*key_states.shape[:2], self.capacity, key_states.shape[-1])
-            self.key_buffer, self.value_buffer = key_states.new_zeros(shape), value_states.new_zeros(shape)
+            self.dtype, self.device, self.is_initialized, self.length = key_states.dtype, key_states.device, True, 0
+            self.key_buffer, self.value_buffer = key_states[:, :, :0], value_states[:, :, :0]
         end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[2]:
+            self.rebuffer(slice(None), 2 * end)
         self.key_buffer[:, :, self.length:end], self.value_buffer[:, :, self.length:end] = key_states, value_states
         self.length = end
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]  # [b, heads, L, d]
         return self.keys, self.values
 
-    def batch_select_indices(self, indices):
-        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+    def rebuffer(self, rows, room):
+        """New buffers of `room` columns holding the filled columns of `rows` (a slice or an index tensor)."""
+        keys, values = self.key_buffer[rows, :, :self.length], self.value_buffer[rows, :, :self.length]
+        self.key_buffer = keys.new_empty(*keys.shape[:2], room, keys.shape[-1])
+        self.value_buffer = values.new_empty(*values.shape[:2], room, values.shape[-1])
+        self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length] = keys, values
         self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
+    def batch_select_indices(self, indices):
+        self.rebuffer(indices, self.key_buffer.shape[2])
 
-def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, eos_id, pad_id):
+
+def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, eos_id, pad_id, n=1):
     """Generate up to max_new_tokens after left-padded prompts [B, P] -> (completion ids [B, T], pad after each
-    row's EOS; log-probs [B, T], 0 there). Rows that emitted EOS leave the batch and the KV cache."""
+    row's EOS; log-probs [B, T], 0 there). Rows i*n .. i*n+n-1 share a prompt, read once; rows that emitted EOS
+    leave the batch and the KV cache."""
     batch, device = prompt_ids.shape[0], prompt_ids.device
     completion = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T]
     logprobs = torch.zeros(batch, max_new_tokens, device=device)  # [B, T]
-    capacity = prompt_ids.shape[1] + max_new_tokens
-    cache = Cache(layers=[PreallocatedLayer(capacity) for _ in range(model.config.num_hidden_layers)])
+    cache = Cache(layers=[GrowingKVLayer() for _ in range(model.config.num_hidden_layers)])
     running = torch.arange(batch, device=device)  # [b] the rows still generating
-    inputs, attention, positions = prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask)  # [b, P] each
-    for t in range(max_new_tokens):  # step 0 reads the whole prompt, each later step the last token
+    inputs, attention = prompt_ids[::n], prompt_mask[::n]  # [B / n, P]: each prompt once
+    positions = position_ids_from_mask(attention)  # [B / n, P]
+    for t in range(max_new_tokens):  # step 0 reads the prompts, each later step the last token
         logits = model(input_ids=inputs, attention_mask=attention, position_ids=positions, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]  # [b, V]
+        if t == 0:  # each prompt's logits, positions and cache, n times
+            logits, attention, positions = (x.repeat_interleave(n, dim=0) for x in (logits, attention, positions))
+            cache.batch_select_indices(running // n)
         token, logp = next_token(logits, temperature, top_p)  # [b], [b]
         completion[running, t], logprobs[running, t] = token, logp
         alive = token != eos_id  # [b]
@@ -171,8 +181,12 @@ class HFSampler(Sampler):
         self.sync_weights(model)
 
     def sync_weights(self, model):
-        """Nothing to copy: the sampler runs the trainer's module itself, so it always sees the new weights."""
-        self.model, self.device = model, model.device
+        """After an update. On the trainer's own module there is nothing to copy; a sharded trainer (torchrun) has
+        its weights copied into this sampler's unsharded model, one all-gathered parameter at a time."""
+        if isinstance(model, FSDPModule):
+            copy_full_weights(model, self.model)
+        else:
+            self.model, self.device = model, model.device
 
     def close(self):
         """Nothing to free (the interface matches VLLMSampler's)."""
@@ -183,7 +197,7 @@ class HFSampler(Sampler):
             with generation_mode(self.model, self.model.generation_config):
                 completion_ids, logprobs = decode(self.model, prompt_ids, prompt_mask, temperature, top_p,
                                                   max_new_tokens, self.tokenizer.eos_token_id,
-                                                  self.tokenizer.pad_token_id)  # [B, T]
+                                                  self.tokenizer.pad_token_id, n)  # [B, T]
         except RuntimeError as error:  # torch.multinomial refuses NaN or infinite probabilities
             if "probability tensor" not in str(error):
                 raise

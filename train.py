@@ -360,7 +360,7 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
         grad_norm = kk_model.clip_and_step(policy, optimizer, scheduler, GRAD_CLIP)
     logp_sampled = kk_model.scatter_rows(parts, logp_first, mask)  # [B, C]
     sampler_diff = rollout_lib.logprob_gap(rollout.sampler_logprobs.to(DEVICE), logp_sampled, mask)
-    sync_sampler(sampler, policy)
+    sampler.sync_weights(policy)
     clock.append(time.perf_counter())  # update done
 
     metrics = {f"reward_{k}" if k in ("format", "answer") else k: v for k, v in summarize(scores).items()}
@@ -404,7 +404,7 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
         scheduler.load_state_dict(resume_state["scheduler"])
         data_rng.setstate(resume_state["data_rng"])
         first = resume_state["step"]
-        sync_sampler(sampler, policy)
+        sampler.sync_weights(policy)
     bar = tqdm(range(first, steps), desc=stage, initial=first, total=steps, dynamic_ncols=True, disable=RANK > 0)
     for step in bar:
         PROGRESS["at"], start = f"{stage} step {step + 1}", time.perf_counter()
@@ -431,7 +431,7 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
 
 def log_evaluation(stage, step, global_step, sampler, policy, tokenizer, test, log, with_pass_at_k=False):
     """Held-out scores of the policy now, into metrics.jsonl and the console."""
-    sync_sampler(sampler, policy)  # (an RL step has synced already; SFT and OREO steps do not)
+    sampler.sync_weights(policy)  # (an RL step has synced already; SFT and OREO steps do not)
     result = evaluate(sampler, tokenizer, test, with_pass_at_k)
     log.write({"kind": "eval", "stage": stage, "step": step, "global_step": global_step, **result})
     tqdm.write(f"[{stage} {step}] held-out accuracy {fmt(result['accuracy'])} format {fmt(result['format_rate'])}")
@@ -462,7 +462,7 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
         for name, part in parts.items():
             part.load_state_dict(resume_state[name])
         first = resume_state["step"]  # joint steps done (the critic-only ones come first: global steps)
-        sync_sampler(sampler, policy)
+        sampler.sync_weights(policy)
 
     def quality():  # the critic on the held-out offline rows
         return oreo.critic_quality(value_model, tokenizer, heldout, MICRO_BATCH) if heldout else {}
@@ -544,19 +544,10 @@ def load_policy_and_reference(path, device):
 def make_sampler(policy, path, tokenizer):
     """vLLM: one engine per rank, fed the (gathered) policy weights. HF generate: on the policy itself; under
     torchrun on an unsharded copy (generate on a sharded model would need every rank in lock-step), refreshed by
-    sync_sampler after every update."""
+    its sync_weights after every update."""
     if SAMPLER == "vllm":
         return rollout_lib.make_sampler("vllm", policy, tokenizer, max_model_len=MAX_PROMPT_TOKENS + MAX_NEW_TOKENS)
     return HFSampler(policy if WORLD == 1 else kk_model.load_reference(path, DEVICE), tokenizer)
-
-
-def sync_sampler(sampler, policy):
-    """After an update. Under torchrun the HF sampler's own copy is refreshed one all-gathered parameter at a
-    time (a vLLM engine's sync_weights gathers the sharded policy itself)."""
-    if WORLD > 1 and isinstance(sampler, HFSampler):
-        kk_model.copy_full_weights(policy, sampler.model)
-    else:
-        sampler.sync_weights(policy)
 
 
 def start_run(defaults):

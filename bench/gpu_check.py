@@ -214,19 +214,18 @@ def step_rl(ctx):
     shutil.rmtree(out, ignore_errors=True)
     peaks = []  # the trainer's peak GPU memory of each step, from the end of generate to the sync
 
-    generate = rollout.VLLMSampler.generate
-    sync_sampler = train.sync_sampler
+    generate, sync_weights = rollout.VLLMSampler.generate, rollout.VLLMSampler.sync_weights
 
     def generate_then_reset_peak(self, *args, **kwargs):
         result = generate(self, *args, **kwargs)
         torch.cuda.reset_peak_memory_stats()  # the engine is asleep now: what follows is the trainer's
         return result
 
-    def record_peak_then_sync(sampler, policy):
+    def record_peak_then_sync(self, policy):
         peaks.append(torch.cuda.max_memory_allocated() / 1e9)
-        sync_sampler(sampler, policy)
+        sync_weights(self, policy)
 
-    rollout.VLLMSampler.generate, train.sync_sampler = generate_then_reset_peak, record_peak_then_sync
+    rollout.VLLMSampler.generate, rollout.VLLMSampler.sync_weights = generate_then_reset_peak, record_peak_then_sync
     argv = sys.argv
     sys.argv = ["train.py", f"--MODEL={ctx['small']}", "--TEMPLATE=tiny", "--WARMUP_CHECKPOINT=", "--SFT_STEPS=0",
                 "--ALGO=reinforce++", "--SAMPLER=vllm", "--PEOPLE=3", "--TRAIN_PER_SIZE=60", "--TEST_PER_SIZE=4",
@@ -235,7 +234,7 @@ def step_rl(ctx):
     try:
         train.main()
     finally:
-        rollout.VLLMSampler.generate, train.sync_sampler, sys.argv = generate, sync_sampler, argv
+        rollout.VLLMSampler.generate, rollout.VLLMSampler.sync_weights, sys.argv = generate, sync_weights, argv
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "train" and r["stage"] == "rl"]
     check(len(steps) == RL["STEPS"], f"{len(steps)} RL steps logged, not {RL['STEPS']}")
