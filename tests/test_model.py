@@ -210,6 +210,26 @@ def test_token_logprobs_match_naive_full_log_softmax(tiny, tok):
     torch.testing.assert_close(entropy, naive_entropy, atol=1e-5, rtol=0)
 
 
+def test_encode_pairs_lays_out_left_padded_prompts_then_right_padded_completions(tok):
+    ids, attention, mask, n_prompt = M.encode_pairs(tok, PROMPTS, COMPLETIONS, "cpu")
+    expected_ids, expected_attention, expected_n_prompt = left_padded_batch(tok, PROMPTS, COMPLETIONS)
+    assert n_prompt == expected_n_prompt and torch.equal(ids, expected_ids)
+    assert torch.equal(attention, expected_attention) and mask.dtype == torch.float32
+    assert torch.equal(mask, expected_attention[:, n_prompt:].float())  # [B, C]: 1 on completion tokens
+
+
+def test_micro_batches_group_similar_lengths_and_give_the_whole_batchs_logprobs(tiny, tok):
+    completions = ["try", "try Zoey knight Oliver knave : ok ; </think>", "try Oliver", "try Zoey knight ok ;"]
+    prompts = [PROMPTS[i % 2] for i in range(4)]
+    ids, attention, mask, n_prompt = M.encode_pairs(tok, prompts, completions, "cpu")
+    parts = M.micro_batches(attention, mask, n_prompt, 2)
+    assert [sorted(p[0].tolist()) for p in parts] == [[0, 2], [1, 3]]            # the two short rows together
+    assert parts[0][3] == int(mask[[0, 2]].sum(-1).max()) < mask.shape[1]        # cut to the columns they use
+    pieces = [M.part_logprobs(tiny, ids, attention, part, 0.7) for part in parts]   # [b, W] each
+    whole = M.token_logprobs(tiny, ids, attention, n_prompt, 0.7)
+    torch.testing.assert_close(M.scatter_rows(parts, pieces, mask) * mask, whole * mask, atol=1e-5, rtol=0)
+
+
 @pytest.mark.exercise(4)
 def test_token_logprobs_small_chunks_equal_one_big_chunk(tiny, tok):
     ids, mask, n_prompt = left_padded_batch(tok, PROMPTS, COMPLETIONS)

@@ -212,3 +212,28 @@ def test_sampling_from_non_finite_weights_raises_non_finite_error(tiny, tok):
         tiny.lm_head.bias[3] = float("inf")  # inf - inf in the softmax: NaN probabilities
     with pytest.raises(M.NonFiniteError, match="sampling probabilities are not finite"):
         sample(tiny, tok, temperature=1.0)
+
+
+def test_growing_kv_layer_holds_what_was_written_and_keeps_only_selected_rows():
+    layer, written = R.GrowingKVLayer(), []
+    for length in (5, 1, 1, 6):  # a prompt, two tokens, then more than the room left (5 -> room 10 -> 26)
+        keys = torch.randn(3, 2, length, 4)
+        got, _ = layer.update(keys, keys + 1)
+        written.append(keys)
+        assert torch.equal(got, torch.cat(written, dim=2))                          # [b, heads, L, d], in order
+    assert layer.key_buffer.shape[2] == 26                                           # doubled once, not per step
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(layer.keys, torch.cat(written, dim=2)[[2, 0]])
+    assert torch.equal(layer.values, torch.cat(written, dim=2)[[2, 0]] + 1)
+    assert layer.key_buffer.shape[2] == 26                                           # same room, fewer rows
+
+
+def test_a_prompt_read_once_for_its_samples_gives_the_samples_of_a_prompt_per_row(tiny, tok):
+    encoded = R.encode_prompts(tok, PROMPTS)
+    ids, mask = encoded["input_ids"].repeat_interleave(3, 0), encoded["attention_mask"].repeat_interleave(3, 0)
+    runs = []
+    for n in (3, 1):  # n = 3: each prompt's forward once, then its cache 3 times; n = 1: every row on its own
+        torch.manual_seed(0)
+        runs.append(R.decode(tiny.eval(), ids, mask, 1.0, 1.0, 12, tok.eos_token_id, tok.pad_token_id, n))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.allclose(runs[0][1], runs[1][1], atol=1e-5)
