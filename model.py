@@ -365,7 +365,7 @@ class NonFiniteError(RuntimeError):
 
 def check_finite(value, what):
     """`value` (a number or a one-element tensor) as a float; NonFiniteError naming `what` if NaN or infinite."""
-    value = float(value)
+    value = float(value.detach() if torch.is_tensor(value) else value)
     if not math.isfinite(value):
         raise NonFiniteError(f"the {what} is {value}")
     return value
