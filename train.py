@@ -527,18 +527,15 @@ def fmt(per_size):
     return " ".join(f"{n}p={x:.2f}" for n, x in sorted(per_size.items()))
 
 
-def load_policy(path, device):
-    """The trainable policy in fp32 master weights (bf16 ones would round a 4e-7 step away); on a GPU it computes in
-    bf16: under torchrun FSDP2's mixed precision (model.shard_model), in one process autocast (token_logprobs)."""
+def load_policy_and_reference(path, device, with_reference=True):
+    """The trainable policy in fp32 master weights (bf16 ones would round a 4e-7 step away; on a GPU it computes in
+    bf16: under torchrun FSDP2's mixed precision, in one process autocast) and the frozen reference (or None)."""
     if WORLD > 1:
-        return kk_model.load_sharded(path, device, torch.float32, GRADIENT_CHECKPOINTING, CPU_OFFLOAD)
-    return kk_model.load_model(path, device, dtype=torch.float32, gradient_checkpointing=GRADIENT_CHECKPOINTING)
-
-
-def load_policy_and_reference(path, device):
-    if WORLD > 1:
-        return load_policy(path, device), kk_model.load_sharded(path, device, cpu_offload=CPU_OFFLOAD, frozen=True)
-    return load_policy(path, device), kk_model.load_reference(path, device)
+        policy = kk_model.load_sharded(path, device, torch.float32, GRADIENT_CHECKPOINTING, CPU_OFFLOAD)
+        frozen = kk_model.load_sharded(path, device, cpu_offload=CPU_OFFLOAD, frozen=True) if with_reference else None
+        return policy, frozen
+    policy = kk_model.load_model(path, device, dtype=torch.float32, gradient_checkpointing=GRADIENT_CHECKPOINTING)
+    return policy, kk_model.load_reference(path, device) if with_reference else None
 
 
 def make_sampler(policy, path, tokenizer):
@@ -591,7 +588,7 @@ def warm_up(start_path, train, test, log, summary, state):
     if sft_steps and state and state["stage"] != "sft":  # resuming after the warm-up: it is done
         return sft_steps, state
     if sft_steps:
-        policy = load_policy(start_path, DEVICE)
+        policy, _ = load_policy_and_reference(start_path, DEVICE, with_reference=False)
         sampler = make_sampler(policy, start_path, tokenizer)
         run_stage("sft", sft_steps, policy, None, sampler, tokenizer, train, test, log, summary, 0, state)
         save_hf_checkpoint(policy, tokenizer, out, "warmup" if ALGO != "sft" else "final", "sft", sft_steps)
@@ -613,10 +610,7 @@ def train_from_warmup(train, test, log, summary, offset, state):
     warmup_path = Path(OUT_DIR) / "checkpoints" / "warmup"
     start = str(warmup_path if warmup_path.exists() else initial_model_path(OUT_DIR))
     tokenizer = kk_model.load_tokenizer(start)
-    if ALGO == "sft":  # supervised steps need no frozen reference
-        policy, reference = load_policy(start, DEVICE), None
-    else:
-        policy, reference = load_policy_and_reference(start, DEVICE)
+    policy, reference = load_policy_and_reference(start, DEVICE, with_reference=ALGO != "sft")  # (SFT needs none)
     sampler = make_sampler(policy, start, tokenizer)
     evaluate_start("warmup", sampler, tokenizer, test, log, summary, offset)
     if ALGO == "oreo":
@@ -648,7 +642,8 @@ def table_titles():
     """The metrics of the printed before/after tables (and of summary.json's "final"), with their titles."""
     return {"accuracy": "held-out accuracy (greedy)", "format_rate": "held-out format rate (greedy)",
             "mean_length": "held-out mean response length (greedy, tokens)",
-            **{f"pass@{k}": f"held-out pass@{k} (T = {TEMPERATURE}, {PASS_K} samples a puzzle)" for k in (1, 4, PASS_K)},
+            **{f"pass@{k}": f"held-out pass@{k} (T = {TEMPERATURE}, {PASS_K} samples a puzzle)"
+               for k in (1, 4, PASS_K)},
             "sampled_length": f"held-out mean response length (T = {TEMPERATURE}, tokens)"}
 
 

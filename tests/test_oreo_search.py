@@ -78,7 +78,8 @@ def test_beam_search_rounds_expand_only_the_kept_partial_candidates(monkeypatch)
 
     monkeypatch.setattr(oreo, "encode_prompts", lambda tokenizer, prompts: {"input_ids": torch.tensor([[9]])})
     monkeypatch.setattr(oreo, "sample_next_steps", sample_next_steps)
-    monkeypatch.setattr(oreo, "prefix_values", lambda vm, prompt_ids, prefixes, pad: [values[tuple(c)] for c in prefixes])
+    monkeypatch.setattr(oreo, "prefix_values",
+                        lambda vm, prompt_ids, prefixes, pad: [values[tuple(c)] for c in prefixes])
     tokenizer = types.SimpleNamespace(eos_token_id=0, pad_token_id=0,
                                       decode=lambda ids, skip_special_tokens: " ".join(map(str, ids)))
     result = oreo.beam_search(None, None, tokenizer, "prompt", 2, [], max_expansions=3, max_new_tokens=100)

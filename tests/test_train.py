@@ -424,7 +424,7 @@ def test_gpu_defaults_follow_the_specs(monkeypatch):
     assert (gpu.VALUE_LORA_RANK, gpu.VALUE_STEPS) == (64, 0)  # the paper's LoRA critic (spec: lr 1e-4), no warm-up
     loaded = []
     monkeypatch.setattr(kk_model, "load_model", lambda path, device, **kwargs: loaded.append(kwargs))
-    gpu.load_policy("folder", "cuda")  # one process: fp32 master weights (bf16 ones would round 4e-7 steps away)
+    gpu.load_policy_and_reference("folder", "cuda", with_reference=False)  # one process: fp32 master weights
     assert loaded[0]["dtype"] == torch.float32
     monkeypatch.undo()
     import train
