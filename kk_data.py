@@ -385,9 +385,8 @@ def check_record(record):
 
 
 def read_jsonl(path, check_row, key=None, truncated_tail_ok=False):
-    """The rows of a JSONL file (blank lines skipped); not UTF-8, invalid JSON, a row check_row refuses, or a
-    repeated key(row) raise ValueError naming path:line. With truncated_tail_ok, an unparsable LAST line without
-    its newline (a writer killed mid-line) is dropped with a warning. Also reads OREO's data and metrics logs."""
+    """Rows of a JSONL file (blank lines skipped); ValueError naming path:line for bad UTF-8 or JSON, a row check_row
+    refuses or a repeated key(row). truncated_tail_ok: an unparsable newline-less last line is dropped (warned)."""
     rows, first_line = [], {}  # key -> the line it was first seen on
     with open(path, "rb") as file:
         for line_number, raw in enumerate(file, start=1):
