@@ -333,10 +333,11 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
 
     if ALGO in GROUP_ALGOS:
         advantages = grpo.group_advantages(rewards, GROUP_SIZE, ALGO)[:, None].expand_as(mask)  # [B, C]
-    else:  # logp_old only enters the KL reward (and is then computed)
-        advantages = grpo.reinforce_pp_advantages(
-            rewards, logp_ref if logp_old is None else logp_old, logp_ref, mask, KL_COEF if KL_IN == "reward" else 0.0,
-            GROUP_SIZE if ALGO == "reinforce++-baseline" else None)
+    else:
+        kl_reward_coef = KL_COEF if KL_IN == "reward" else 0.0
+        baseline_group = GROUP_SIZE if ALGO == "reinforce++-baseline" else None
+        logp_kl = logp_ref if logp_old is None else logp_old  # logp_old only enters the KL reward (then computed)
+        advantages = grpo.reinforce_pp_advantages(rewards, logp_kl, logp_ref, mask, kl_reward_coef, baseline_group)
 
     stats_sum, logp_first = {}, []
     n_tokens, n_tokens_all = mask.sum(), kk_model.all_reduce_sum(mask.sum())  # the loss's: of ALL ranks' rows
