@@ -108,7 +108,7 @@ def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, e
     for t in range(max_new_tokens):  # step 0 reads the prompts, each later step the last token
         logits = model(input_ids=inputs, attention_mask=attention, position_ids=positions, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]  # [b, V]
-        if t == 0:  # each prompt's logits, positions and cache, n times
+        if t == 0 and n > 1:  # each prompt's logits, positions and cache, n times
             logits, attention, positions = (x.repeat_interleave(n, dim=0) for x in (logits, attention, positions))
             cache.batch_select_indices(running // n)
         token, logp = next_token(logits, temperature, top_p)  # [b], [b]
