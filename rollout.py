@@ -93,6 +93,25 @@ class GrowingKVLayer(DynamicLayer):
     def batch_select_indices(self, indices):
         self.rebuffer(indices, self.key_buffer.shape[2])
 
+    def fill_holes(self, holes, movers, rows):
+        """Rows `movers` (live rows past the first `rows`) copied into rows `holes` (ended ones among them); the
+        batch is then the first `rows` rows, a view: only the moved rows are copied."""
+        for buffer in (self.key_buffer, self.value_buffer):
+            buffer[holes, :, :self.length] = buffer[movers, :, :self.length]
+        self.key_buffer, self.value_buffer = self.key_buffer[:rows], self.value_buffer[:rows]
+        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
+
+def hole_filling_order(alive):
+    """Where the k live rows of a batch go: the first k positions, each ended row's place taken by one of the
+    last live rows. (order [k]: the old position of each new one; holes, movers: the positions that change.)"""
+    k = int(alive.sum())
+    holes = (~alive[:k]).nonzero().squeeze(-1)  # [h] ended rows among the first k
+    movers = alive[k:].nonzero().squeeze(-1) + k  # [h] live rows after them
+    order = torch.arange(k, device=alive.device)
+    order[holes] = movers
+    return order, holes, movers
+
 
 def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, eos_id, pad_id, n=1):
     """Generate up to max_new_tokens after left-padded prompts [B, P] -> (completion ids [B, T], pad after each
@@ -111,15 +130,17 @@ def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, e
         if t == 0 and n > 1:  # each prompt's logits, positions and cache, n times
             logits, attention, positions = (x.repeat_interleave(n, dim=0) for x in (logits, attention, positions))
             cache.batch_select_indices(running // n)
-        token, logp = next_token(logits, temperature, top_p)  # [b], [b]
+        by_row = running.argsort()  # sampled in the rows' own order: each row's random draw is where it was
+        token, logp = (x[by_row.argsort()] for x in next_token(logits[by_row], temperature, top_p))  # [b], [b]
         completion[running, t], logprobs[running, t] = token, logp
         alive = token != eos_id  # [b]
         if t + 1 == max_new_tokens or not alive.any():
             break
-        if not alive.all():
-            keep = alive.nonzero().squeeze(-1)
-            running, token, attention, positions = running[keep], token[keep], attention[keep], positions[keep]
-            cache.batch_select_indices(keep)
+        if not alive.all():  # ended rows leave: the last live rows move into their places
+            order, holes, movers = hole_filling_order(alive)
+            running, token, attention, positions = running[order], token[order], attention[order], positions[order]
+            for layer in cache.layers:
+                layer.fill_holes(holes, movers, len(order))
         inputs, positions = token[:, None], positions[:, -1:] + 1  # [b, 1]
         attention = torch.cat([attention, attention.new_ones(len(running), 1)], dim=1)  # [b, P + t + 1]
     return completion, logprobs
