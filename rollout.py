@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.utils.rnn import pad_sequence
-from transformers.cache_utils import Cache, DynamicLayer
 
 from model import NonFiniteError, copy_full_weights, full_tensor, iter_full_state, pick_dtype, position_ids_from_mask
 
@@ -65,14 +65,16 @@ def next_token(logits, temperature, top_p):
     return token, logp_all.gather(-1, token[:, None]).squeeze(-1)
 
 
-class GrowingKVLayer(DynamicLayer):
+class GrowingKVLayer:
     """One layer's KV cache in buffers [b, heads, room, d] that a step writes in place (HF's DynamicLayer
     concatenates, copying the whole cache every step); the room doubles when full, and selecting rows copies only
     the filled columns. Attention reads the filled ones as a view."""
 
-    def update(self, key_states, value_states, *args, **kwargs):  # states [b, heads, t, d]
-        if not self.is_initialized:
-            self.dtype, self.device, self.is_initialized, self.length = key_states.dtype, key_states.device, True, 0
+    def __init__(self):
+        self.length, self.key_buffer, self.value_buffer = 0, None, None
+
+    def update(self, key_states, value_states):  # states [b, heads, t, d] -> all keys, values [b, heads, L, d]
+        if self.key_buffer is None:
             self.key_buffer, self.value_buffer = key_states[:, :, :0], value_states[:, :, :0]
         end = self.length + key_states.shape[-2]
         if end > self.key_buffer.shape[2]:
@@ -90,7 +92,7 @@ class GrowingKVLayer(DynamicLayer):
         self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length] = keys, values
         self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
-    def batch_select_indices(self, indices):
+    def select_rows(self, indices):
         self.rebuffer(indices, self.key_buffer.shape[2])
 
     def fill_holes(self, holes, movers, rows):
@@ -100,6 +102,37 @@ class GrowingKVLayer(DynamicLayer):
             buffer[holes, :, :self.length] = buffer[movers, :, :self.length]
         self.key_buffer, self.value_buffer = self.key_buffer[:rows], self.value_buffer[:rows]
         self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
+
+def rotate(x, cos, sin):
+    """Rotary position embedding of queries or keys x [b, heads, t, d] by angles cos, sin [b, t, d]."""
+    half = x.shape[-1] // 2
+    return x * cos[:, None] + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin[:, None]
+
+
+def forward_with_cache(model, input_ids, positions, attention, caches):
+    """Logits [b, V] at the last of the new tokens input_ids [b, t] (positions [b, t]; attention [b, L] over all
+    L tokens so far), through a Qwen2 / Llama model's own modules, appending their keys and values to `caches`.
+    The same arithmetic as HF's forward, without its ~20 wrapped module calls per layer and token."""
+    embed, b, t = model.model.embed_tokens, *input_ids.shape
+    h = embed(input_ids)  # [b, t, H]
+    cos, sin = model.model.rotary_emb(h, positions)  # [b, t, d]
+    mask = attention.bool()[:, None, None, :]  # [b, 1, 1, L]: attend to real tokens...
+    if t > 1:  # ...before the query (the prompt's pass, L = t); a padding query sees itself, so no row is empty
+        causal = torch.ones(t, t, dtype=torch.bool, device=h.device)
+        mask = mask & causal.tril() | causal.diag().diag_embed()  # [b, 1, t, t]
+    for layer, cache in zip(model.model.layers, caches):
+        attn, mlp = layer.self_attn, layer.mlp
+        x = layer.input_layernorm(h)  # [b, t, H]
+        q, k, v = (proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2) for proj in (
+            attn.q_proj, attn.k_proj, attn.v_proj))  # [b, heads, t, d]
+        k, v = cache.update(rotate(k, cos, sin), v)  # [b, kv_heads, L, d]
+        o = F.scaled_dot_product_attention(rotate(q, cos, sin), k, v, attn_mask=mask, scale=attn.scaling,
+                                           enable_gqa=True)  # [b, heads, t, d]
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        x = layer.post_attention_layernorm(h)
+        h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))  # SwiGLU
+    return model.lm_head(model.model.norm(h[:, -1]))  # [b, V]
 
 
 def hole_filling_order(alive):
@@ -120,16 +153,16 @@ def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, e
     batch, device = prompt_ids.shape[0], prompt_ids.device
     completion = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T]
     logprobs = torch.zeros(batch, max_new_tokens, device=device)  # [B, T]
-    cache = Cache(layers=[GrowingKVLayer() for _ in range(model.config.num_hidden_layers)])
+    caches = [GrowingKVLayer() for _ in model.model.layers]
     running = torch.arange(batch, device=device)  # [b] the rows still generating
     inputs, attention = prompt_ids[::n], prompt_mask[::n]  # [B / n, P]: each prompt once
     positions = position_ids_from_mask(attention)  # [B / n, P]
     for t in range(max_new_tokens):  # step 0 reads the prompts, each later step the last token
-        logits = model(input_ids=inputs, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]  # [b, V]
+        logits = forward_with_cache(model, inputs, positions, attention, caches)  # [b, V]
         if t == 0 and n > 1:  # each prompt's logits, positions and cache, n times
             logits, attention, positions = (x.repeat_interleave(n, dim=0) for x in (logits, attention, positions))
-            cache.batch_select_indices(running // n)
+            for cache in caches:
+                cache.select_rows(running // n)
         by_row = running.argsort()  # sampled in the rows' own order: each row's random draw is where it was
         token, logp = (x[by_row.argsort()] for x in next_token(logits[by_row], temperature, top_p))  # [b], [b]
         completion[running, t], logprobs[running, t] = token, logp
@@ -139,8 +172,8 @@ def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, e
         if not alive.all():  # ended rows leave: the last live rows move into their places
             order, holes, movers = hole_filling_order(alive)
             running, token, attention, positions = running[order], token[order], attention[order], positions[order]
-            for layer in cache.layers:
-                layer.fill_holes(holes, movers, len(order))
+            for cache in caches:
+                cache.fill_holes(holes, movers, len(order))
         inputs, positions = token[:, None], positions[:, -1:] + 1  # [b, 1]
         attention = torch.cat([attention, attention.new_ones(len(running), 1)], dim=1)  # [b, P + t + 1]
     return completion, logprobs
@@ -204,7 +237,7 @@ class HFSampler(Sampler):
     def sync_weights(self, model):
         """After an update. On the trainer's own module there is nothing to copy; a sharded trainer (torchrun) has
         its weights copied into this sampler's unsharded model, one all-gathered parameter at a time."""
-        if isinstance(model, FSDPModule):
+        if any(isinstance(module, FSDPModule) for module in model.modules()):  # (shard_model shards model.model)
             copy_full_weights(model, self.model)
         else:
             self.model, self.device = model, model.device

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpo  # noqa: E402
 import model as M  # noqa: E402
+import rollout as R  # noqa: E402
 
 VARIANTS = {
     "plain": dict(),
@@ -101,8 +103,9 @@ def compare_with_one_process(model_dir, batch, rank, world, single, options):
     expected = dict(single_model.state_dict())
     sharded, grads, norm, forward_calls = sharded_step(model_dir, batch, rank, world, **options)
     updated = dict(M.iter_full_state(sharded))  # every rank gathers
-    sampler_copy = M.load_reference(model_dir, "cpu", dtype=torch.float32)
-    M.copy_full_weights(sharded, sampler_copy)
+    sampler = R.HFSampler(M.load_reference(model_dir, "cpu", dtype=torch.float32), M.load_tokenizer(model_dir))
+    sampler.sync_weights(sharded)  # what train.py does after each update
+    sampler_copy = sampler.model
     ids, attention = batch[0], batch[1]
     with torch.no_grad():
         logp_copy = M.token_logprobs(sampler_copy, ids, attention, N_PROMPT, TEMPERATURE)
@@ -117,6 +120,7 @@ def compare_with_one_process(model_dir, batch, rank, world, single, options):
                                  for k, g in single_grads.items()),
         "grad_norm_of_each_rank": norms, "single_grad_norm": single_norm,
         "sampler_copy_logprob_diff": (logp_copy - logp_sharded).abs().max().item(),
+        "sampler_copy_is_unsharded": not any(isinstance(p, DTensor) for p in sampler_copy.parameters()),
         "layer_forward_calls": forward_calls,
         "tied": sharded.lm_head.weight is sharded.model.embed_tokens.weight,
     }

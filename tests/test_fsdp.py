@@ -116,6 +116,7 @@ def test_mixed_precision_step_is_close_to_the_fp32_step(step_results):
 @pytest.mark.dist
 @pytest.mark.parametrize("variant", EXACT)
 def test_the_samplers_unsharded_copy_follows_the_update(step_results, variant):
+    assert step_results[variant]["sampler_copy_is_unsharded"]  # sync_weights copied, not rebound to the shards
     assert step_results[variant]["sampler_copy_logprob_diff"] < 1e-5
 
 

@@ -222,10 +222,25 @@ def test_growing_kv_layer_holds_what_was_written_and_keeps_only_selected_rows():
         written.append(keys)
         assert torch.equal(got, torch.cat(written, dim=2))                          # [b, heads, L, d], in order
     assert layer.key_buffer.shape[2] == 26                                           # doubled once, not per step
-    layer.batch_select_indices(torch.tensor([2, 0]))
+    layer.select_rows(torch.tensor([2, 0]))
     assert torch.equal(layer.keys, torch.cat(written, dim=2)[[2, 0]])
     assert torch.equal(layer.values, torch.cat(written, dim=2)[[2, 0]] + 1)
     assert layer.key_buffer.shape[2] == 26                                           # same room, fewer rows
+
+
+def test_the_written_out_block_gives_hfs_logits_before_and_after_the_cache(tiny, tok):
+    encoded = R.encode_prompts(tok, PROMPTS)  # left-padded: the second prompt is shorter
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    step = torch.tensor([[5], [7]])  # one more token per row
+    full_ids, full_mask = torch.cat([ids, step], 1), torch.cat([mask, torch.ones_like(step)], 1)
+    with torch.no_grad():
+        hf = tiny.eval()(input_ids=full_ids, attention_mask=full_mask,
+                         position_ids=M.position_ids_from_mask(full_mask)).logits  # [B, P + 1, V]
+        caches = [R.GrowingKVLayer() for _ in tiny.model.layers]
+        first = R.forward_with_cache(tiny, ids, M.position_ids_from_mask(mask), mask, caches)  # [B, V]
+        second = R.forward_with_cache(tiny, step, M.position_ids_from_mask(full_mask)[:, -1:], full_mask, caches)
+    torch.testing.assert_close(first, hf[:, -2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(second, hf[:, -1], atol=1e-5, rtol=0)
 
 
 def test_a_prompt_read_once_for_its_samples_gives_the_samples_of_a_prompt_per_row(tiny, tok):
