@@ -107,12 +107,10 @@ def sample_statement(rng, n_people, speaker, depth=0):
         return sample_leaf(rng, n_people, speaker)
     if d == 1:
         return ("not", sample_leaf(rng, n_people, speaker))
-    op = {2: "and", 3: "or", 4: "->", 5: "<=>"}[d]
-    first = sample_statement(rng, n_people, speaker, depth + 1)
-    second = sample_statement(rng, n_people, speaker, depth + 1)
+    first = second = sample_statement(rng, n_people, speaker, depth + 1)
     while second == first:  # the two sub-statements must differ
         second = sample_statement(rng, n_people, speaker, depth + 1)
-    return (op, first, second)
+    return (OPERATORS[d - 1], first, second)  # d = 2..5: "and", "or", "->", "<=>"
 
 
 def sample_puzzle(rng, n_people):
@@ -515,16 +513,14 @@ def local_trace(record):
     steps = []
     for assignment in product((True, False), repeat=len(names)):
         steps.append("try " + " ".join(f"{name} {role_word(k)}" for name, k in zip(names, assignment)) + " :")
-        all_ok = True
         for i, statement in enumerate(statements):
             value = evaluate(statement, assignment)
             verdict = "ok" if value == assignment[i] else "bad"
             steps.append(f"{names[i]} {role_word(assignment[i])} says "
                          f"{trace_expression(statement, names, assignment)} = {truth_letter(value)} {verdict} ;")
             if verdict == "bad":
-                all_ok = False
                 break
-        if all_ok:
+        else:  # every check passed: the unique solution
             return " ".join(steps)
     raise ValueError(f"puzzle {record['statements']} has no solution")
 
