@@ -147,8 +147,7 @@ def reinforce_pp_returns(rewards, logp_old, logp_ref, mask, kl_coef, group_size=
         return returns * mask
 
 
-def reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, kl_coef, group_size=None, gamma=1.0,
-                            kl_clamp=10.0):
+def reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, kl_coef, group_size=None, gamma=1.0, kl_clamp=10.0):
     """REINFORCE++ advantages: reinforce_pp_returns whitened over the whole batch (all ranks), 0 if masked. [B, C]"""
     returns = reinforce_pp_returns(rewards, logp_old, logp_ref, mask, kl_coef, group_size, gamma, kl_clamp)
     return masked_whiten(returns, mask.float())
