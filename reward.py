@@ -57,7 +57,14 @@ def parse_solution(solution) -> dict[str, str]:
     for where, name, role in entries:
         if isinstance(role, bool):  # a dict's True / False
             role = "knight" if role else "knave"
-        add_role(roles, name, role, where)
+        if not isinstance(name, str) or not re.match(r"\w", name) or name != name.strip():
+            # The answer regex anchors the name with \b, which needs a word character to start the name.
+            raise ValueError(f"{where}: name {name!r} must be a string starting with a letter or digit")
+        if role not in ROLES:
+            raise ValueError(f"{where}: role {role!r} must be 'knight' or 'knave'")
+        if name.lower() in (known.lower() for known in roles):  # answers are matched case-insensitively
+            raise ValueError(f"{where}: name {name!r} appears twice")
+        roles[name] = role
     if not roles:
         raise ValueError("solution is empty; expected lines like '(1) Zoey is a knight' or a dict of roles")
     return roles
@@ -74,18 +81,6 @@ def solution_lines(text: str):
         if int(number) != k:
             raise ValueError(f"solution line {k} {line!r} is numbered ({number}); expected ({k})")
         yield f"solution line {k} {line!r}", name, role
-
-
-def add_role(roles: dict[str, str], name, role, where: str) -> None:
-    """Validate one (name, role) pair and add it to `roles`; `where` says which input it came from."""
-    if not isinstance(name, str) or not re.match(r"\w", name) or name != name.strip():
-        # The answer regex anchors the name with \b, which needs a word character to start the name.
-        raise ValueError(f"{where}: name {name!r} must be a string starting with a letter or digit")
-    if role not in ROLES:
-        raise ValueError(f"{where}: role {role!r} must be 'knight' or 'knave'")
-    if name.lower() in (known.lower() for known in roles):  # answers are matched case-insensitively
-        raise ValueError(f"{where}: name {name!r} appears twice")
-    roles[name] = role
 
 
 # ---- The two rules -----------------------------------------------------------------------------------------
