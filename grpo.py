@@ -47,12 +47,8 @@ def _rewards_as_groups(rewards, group_size):
 
 # exercise 5: group advantages (GRPO, Dr. GRPO, RLOO)
 def group_advantages(rewards, group_size, estimator="grpo", eps=1e-6):
-    """One advantage per completion from the rewards of its group.
-
-    grpo:   (R - mean_g) / (std_g + eps), std per STD_UNBIASED
-    drgrpo: R - mean_g
-    rloo:   R - mean of the other G-1 rewards of the group  (= G/(G-1) * (R - mean_g))
-    """
+    """One advantage per completion [B] from its group's rewards (std per STD_UNBIASED):
+    grpo (R - mean_g) / (std_g + eps);  drgrpo R - mean_g;  rloo R - mean of the other G-1 rewards of the group."""
     grouped = _rewards_as_groups(rewards, group_size).float()  # [n_groups, G]
     mean = grouped.mean(dim=1, keepdim=True)  # [n_groups, 1]
     if estimator == "grpo":
@@ -97,11 +93,8 @@ def kl_estimate(logp, logp_ref, kind="k3"):
 
 # exercise 10: whitening over the whole batch
 def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / sqrt(var + eps) with mean and POPULATION variance over positions where mask == 1.
-
-    With torch.distributed initialised, the token count, sum and sum of squares are all-reduced first, so
-    every rank whitens with the statistics of the global batch. Returns zeros where mask == 0. [B, C]
-    """
+    """(x - mean) / sqrt(var + eps), mean and POPULATION variance over mask == 1, zeros where mask == 0. [B, C]
+    With torch.distributed initialised, the statistics are those of the global batch (all ranks)."""
     _check_same_shape(x=x, mask=mask)
     mask = mask.to(x.dtype)
     # Sums in float64: var = E[x^2] - E[x]^2 loses digits in float32 when the mean is large.
@@ -129,14 +122,10 @@ def _last_valid_index(mask):
 
 
 # exercise 9: REINFORCE++ token rewards and returns
-def reinforce_pp_returns(rewards, logp_old, logp_ref, mask, kl_coef, group_size=None, gamma=1.0,
-                         kl_clamp=10.0):
-    """Discounted returns G_t = sum_{s>=t} gamma^(s-t) r_s of REINFORCE++'s token rewards, before whitening.
-
-    r_t = -kl_coef * clamp(logp_old_t - logp_ref_t, -kl_clamp, kl_clamp) on every completion token,
-    plus the sequence reward R on the last completion token (R minus its group mean when group_size is given:
-    REINFORCE++-baseline). No gradient flows through. Zero on masked positions. [B, C]
-    """
+def reinforce_pp_returns(rewards, logp_old, logp_ref, mask, kl_coef, group_size=None, gamma=1.0, kl_clamp=10.0):
+    """Returns G_t = sum_{s>=t} gamma^(s-t) r_s, r_t = -kl_coef * clamp(logp_old_t - logp_ref_t, -kl_clamp, kl_clamp)
+    on each completion token plus R on the last one (R minus its group mean when group_size is given:
+    REINFORCE++-baseline). No gradient; zero where masked. [B, C]"""
     _check_same_shape(logp_old=logp_old, logp_ref=logp_ref, mask=mask)
     if rewards.shape != (logp_old.shape[0],):
         raise ValueError(f"rewards must have shape [B] = ({logp_old.shape[0]},), got {tuple(rewards.shape)}")
@@ -158,8 +147,7 @@ def reinforce_pp_returns(rewards, logp_old, logp_ref, mask, kl_coef, group_size=
         return returns * mask
 
 
-def reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, kl_coef, group_size=None, gamma=1.0,
-                            kl_clamp=10.0):
+def reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, kl_coef, group_size=None, gamma=1.0, kl_clamp=10.0):
     """REINFORCE++ advantages: reinforce_pp_returns whitened over the whole batch (all ranks), 0 if masked. [B, C]"""
     returns = reinforce_pp_returns(rewards, logp_old, logp_ref, mask, kl_coef, group_size, gamma, kl_clamp)
     return masked_whiten(returns, mask.float())
@@ -168,12 +156,9 @@ def reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, kl_coef, group_si
 # ---- PPO-clip surrogate, aggregation, full loss ----------------------------------------------------------------
 # exercise 7: the PPO-clip surrogate
 def clipped_surrogate(logp, logp_old, advantages, clip_low=0.2, clip_high=0.2):
-    """Per-token PPO-clip loss -min(rho*A, clip(rho, 1-clip_low, 1+clip_high)*A), rho = exp(logp - logp_old).
-
-    `advantages` is `[B]` (one per completion, broadcast over tokens) or `[B, C]`. logp_old and advantages
-    are constants (detached). Returns (loss_tok [B, C], clipped [B, C] bool: the clipped branch was the
-    smaller one, i.e. this token gets no gradient).
-    """
+    """Per-token PPO-clip loss -min(rho*A, clip(rho, 1-clip_low, 1+clip_high)*A), rho = exp(logp - logp_old), A [B]
+    (broadcast over tokens) or [B, C]; logp_old and A are constants. Returns (loss_tok [B, C], clipped [B, C] bool:
+    the clipped branch was the smaller one, so the token gets no gradient)."""
     _check_same_shape(logp=logp, logp_old=logp_old)
     if not (0.0 <= clip_low < 1.0) or clip_high < 0.0:
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
@@ -192,14 +177,10 @@ def clipped_surrogate(logp, logp_old, advantages, clip_low=0.2, clip_high=0.2):
 
 # exercise 8: loss aggregation with whole-batch normalisers
 def aggregate(loss_tok, mask, mode, n_seqs, n_tokens, max_len):
-    """Reduce a per-token loss [B, C] to a scalar; n_seqs, n_tokens are totals over the WHOLE batch.
-
-    seq-mean:   sum_b (sum_t loss*mask / sum_t mask) / n_seqs   (original GRPO)
+    """Per-token loss [B, C] -> scalar; n_seqs, n_tokens are WHOLE-batch totals, so micro-batch results add up.
+    seq-mean:   sum_b (sum_t loss*mask / sum_t mask) / n_seqs   (original GRPO; a row without tokens gives 0)
     token-mean: sum loss*mask / n_tokens                        (DAPO)
-    constant:   sum loss*mask / (n_seqs * max_len)              (Dr. GRPO)
-    Because the denominators are global, summing aggregate() over micro-batches gives aggregate() of the
-    full batch. Rows without tokens contribute 0.
-    """
+    constant:   sum loss*mask / (n_seqs * max_len)              (Dr. GRPO)"""
     _check_same_shape(loss_tok=loss_tok, mask=mask)
     mask = mask.to(loss_tok.dtype)
     masked_loss = loss_tok * mask  # [B, C]

@@ -29,23 +29,19 @@ SIZES = range(2, 9)  # the benchmark's puzzle sizes: 2 to 8 people
 MAX_DEPTH = 2  # statements are at most one operator deep: an operator over leaves
 MAX_FAILED_DRAWS = 20_000  # generate() gives up after this many draws in a row that give no new puzzle
 
-NAMES = [
-    "Emma", "Liam", "Olivia", "Noah", "Ava", "Ethan", "Sophia", "Mason", "Isabella", "William", "Mia", "James",
-    "Charlotte", "Benjamin", "Amelia", "Lucas", "Harper", "Henry", "Evelyn", "Alexander", "Abigail", "Michael",
-    "Emily", "Daniel", "Elizabeth", "Jacob", "Sofia", "Logan", "Avery", "Jackson", "Ella", "Sebastian",
-    "Scarlett", "Jack", "Grace", "Aiden", "Chloe", "Owen", "Victoria", "Samuel", "Riley", "Matthew", "Aria",
-    "Joseph", "Lily", "Luke", "Aurora", "David", "Zoey", "Oliver", "Penelope",
-]
+NAMES = ["Emma", "Liam", "Olivia", "Noah", "Ava", "Ethan", "Sophia", "Mason", "Isabella", "William", "Mia", "James",
+         "Charlotte", "Benjamin", "Amelia", "Lucas", "Harper", "Henry", "Evelyn", "Alexander", "Abigail", "Michael",
+         "Emily", "Daniel", "Elizabeth", "Jacob", "Sofia", "Logan", "Avery", "Jackson", "Ella", "Sebastian", "Scarlett",
+         "Jack", "Grace", "Aiden", "Chloe", "Owen", "Victoria", "Samuel", "Riley", "Matthew", "Aria", "Joseph", "Lily",
+         "Luke", "Aurora", "David", "Zoey", "Oliver", "Penelope"]
 
 # How a person's statement is reported in the quiz; one frame per person, chosen at random.
-FRAMES = [
-    '{name} said that {content}.', '{name} told you that {content}.', '{name} said, "{content}."',
-    '{name} stated, "{content}".', 'According to {name}, "{content}".', 'In {name}\'s words: "{content}".',
-    '{name} remarked, "{content}".', '"{content}," {name} declared.', '{name} was heard saying, "{content}".',
-    '{name} expressed that {content}.', '"{content}" - {name}.', 'As {name} put it, "{content}".',
-    '{name} asserted: "{content}".', '"{content}," {name} mentioned.', '{name} commented, "{content}".',
-    'In a statement by {name}: "{content}".', '{name} noted, "{content}".', '"{content}," {name} claimed.',
-]
+FRAMES = ['{name} said that {content}.', '{name} told you that {content}.', '{name} said, "{content}."',
+          '{name} stated, "{content}".', 'According to {name}, "{content}".', 'In {name}\'s words: "{content}".',
+          '{name} remarked, "{content}".', '"{content}," {name} declared.', '{name} was heard saying, "{content}".',
+          '{name} expressed that {content}.', '"{content}" - {name}.', 'As {name} put it, "{content}".',
+          '{name} asserted: "{content}".', '"{content}," {name} mentioned.', '{name} commented, "{content}".',
+          'In a statement by {name}: "{content}".', '{name} noted, "{content}".', '"{content}," {name} claimed.']
 
 TEMPLATES = ("qwen-instruct", "base", "chat", "tiny")
 
@@ -57,11 +53,9 @@ COT_HEAD = ("Let's think step by step, by considering whether each person is lyi
 COT_FOOT = "This leads to a feasible solution."
 
 # The fields of a record and their types, in the benchmark's order.
-RECORD_FIELDS = {
-    "quiz": str, "names": list, "knight_knave": dict, "solution": list, "solution_text": str,
-    "solution_text_format": str, "cot_head": str, "cot_repeat_steps": list, "cot_foot": str,
-    "statements": str, "index": int,
-}
+RECORD_FIELDS = {"quiz": str, "names": list, "knight_knave": dict, "solution": list, "solution_text": str,
+                 "solution_text_format": str, "cot_head": str, "cot_repeat_steps": list, "cot_foot": str,
+                 "statements": str, "index": int}
 
 LEAVES = ("telling-truth", "lying")
 OPERATORS = ("not", "and", "or", "->", "<=>")
@@ -107,12 +101,10 @@ def sample_statement(rng, n_people, speaker, depth=0):
         return sample_leaf(rng, n_people, speaker)
     if d == 1:
         return ("not", sample_leaf(rng, n_people, speaker))
-    op = {2: "and", 3: "or", 4: "->", 5: "<=>"}[d]
-    first = sample_statement(rng, n_people, speaker, depth + 1)
-    second = sample_statement(rng, n_people, speaker, depth + 1)
+    first = second = sample_statement(rng, n_people, speaker, depth + 1)
     while second == first:  # the two sub-statements must differ
         second = sample_statement(rng, n_people, speaker, depth + 1)
-    return (op, first, second)
+    return (OPERATORS[d - 1], first, second)  # d = 2..5: "and", "or", "->", "<=>"
 
 
 def sample_puzzle(rng, n_people):
@@ -445,23 +437,19 @@ def check_writable(path, folder=False):
 
 # ---- 7. Prompts (spec section 2), byte for byte; every template ends with the pre-filled "<think>" -------------
 # The original system prompt (missing space in "and<answer>", two spaces before "Now" are in the original).
-SYSTEM_PROMPT = (
-    "You are a helpful assistant. The assistant first thinks about the reasoning process in the mind and then "
-    "provides the user with the answer. The reasoning process and answer are enclosed within <think> </think> "
-    "and<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer "
-    "here </answer>.  Now the user asks you to solve a logical reasoning problem. After thinking, when you "
-    "finally reach a conclusion, clearly state the identity of each character within <answer> </answer> tags. "
-    "i.e., <answer> (1) Zoey is a knight\n(2) ... </answer>."
-)
-BASE_PROMPT = (
-    "The user asks a question, and the Assistant solves it.The assistant first thinks about the reasoning "
-    "process in the mind and then provides the user with the final answer. The reasoning process and answer "
-    "are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
-    "process here </think><answer> answer here </answer>. Now the user asks you to solve a logical reasoning "
-    "problem. After thinking, when you finally reach a conclusion, clearly state the identity of each "
-    "character within <answer> </answer> tags. List the identity of each person one by one, for example, "
-    "<answer> (1) Zoey is a knight\n(2) Oliver is a knight\n(3)... </answer>."
-)
+SYSTEM_PROMPT = ("You are a helpful assistant. The assistant first thinks about the reasoning process in the mind and "
+                 "then provides the user with the answer. The reasoning process and answer are enclosed within <think> "
+                 "</think> and<answer> </answer> tags, respectively, i.e., <think> reasoning process here "
+                 "</think><answer> answer here </answer>.  Now the user asks you to solve a logical reasoning problem. "
+                 "After thinking, when you finally reach a conclusion, clearly state the identity of each character "
+                 "within <answer> </answer> tags. i.e., <answer> (1) Zoey is a knight\n(2) ... </answer>.")
+BASE_PROMPT = ("The user asks a question, and the Assistant solves it.The assistant first thinks about the reasoning "
+               "process in the mind and then provides the user with the final answer. The reasoning process and answer "
+               "are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> "
+               "reasoning process here </think><answer> answer here </answer>. Now the user asks you to solve a "
+               "logical reasoning problem. After thinking, when you finally reach a conclusion, clearly state the "
+               "identity of each character within <answer> </answer> tags. List the identity of each person one by "
+               "one, for example, <answer> (1) Zoey is a knight\n(2) Oliver is a knight\n(3)... </answer>.")
 
 
 def make_prompt(record, template, tokenizer=None):
@@ -515,16 +503,14 @@ def local_trace(record):
     steps = []
     for assignment in product((True, False), repeat=len(names)):
         steps.append("try " + " ".join(f"{name} {role_word(k)}" for name, k in zip(names, assignment)) + " :")
-        all_ok = True
         for i, statement in enumerate(statements):
             value = evaluate(statement, assignment)
             verdict = "ok" if value == assignment[i] else "bad"
             steps.append(f"{names[i]} {role_word(assignment[i])} says "
                          f"{trace_expression(statement, names, assignment)} = {truth_letter(value)} {verdict} ;")
             if verdict == "bad":
-                all_ok = False
                 break
-        if all_ok:
+        else:  # every check passed: the unique solution
             return " ".join(steps)
     raise ValueError(f"puzzle {record['statements']} has no solution")
 

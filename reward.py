@@ -1,13 +1,10 @@
 """The Logic-RL rule reward (arXiv 2502.14768; ../shared/spec/logic_rl.md §3): score one completion.
 
-1. Format: the assistant turn, *including the `<think>` that the prompt pre-fills*, contains each of `<think>`,
-   `</think>`, `<answer>`, `</answer>` exactly once (literal, case-sensitive), in that order: +1, else -1.
-   Nothing else is checked (an empty think block passes, so does text between or after the blocks).
-2. Answer, only when the format passed (else -2 unparsed). The text between the answer tags, stripped:
-   - empty, or its count of "knight" plus "knave" substrings (lowercased; "knights" counts) is not the number
-     of people, or some person has no match for `\\b<Name>\\s+is\\s+a\\s+(knight|knave)\\b` (case-insensitive,
-     name regex-escaped, first match wins): -2
-   - every role right: +2; some role wrong: -1.5
+Format: the assistant turn, *including the `<think>` that the prompt pre-fills*, contains each of TAGS exactly once
+(literal, case-sensitive), in that order: +1, else -1; nothing else is checked. Answer, only when the format passed
+(else -2): the text between the answer tags, stripped, scores -2 if empty, if its count of "knight" plus "knave"
+substrings (lowercased) is not the number of people, or if some person has no match for
+`\\b<Name>\\s+is\\s+a\\s+(knight|knave)\\b` (case-insensitive, first match wins); else +2 all right, -1.5 not.
 
     total   format  answer   meaning
      3       +1      +2      correct ("accuracy" is the share scoring 3)
@@ -50,19 +47,32 @@ def parse_solution(solution) -> dict[str, str]:
     """{name: "knight" | "knave"}, in the people's order, from a record's `solution_text_format` string or a
     dict {name: "knight" | "knave" | bool (True = knight)}; ValueError for anything else (a caller bug)."""
     if isinstance(solution, str):
-        return roles_from_text(solution)
-    if isinstance(solution, dict):
-        return roles_from_dict(solution)
-    raise ValueError(f"solution must be a solution_text_format string or a dict of roles, "
-                     f"got {type(solution).__name__}")
-
-
-def roles_from_text(text: str) -> dict[str, str]:
-    """Parse "(1) Zoey is a knight\\n(2) Oliver is a knave": one "(k) Name is a knight/knave" per line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise ValueError("solution text is empty; expected lines like '(1) Zoey is a knight'")
+        entries = solution_lines(solution)
+    elif isinstance(solution, dict):
+        entries = [(f"solution entry {name!r}", name, value) for name, value in solution.items()]
+    else:
+        raise ValueError(f"solution must be a solution_text_format string or a dict of roles, "
+                         f"got {type(solution).__name__}")
     roles = {}
+    for where, name, role in entries:
+        if isinstance(role, bool):  # a dict's True / False
+            role = "knight" if role else "knave"
+        if not isinstance(name, str) or not re.match(r"\w", name) or name != name.strip():
+            # The answer regex anchors the name with \b, which needs a word character to start the name.
+            raise ValueError(f"{where}: name {name!r} must be a string starting with a letter or digit")
+        if role not in ROLES:
+            raise ValueError(f"{where}: role {role!r} must be 'knight' or 'knave'")
+        if name.lower() in (known.lower() for known in roles):  # answers are matched case-insensitively
+            raise ValueError(f"{where}: name {name!r} appears twice")
+        roles[name] = role
+    if not roles:
+        raise ValueError("solution is empty; expected lines like '(1) Zoey is a knight' or a dict of roles")
+    return roles
+
+
+def solution_lines(text: str):
+    """(where, name, role) for each line of "(1) Zoey is a knight\\n(2) Oliver is a knave", checking the numbers."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     for k, line in enumerate(lines, start=1):
         match = SOLUTION_LINE.fullmatch(line)
         if match is None:
@@ -70,31 +80,7 @@ def roles_from_text(text: str) -> dict[str, str]:
         number, name, role = match.groups()
         if int(number) != k:
             raise ValueError(f"solution line {k} {line!r} is numbered ({number}); expected ({k})")
-        add_role(roles, name, role, where=f"solution line {k} {line!r}")
-    return roles
-
-
-def roles_from_dict(solution: dict) -> dict[str, str]:
-    """Check {name: "knight" | "knave" | bool} and return it with bools turned into role words."""
-    if not solution:
-        raise ValueError("solution dict is empty; expected {name: 'knight' | 'knave' | bool}")
-    roles = {}
-    for name, value in solution.items():
-        role = ("knight" if value else "knave") if isinstance(value, bool) else value
-        add_role(roles, name, role, where=f"solution entry {name!r}")
-    return roles
-
-
-def add_role(roles: dict[str, str], name, role, where: str) -> None:
-    """Validate one (name, role) pair and add it to `roles`; `where` says which input it came from."""
-    if not isinstance(name, str) or not re.match(r"\w", name) or name != name.strip():
-        # The answer regex anchors the name with \b, which needs a word character to start the name.
-        raise ValueError(f"{where}: name {name!r} must be a string starting with a letter or digit")
-    if role not in ROLES:
-        raise ValueError(f"{where}: role {role!r} must be 'knight' or 'knave'")
-    if name.lower() in (known.lower() for known in roles):  # answers are matched case-insensitively
-        raise ValueError(f"{where}: name {name!r} appears twice")
-    roles[name] = role
+        yield f"solution line {k} {line!r}", name, role
 
 
 # ---- The two rules -----------------------------------------------------------------------------------------
