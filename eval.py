@@ -1,16 +1,12 @@
 """eval.py — the one way to measure a model on Knights-and-Knaves puzzles, and the curves of a training run.
 
-Logic-RL (arXiv 2502.14768; ../shared/spec/logic_rl.md §3, the results table of §4): the model completes each test
-puzzle's prompt (kk_data.make_prompt, ending in the pre-filled "<think>") and reward.score, the strict training
-reward, grades "<think>" + completion. Per puzzle size: accuracy (share scoring 3: the paper's table), format_rate,
-lenient_accuracy (answer right in any format), mean_length (generated tokens, EOS included) and, with --samples
-k > 1, pass_at_k = 1 - C(n-c, k) / C(n, k) (Chen et al. 2021). Greedy unless --samples / --temperature say
-otherwise. --search beam decodes with OREO's value-guided step-level beam search (oreo.beam_search;
-../shared/spec/oreo.md "Test-time search"); --search compare is the test-time compute curve: beam at B = N
-against best-of-N by the critic, majority vote and a random pick over N samples. Whatever moves the number (the
-trained template from mini_logic_rl.json, the scorer, the puzzles, sampling) is fixed and recorded in the
-"settings" of --out; score_completions keeps a row per completion (--completions) and summarize_completions
-turns those rows, and nothing else, into the table numbers.
+Logic-RL (arXiv 2502.14768; ../shared/spec/logic_rl.md §3, the results table of §4): reward.score, the strict training
+reward, grades "<think>" + the completion of each test prompt. Per puzzle size: accuracy (share scoring 3),
+format_rate, lenient_accuracy, mean_length and, with --samples k > 1, pass_at_k = 1 - C(n-c, k) / C(n, k) (Chen et
+al. 2021). --search beam: OREO's value-guided step-level beam search (../shared/spec/oreo.md "Test-time search");
+--search compare: beam at B = N against best-of-N by the critic, majority vote and a random pick over N samples.
+Every setting that moves the number is recorded in --out's "settings"; the table numbers come from the scored
+completion rows (--completions) alone.
 
     python eval.py runs/x/checkpoints/final Qwen/Qwen2.5-7B-Instruct-1M    # one table, a row per model
     python eval.py MODEL --data data/kk/test --out results.json --completions completions.jsonl
@@ -83,8 +79,7 @@ def generated_split(sizes, per_size, seed=DEFAULT_SEED):
 
 
 def load_test_dir(data_dir, sizes=None, per_size=None):
-    """{n: records} from a folder of people{n}_num{k}.jsonl files (others ignored): every size found, or only
-    `sizes`; the first `per_size` records of each file, or all of them."""
+    """{n: the first per_size (or all) records} of a folder's people{n}_num{k}.jsonl files, for `sizes` or all."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ValueError(f"{data_dir}: no such folder")
@@ -107,13 +102,12 @@ def load_test_dir(data_dir, sizes=None, per_size=None):
 
 def load_test_file(path, n_people):
     """The records of one benchmark-format file, checked to have n_people people; errors name path:line."""
-    records = kk_data.load_jsonl(path)  # validates every row, naming path:line
-    with open(path, encoding="utf-8") as file:
-        line_numbers = [i for i, line in enumerate(file, start=1) if line.strip()]  # a record per non-blank line
-    for record, line_number in zip(records, line_numbers):
+    def check_record(record):  # kk_data.load_jsonl's check, plus the size the file's name promises
+        kk_data.check_record(record)
         if len(record["names"]) != n_people:
-            raise ValueError(f"{path}:{line_number}: a puzzle with {len(record['names'])} people in a file "
-                             f"named for {n_people}")
+            raise ValueError(f"a puzzle with {len(record['names'])} people in a file named for {n_people}")
+
+    records = kk_data.read_jsonl(path, check_record, key=lambda record: record["quiz"])  # errors name path:line
     if not records:
         raise ValueError(f"{path}: no records")
     return records
@@ -148,8 +142,7 @@ def score_completions(sampler, records_by_size, template, tokenizer=None, sample
 
 
 def completion_row(size, position, sample, record, text, length):
-    """size, record (position in its size's list), sample, completion ("<think>" + text), length (generated tokens,
-    EOS included) and reward.Score's total, format, answer, correct, lenient_correct."""
+    """One scored completion: where it is from, "<think>" + text, its length (EOS included) and reward.Score's parts."""
     completion = "<think>" + text  # the pre-filled "<think>" is part of what the format rule checks
     s = score(completion, record["solution_text_format"])
     return {"size": size, "record": position, "sample": sample, "completion": completion, "length": length,
@@ -178,8 +171,7 @@ def score_beam_search(policy, value_model, tokenizer, records_by_size, template,
 
 
 def claimed_answer(row, record):
-    """The roles a scored completion claims, in the puzzle's name order; None unless its format is right and it
-    names every person (an answer that cannot be voted for)."""
+    """The roles a scored completion claims, in the puzzle's name order; None unless well formatted and complete."""
     if row["format"] != FORMAT_OK:
         return None
     roles = tuple(claimed_role(answer_text(row["completion"]), name) for name in record["names"])
@@ -197,9 +189,8 @@ def majority_pick(rows, record):
 
 def compare_search(policy, value_model, tokenizer, records_by_size, template, ns=TTC_NS, temperature=1.0,
                    max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=False, **beam_settings):
-    """{size: {method: {N: {"accuracy", "tokens" (generated per puzzle)}}}} for each N of ns. The first N of
-    max(ns) samples per puzzle serve random (the mean over the N), majority and best-of-N (the critic's V before
-    EOS, oreo.offline_values); beam is oreo.beam_search at beam N (beam_settings: its other options)."""
+    """{size: {method: {N: {"accuracy", "tokens" (generated per puzzle)}}}}: the first N of max(ns) samples per puzzle
+    for random, majority and best-of-N (the critic's V before EOS); beam is oreo.beam_search at beam N."""
     samples = score_completions(rollout.HFSampler(policy, tokenizer), records_by_size, template, tokenizer, max(ns),
                                 temperature, max_new_tokens=max_new_tokens, progress=progress, desc="samples")
     critic_rows = [{"prompt": kk_data.make_prompt(records_by_size[r["size"]][r["record"]], template, tokenizer),
@@ -235,34 +226,15 @@ def compare_table(result):
     return "\n".join(lines)
 
 
-def new_figure(rows, columns, width, height):
-    """A matplotlib figure of [rows, columns] axes, each width x height inches, drawn without pyplot."""
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(width * columns, height * rows))
-    return fig, fig.subplots(rows, columns, squeeze=False)
-
-
-def save_png(fig, path):
-    """fig as a PNG, through a temporary file: a kill mid-write leaves the previous picture whole."""
-    fig.tight_layout()
-    temporary = Path(path).with_name(Path(path).name + ".tmp")
-    fig.savefig(temporary, dpi=100, format="png")
-    temporary.replace(path)
-
-
 def plot_compare(result, path):
     """Accuracy against N and against generated tokens, a row of two panels per puzzle size."""
-    fig, axes = new_figure(len(result), 2, 5, 3.6)
-    for (size, methods), row in zip(sorted(result.items()), axes):
-        for method, points in methods.items():
-            ns = sorted(points)
-            for ax, xs in zip(row, (ns, [points[n]["tokens"] for n in ns])):
-                ax.plot(xs, [points[n]["accuracy"] for n in ns], marker="o", label=method)
-        for ax, xlabel in zip(row, ("N (candidates per puzzle)", "generated tokens per puzzle")):
-            ax.set_xscale("log", base=2)
-            ax.set(xlabel=xlabel, ylabel="accuracy", title=f"{size} people: accuracy vs {xlabel.split(' (')[0]}")
-            ax.legend(fontsize=8)
-    save_png(fig, path)
+    panels = []
+    for size, methods in sorted(result.items()):
+        for x, xname in (("N", "N"), ("tokens", "generated tokens per puzzle")):
+            lines = [(method, [(n if x == "N" else p["tokens"], p["accuracy"]) for n, p in sorted(points.items())], "o")
+                     for method, points in methods.items()]
+            panels.append((f"{size} people: accuracy vs {xname}", lines))
+    plot_panels(panels, path, 2, ("N (candidates per puzzle)", "generated tokens per puzzle"), log_x=True)
 
 
 def summarize_completions(rows, k=None, pass_ks=()):
@@ -462,6 +434,35 @@ def trailing_mean(values, window):
     return [mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
+def plot_panels(panels, path, columns, xlabels=("step",), log_x=False):
+    """Draw panels [(title, [(label, [(x, y), ...], marker)])], `columns` to a row (xlabels: one per column), into
+    a PNG at path, through a temporary file: a kill mid-write leaves the previous picture whole."""
+    from matplotlib.figure import Figure  # drawn without pyplot
+    rows = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(4.5 * columns, 3.4 * rows))
+    axes = list(fig.subplots(rows, columns, squeeze=False).flat)
+    for i, (ax, (title, lines)) in enumerate(zip(axes, panels)):
+        for label, points, marker in lines:
+            xs, values = zip(*points)
+            if marker or len(values) < 2 * SMOOTH:
+                ax.plot(xs, values, marker=marker or None, markersize=3, lw=1, label=label)
+            else:  # a faint line per step, a solid one for the trailing mean
+                raw, = ax.plot(xs, values, lw=0.8, alpha=0.3)
+                ax.plot(xs, trailing_mean(values, SMOOTH), lw=1.5, color=raw.get_color(),
+                        label=f"{label} (mean of {SMOOTH} steps)")
+        if log_x:
+            ax.set_xscale("log", base=2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabels[i % len(xlabels)])
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    temporary = Path(path).with_name(Path(path).name + ".tmp")
+    fig.savefig(temporary, dpi=100, format="png")
+    temporary.replace(path)
+
+
 def plot_run(run_dir, out_name="curves.png"):
     """Draw run_dir/metrics.jsonl's curves into run_dir/out_name; its path (None without matplotlib, optional)."""
     if importlib.util.find_spec("matplotlib") is None:
@@ -470,23 +471,7 @@ def plot_run(run_dir, out_name="curves.png"):
     panels = curves(read_metrics(run_dir))
     if not panels:
         raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'}: no train or eval rows with data to plot")
-    columns = min(3, len(panels))
-    fig, axes = new_figure(math.ceil(len(panels) / columns), columns, 4.5, 3.4)
-    for ax, (title, lines) in zip(axes.flat, panels):
-        for label, points, marker in lines:
-            steps, values = zip(*points)
-            if marker or len(values) < 2 * SMOOTH:
-                ax.plot(steps, values, marker=marker or None, markersize=3, lw=1, label=label)
-            else:  # a faint line per step, a solid one for the trailing mean
-                raw, = ax.plot(steps, values, lw=0.8, alpha=0.3)
-                ax.plot(steps, trailing_mean(values, SMOOTH), lw=1.5, color=raw.get_color(),
-                        label=f"{label} (mean of {SMOOTH} steps)")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    save_png(fig, Path(run_dir) / out_name)
+    plot_panels(panels, Path(run_dir) / out_name, min(3, len(panels)))
     return Path(run_dir) / out_name
 
 
