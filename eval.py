@@ -260,9 +260,8 @@ def summarize_completions(rows, k=None, pass_ks=()):
 
 def evaluate(sampler, records_by_size, template, tokenizer=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
              temperature=0.0, samples=1, top_p=1.0, batch_size=EVAL_BATCH, progress=False, pass_ks=(), examples=0):
-    """{metric: {size: value}} for one sampler (summarize_completions; pass_at_k at k = samples when > 1). Under
-    torchrun each rank scores every WORLD-th puzzle and gets the pooled numbers. examples > 0 adds "examples": the
-    first sample of the first `examples` puzzles of each size as scored here, with quiz and solution (report.md)."""
+    """summarize_completions' {metric: {size: value}} for one sampler, pooled over torchrun's ranks (each scores
+    every WORLD-th puzzle); examples > 0 adds "examples": the first sample of that many puzzles per size, scored."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = {size: records[rank::world] for size, records in records_by_size.items()}
     rows = score_completions(sampler, shard, template, tokenizer, samples, temperature, top_p, max_new_tokens,
@@ -330,8 +329,7 @@ def read_max_new_tokens(model_name, override=None):
 
 
 def load_sampler(kind, model_name, device, max_new_tokens=DEFAULT_MAX_NEW_TOKENS):
-    """(sampler, tokenizer), in eval mode: "hf" = rollout.HFSampler on `device`; "vllm" = a rollout.VLLMSampler
-    copying the weights of the model loaded on the CPU, its context VLLM_PROMPT_TOKENS + max_new_tokens at most."""
+    """(sampler, tokenizer) in eval mode: rollout.HFSampler on `device`, or a VLLMSampler copying CPU-loaded weights."""
     tokenizer = kk_model.load_tokenizer(model_name)  # a ValueError naming the folder when it holds none
     try:
         policy = kk_model.load_model(model_name, device if kind == "hf" else "cpu", dtype=kk_model.pick_dtype(device))
@@ -398,12 +396,7 @@ def read_metrics(run_dir):
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no metrics log here (is {run_dir} a train.py output folder?)")
-    return kk_data.read_jsonl(path, check_is_object, truncated_tail_ok=True)
-
-
-def check_is_object(row):
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    return kk_data.read_jsonl(path, lambda row: kk_data.check_fields(row, {}), truncated_tail_ok=True)  # objects
 
 
 def curves(rows):
@@ -503,8 +496,7 @@ def read_json(path, default=None):
 
 
 def changed_constants(run_dir):
-    """([(name, value, default)] of config.json's constants that differ from the defaults, where the defaults
-    came from): defaults.json as the run started, else train.py's module-level constants on this machine."""
+    """([(name, value, default)] of config.json's constants unlike defaults.json's (else train.py's), their source)."""
     config = read_json(run_dir / "config.json", {})
     defaults, source = read_json(run_dir / "defaults.json"), "defaults.json (train.py's, as the run started)"
     if defaults is None:  # a fresh copy of train.py: its module-level constants are the defaults
@@ -619,8 +611,7 @@ def numbers(name, value):
 
 
 def wandb_log(run, row):
-    """One metrics.jsonl row to a wandb run at its global step: numbers as "<kind>/<key>" ("eval/accuracy/3"),
-    an eval row's examples as a table "examples/<stage>"."""
+    """A metrics.jsonl row to wandb at its global step: numbers as "eval/accuracy/3", examples as a table."""
     data = numbers(row.get("kind", "row"), {k: v for k, v in row.items() if k not in ("examples", "global_step")})
     if row.get("examples"):
         import wandb
@@ -631,8 +622,7 @@ def wandb_log(run, row):
 
 
 class MetricsLog:
-    """train.py's metrics.jsonl writer (rank 0 only): on resume rows after keep_until are dropped; every eval row
-    rewrites report.md and curves.png; with a wandb project every row also goes to a wandb run."""
+    """train.py's metrics.jsonl writer (rank 0; on resume rows after keep_until dropped), + report.md and wandb."""
 
     def __init__(self, out_dir, keep_until, config, rank=0, wandb_project=None):
         self.path, self.rank, self.wandb = Path(out_dir) / "metrics.jsonl", rank, None
@@ -673,24 +663,20 @@ def parse_args(argv):
     add("--people", help='puzzle sizes, "a-b" or "a,b,c" (default: 2-8, or every file of --data)')
     add("--per-size", type=int, help=f"puzzles per size (default: {DEFAULT_PER_SIZE} generated, or all of --data)")
     add("--seed", type=int, default=DEFAULT_SEED, help="generated split and sampling seed")
-    add("--template", choices=kk_data.TEMPLATES,
-        help=f"prompt template (default: from mini_logic_rl.json, else {DEFAULT_TEMPLATE})")
+    add("--template", choices=kk_data.TEMPLATES, help=f"default: mini_logic_rl.json's, else {DEFAULT_TEMPLATE}")
     add("--samples", type=int, default=1, help="completions per puzzle (pass@k with k = samples)")
     add("--temperature", type=float, help="0 = greedy (default); --search beam: the step temperature (default 1)")
     add("--top-p", type=float, default=1.0)
-    add("--max-new-tokens", type=int, help="generation budget (default: the one the model was trained with, from "
-        f"mini_logic_rl.json, else {DEFAULT_MAX_NEW_TOKENS})")
+    add("--max-new-tokens", type=int, help=f"default: mini_logic_rl.json's, else {DEFAULT_MAX_NEW_TOKENS}")
     add("--batch-size", type=int, default=EVAL_BATCH, help="completions generated together")
     add("--sampler", choices=("hf", "vllm"), default="hf")
     add("--search", choices=("greedy", "beam", "compare"), default="greedy",
-        help="greedy: decode with the sampler; beam: OREO's value-guided step-level beam search; compare: the "
-             f"test-time compute curve of {', '.join(TTC_METHODS)} at N = --ns, drawn to --png (both need --value)")
+        help=f"beam: OREO's value-guided step-level beam search; compare: {', '.join(TTC_METHODS)} at N = --ns")
     add("--ns", default=",".join(map(str, TTC_NS)), help="--search compare: the Ns, a,b,c")
     add("--png", default="search.png", help="--search compare: the accuracy-vs-N plot")
-    add("--expand", type=int, default=DEFAULT_EXPAND,
-        help="--search beam: next steps sampled per kept candidate (None: --beam, OREO's B x B)")
+    add("--expand", type=int, default=DEFAULT_EXPAND, help="--search beam: next steps per candidate (None: --beam)")
     add("--beam", type=int, default=DEFAULT_BEAM, help="--search beam: beam width B")
-    add("--value", metavar="DIR", help="--search beam: value model folder (oreo.ValueModel.save)")
+    add("--value", metavar="DIR", help="--search beam, compare: the critic (oreo.ValueModel.save's folder)")
     add("--max-expansions", type=int, default=DEFAULT_MAX_EXPANSIONS, help="--search beam: rounds of expansion")
     add("--max-step-tokens", type=int, default=DEFAULT_MAX_STEP_TOKENS, help="--search beam: longest step")
     add("--device", help="cpu, cuda, cuda:1, ... (default: the first GPU if any)")
