@@ -657,8 +657,9 @@ def parse_args(argv):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("models", nargs="*", metavar="MODEL", help="local HF folder (e.g. runs/x/checkpoints/final) or hub name")
-    add("--plot", metavar="RUN_DIR", help="draw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl")
-    add("--report", metavar="RUN_DIR", help="write RUN_DIR/report.md (and curves.png) from its files, as train.py does")
+    run_dir = parser.add_mutually_exclusive_group()  # --report also draws the curves
+    run_dir.add_argument("--plot", metavar="RUN_DIR", help="draw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl")
+    run_dir.add_argument("--report", metavar="RUN_DIR", help="write RUN_DIR/report.md and curves.png, as train.py does")
     add("--data", metavar="DIR", help="folder of people{n}_num{k}.jsonl test files (default: a generated split)")
     add("--people", help='puzzle sizes, "a-b" or "a,b,c" (default: 2-8, or every file of --data)')
     add("--per-size", type=int, help=f"puzzles per size (default: {DEFAULT_PER_SIZE} generated, or all of --data)")
@@ -683,12 +684,8 @@ def parse_args(argv):
     add("--out", metavar="FILE", help="write the numbers and settings as JSON")
     add("--completions", metavar="FILE", help="write every scored completion as JSONL")
     args, error = parser.parse_args(argv), parser.error
-    if args.plot and args.report:
-        error("give --plot or --report, not both (--report also draws the curves)")
-    if (args.plot or args.report) and args.models:
-        error(f"{'--plot' if args.plot else '--report'} RUN_DIR takes no MODEL")
-    if not (args.plot or args.report) and not args.models:
-        error("give at least one MODEL (or --plot RUN_DIR, or --report RUN_DIR)")
+    if bool(args.plot or args.report) == bool(args.models):
+        error("give one or more MODELs, or else --plot RUN_DIR or --report RUN_DIR")
     if len(set(args.models)) != len(args.models):
         error("a MODEL is given twice")
     if args.temperature is None:
