@@ -230,11 +230,12 @@ def plot_compare(result, path):
     """Accuracy against N and against generated tokens, a row of two panels per puzzle size."""
     panels = []
     for size, methods in sorted(result.items()):
-        for x, xname in (("N", "N"), ("tokens", "generated tokens per puzzle")):
-            lines = [(method, [(n if x == "N" else p["tokens"], p["accuracy"]) for n, p in sorted(points.items())], "o")
-                     for method, points in methods.items()]
-            panels.append((f"{size} people: accuracy vs {xname}", lines))
-    plot_panels(panels, path, 2, ("N (candidates per puzzle)", "generated tokens per puzzle"), log_x=True)
+        by_n = {method: sorted(points.items()) for method, points in methods.items()}  # {method: [(N, point)]}
+        panels.append((f"{size} people: accuracy vs N",
+                       [(method, [(n, p["accuracy"]) for n, p in ps], "o") for method, ps in by_n.items()]))
+        panels.append((f"{size} people: accuracy vs generated tokens per puzzle",
+                       [(method, [(p["tokens"], p["accuracy"]) for n, p in ps], "o") for method, ps in by_n.items()]))
+    plot_panels(panels, path, 2, ("N (candidates per puzzle)", "generated tokens per puzzle"), "accuracy", True)
 
 
 def summarize_completions(rows, k=None, pass_ks=()):
@@ -427,7 +428,7 @@ def trailing_mean(values, window):
     return [mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
-def plot_panels(panels, path, columns, xlabels=("step",), log_x=False):
+def plot_panels(panels, path, columns, xlabels=("step",), ylabel="", log_x=False):
     """Draw panels [(title, [(label, [(x, y), ...], marker)])], `columns` to a row (xlabels: one per column), into
     a PNG at path, through a temporary file: a kill mid-write leaves the previous picture whole."""
     from matplotlib.figure import Figure  # drawn without pyplot
@@ -446,7 +447,7 @@ def plot_panels(panels, path, columns, xlabels=("step",), log_x=False):
         if log_x:
             ax.set_xscale("log", base=2)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel(xlabels[i % len(xlabels)])
+        ax.set(xlabel=xlabels[i % len(xlabels)], ylabel=ylabel)
         ax.legend(fontsize=7)
     for ax in axes[len(panels):]:
         ax.axis("off")
