@@ -691,9 +691,9 @@ def parse_args(argv):
         error("a MODEL is given twice")
     if args.temperature is None:
         args.temperature = 0.0 if args.search == "greedy" else 1.0
+    if (args.search == "greedy") != (args.value is None):
+        error("--search beam and compare need --value DIR (the folder oreo.ValueModel.save wrote); greedy takes none")
     if args.search != "greedy":
-        if args.value is None:
-            error("--search beam needs --value DIR (a folder written by oreo.ValueModel.save)")
         if args.samples != 1 or args.sampler != "hf" or args.temperature == 0:
             error("--search beam runs one search per puzzle with HF generate at a temperature > 0: "
                   "leave --samples at 1 and --sampler at hf, and give --temperature > 0")
@@ -705,8 +705,6 @@ def parse_args(argv):
             error(f"--ns {args.ns!r}: write the Ns as a,b,c")
         if args.ns[0] < 1 or (args.search == "compare" and len(args.models) != 1):
             error("--ns must be >= 1, and --search compare takes one MODEL")
-    elif args.value is not None:
-        error("--value is only used with --search beam or compare")
     sizes = [args.samples, args.batch_size] + [n for n in (args.max_new_tokens, args.per_size) if n is not None]
     if min(sizes) < 1:
         error("--samples, --max-new-tokens, --batch-size and --per-size must be >= 1")
