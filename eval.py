@@ -665,11 +665,11 @@ def parse_args(argv):
     add("--people", help='puzzle sizes, "a-b" or "a,b,c" (default: 2-8, or every file of --data)')
     add("--per-size", type=int, help=f"puzzles per size (default: {DEFAULT_PER_SIZE} generated, or all of --data)")
     add("--seed", type=int, default=DEFAULT_SEED, help="generated split and sampling seed")
-    add("--template", choices=kk_data.TEMPLATES, help=f"default: mini_logic_rl.json's, else {DEFAULT_TEMPLATE}")
+    add("--template", choices=kk_data.TEMPLATES, help=f"prompt template (mini_logic_rl.json's, else {DEFAULT_TEMPLATE})")
     add("--samples", type=int, default=1, help="completions per puzzle (pass@k with k = samples)")
     add("--temperature", type=float, help="0 = greedy (default); --search beam: the step temperature (default 1)")
     add("--top-p", type=float, default=1.0)
-    add("--max-new-tokens", type=int, help=f"default: mini_logic_rl.json's, else {DEFAULT_MAX_NEW_TOKENS}")
+    add("--max-new-tokens", type=int, help=f"budget (mini_logic_rl.json's, else {DEFAULT_MAX_NEW_TOKENS})")
     add("--batch-size", type=int, default=EVAL_BATCH, help="completions generated together")
     add("--sampler", choices=("hf", "vllm"), default="hf")
     add("--search", choices=("greedy", "beam", "compare"), default="greedy",
