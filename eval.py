@@ -665,7 +665,7 @@ def parse_args(argv):
     add("--people", help='puzzle sizes, "a-b" or "a,b,c" (default: 2-8, or every file of --data)')
     add("--per-size", type=int, help=f"puzzles per size (default: {DEFAULT_PER_SIZE} generated, or all of --data)")
     add("--seed", type=int, default=DEFAULT_SEED, help="generated split and sampling seed")
-    add("--template", choices=kk_data.TEMPLATES, help=f"prompt template (mini_logic_rl.json's, else {DEFAULT_TEMPLATE})")
+    add("--template", choices=kk_data.TEMPLATES, help=f"prompt: mini_logic_rl.json's, else {DEFAULT_TEMPLATE}")
     add("--samples", type=int, default=1, help="completions per puzzle (pass@k with k = samples)")
     add("--temperature", type=float, help="0 = greedy (default); --search beam: the step temperature (default 1)")
     add("--top-p", type=float, default=1.0)
