@@ -1,16 +1,12 @@
 """eval.py — the one way to measure a model on Knights-and-Knaves puzzles, and the curves of a training run.
 
-Logic-RL (arXiv 2502.14768; ../shared/spec/logic_rl.md §3, the results table of §4): the model completes each test
-puzzle's prompt (kk_data.make_prompt, ending in the pre-filled "<think>") and reward.score, the strict training
-reward, grades "<think>" + completion. Per puzzle size: accuracy (share scoring 3: the paper's table), format_rate,
-lenient_accuracy (answer right in any format), mean_length (generated tokens, EOS included) and, with --samples
-k > 1, pass_at_k = 1 - C(n-c, k) / C(n, k) (Chen et al. 2021). Greedy unless --samples / --temperature say
-otherwise. --search beam decodes with OREO's value-guided step-level beam search (oreo.beam_search;
-../shared/spec/oreo.md "Test-time search"); --search compare is the test-time compute curve: beam at B = N
-against best-of-N by the critic, majority vote and a random pick over N samples. Whatever moves the number (the
-trained template from mini_logic_rl.json, the scorer, the puzzles, sampling) is fixed and recorded in the
-"settings" of --out; score_completions keeps a row per completion (--completions) and summarize_completions
-turns those rows, and nothing else, into the table numbers.
+Logic-RL (arXiv 2502.14768; ../shared/spec/logic_rl.md §3, the results table of §4): reward.score, the strict training
+reward, grades "<think>" + the completion of each test prompt. Per puzzle size: accuracy (share scoring 3),
+format_rate, lenient_accuracy, mean_length and, with --samples k > 1, pass_at_k = 1 - C(n-c, k) / C(n, k) (Chen et
+al. 2021). --search beam: OREO's value-guided step-level beam search (../shared/spec/oreo.md "Test-time search");
+--search compare: beam at B = N against best-of-N by the critic, majority vote and a random pick over N samples.
+Every setting that moves the number is recorded in --out's "settings"; the table numbers come from the scored
+completion rows (--completions) alone.
 
     python eval.py runs/x/checkpoints/final Qwen/Qwen2.5-7B-Instruct-1M    # one table, a row per model
     python eval.py MODEL --data data/kk/test --out results.json --completions completions.jsonl
@@ -83,8 +79,7 @@ def generated_split(sizes, per_size, seed=DEFAULT_SEED):
 
 
 def load_test_dir(data_dir, sizes=None, per_size=None):
-    """{n: records} from a folder of people{n}_num{k}.jsonl files (others ignored): every size found, or only
-    `sizes`; the first `per_size` records of each file, or all of them."""
+    """{n: the first per_size (or all) records} of a folder's people{n}_num{k}.jsonl files, for `sizes` or all."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ValueError(f"{data_dir}: no such folder")
@@ -107,13 +102,12 @@ def load_test_dir(data_dir, sizes=None, per_size=None):
 
 def load_test_file(path, n_people):
     """The records of one benchmark-format file, checked to have n_people people; errors name path:line."""
-    records = kk_data.load_jsonl(path)  # validates every row, naming path:line
-    with open(path, encoding="utf-8") as file:
-        line_numbers = [i for i, line in enumerate(file, start=1) if line.strip()]  # a record per non-blank line
-    for record, line_number in zip(records, line_numbers):
+    def check_record(record):  # kk_data.load_jsonl's check, plus the size the file's name promises
+        kk_data.check_record(record)
         if len(record["names"]) != n_people:
-            raise ValueError(f"{path}:{line_number}: a puzzle with {len(record['names'])} people in a file "
-                             f"named for {n_people}")
+            raise ValueError(f"a puzzle with {len(record['names'])} people in a file named for {n_people}")
+
+    records = kk_data.read_jsonl(path, check_record, key=lambda record: record["quiz"])  # errors name path:line
     if not records:
         raise ValueError(f"{path}: no records")
     return records
@@ -148,8 +142,7 @@ def score_completions(sampler, records_by_size, template, tokenizer=None, sample
 
 
 def completion_row(size, position, sample, record, text, length):
-    """size, record (position in its size's list), sample, completion ("<think>" + text), length (generated tokens,
-    EOS included) and reward.Score's total, format, answer, correct, lenient_correct."""
+    """One scored completion: where it is from, "<think>" + text, its length (EOS included) and reward.Score's parts."""
     completion = "<think>" + text  # the pre-filled "<think>" is part of what the format rule checks
     s = score(completion, record["solution_text_format"])
     return {"size": size, "record": position, "sample": sample, "completion": completion, "length": length,
@@ -178,8 +171,7 @@ def score_beam_search(policy, value_model, tokenizer, records_by_size, template,
 
 
 def claimed_answer(row, record):
-    """The roles a scored completion claims, in the puzzle's name order; None unless its format is right and it
-    names every person (an answer that cannot be voted for)."""
+    """The roles a scored completion claims, in the puzzle's name order; None unless well formatted and complete."""
     if row["format"] != FORMAT_OK:
         return None
     roles = tuple(claimed_role(answer_text(row["completion"]), name) for name in record["names"])
@@ -197,9 +189,8 @@ def majority_pick(rows, record):
 
 def compare_search(policy, value_model, tokenizer, records_by_size, template, ns=TTC_NS, temperature=1.0,
                    max_new_tokens=DEFAULT_MAX_NEW_TOKENS, progress=False, **beam_settings):
-    """{size: {method: {N: {"accuracy", "tokens" (generated per puzzle)}}}} for each N of ns. The first N of
-    max(ns) samples per puzzle serve random (the mean over the N), majority and best-of-N (the critic's V before
-    EOS, oreo.offline_values); beam is oreo.beam_search at beam N (beam_settings: its other options)."""
+    """{size: {method: {N: {"accuracy", "tokens" (generated per puzzle)}}}}: the first N of max(ns) samples per puzzle
+    for random, majority and best-of-N (the critic's V before EOS); beam is oreo.beam_search at beam N."""
     samples = score_completions(rollout.HFSampler(policy, tokenizer), records_by_size, template, tokenizer, max(ns),
                                 temperature, max_new_tokens=max_new_tokens, progress=progress, desc="samples")
     critic_rows = [{"prompt": kk_data.make_prompt(records_by_size[r["size"]][r["record"]], template, tokenizer),
@@ -235,34 +226,16 @@ def compare_table(result):
     return "\n".join(lines)
 
 
-def new_figure(rows, columns, width, height):
-    """A matplotlib figure of [rows, columns] axes, each width x height inches, drawn without pyplot."""
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(width * columns, height * rows))
-    return fig, fig.subplots(rows, columns, squeeze=False)
-
-
-def save_png(fig, path):
-    """fig as a PNG, through a temporary file: a kill mid-write leaves the previous picture whole."""
-    fig.tight_layout()
-    temporary = Path(path).with_name(Path(path).name + ".tmp")
-    fig.savefig(temporary, dpi=100, format="png")
-    temporary.replace(path)
-
-
 def plot_compare(result, path):
     """Accuracy against N and against generated tokens, a row of two panels per puzzle size."""
-    fig, axes = new_figure(len(result), 2, 5, 3.6)
-    for (size, methods), row in zip(sorted(result.items()), axes):
-        for method, points in methods.items():
-            ns = sorted(points)
-            for ax, xs in zip(row, (ns, [points[n]["tokens"] for n in ns])):
-                ax.plot(xs, [points[n]["accuracy"] for n in ns], marker="o", label=method)
-        for ax, xlabel in zip(row, ("N (candidates per puzzle)", "generated tokens per puzzle")):
-            ax.set_xscale("log", base=2)
-            ax.set(xlabel=xlabel, ylabel="accuracy", title=f"{size} people: accuracy vs {xlabel.split(' (')[0]}")
-            ax.legend(fontsize=8)
-    save_png(fig, path)
+    panels = []
+    for size, methods in sorted(result.items()):
+        by_n = {method: sorted(points.items()) for method, points in methods.items()}  # {method: [(N, point)]}
+        panels.append((f"{size} people: accuracy vs N",
+                       [(method, [(n, p["accuracy"]) for n, p in ps], "o") for method, ps in by_n.items()]))
+        panels.append((f"{size} people: accuracy vs generated tokens per puzzle",
+                       [(method, [(p["tokens"], p["accuracy"]) for n, p in ps], "o") for method, ps in by_n.items()]))
+    plot_panels(panels, path, 2, ("N (candidates per puzzle)", "generated tokens per puzzle"), "accuracy", True)
 
 
 def summarize_completions(rows, k=None, pass_ks=()):
@@ -288,9 +261,8 @@ def summarize_completions(rows, k=None, pass_ks=()):
 
 def evaluate(sampler, records_by_size, template, tokenizer=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
              temperature=0.0, samples=1, top_p=1.0, batch_size=EVAL_BATCH, progress=False, pass_ks=(), examples=0):
-    """{metric: {size: value}} for one sampler (summarize_completions; pass_at_k at k = samples when > 1). Under
-    torchrun each rank scores every WORLD-th puzzle and gets the pooled numbers. examples > 0 adds "examples": the
-    first sample of the first `examples` puzzles of each size as scored here, with quiz and solution (report.md)."""
+    """summarize_completions' {metric: {size: value}} for one sampler, pooled over torchrun's ranks (each scores
+    every WORLD-th puzzle); examples > 0 adds "examples": the first sample of that many puzzles per size, scored."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = {size: records[rank::world] for size, records in records_by_size.items()}
     rows = score_completions(sampler, shard, template, tokenizer, samples, temperature, top_p, max_new_tokens,
@@ -358,8 +330,7 @@ def read_max_new_tokens(model_name, override=None):
 
 
 def load_sampler(kind, model_name, device, max_new_tokens=DEFAULT_MAX_NEW_TOKENS):
-    """(sampler, tokenizer), in eval mode: "hf" = rollout.HFSampler on `device`; "vllm" = a rollout.VLLMSampler
-    copying the weights of the model loaded on the CPU, its context VLLM_PROMPT_TOKENS + max_new_tokens at most."""
+    """(sampler, tokenizer) in eval mode: rollout.HFSampler on `device`, or a VLLMSampler copying CPU-loaded weights."""
     tokenizer = kk_model.load_tokenizer(model_name)  # a ValueError naming the folder when it holds none
     try:
         policy = kk_model.load_model(model_name, device if kind == "hf" else "cpu", dtype=kk_model.pick_dtype(device))
@@ -426,12 +397,7 @@ def read_metrics(run_dir):
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no metrics log here (is {run_dir} a train.py output folder?)")
-    return kk_data.read_jsonl(path, check_is_object, truncated_tail_ok=True)
-
-
-def check_is_object(row):
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    return kk_data.read_jsonl(path, lambda row: kk_data.check_fields(row, {}), truncated_tail_ok=True)  # objects
 
 
 def curves(rows):
@@ -462,6 +428,35 @@ def trailing_mean(values, window):
     return [mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
+def plot_panels(panels, path, columns, xlabels=("step",), ylabel="", log_x=False):
+    """Draw panels [(title, [(label, [(x, y), ...], marker)])], `columns` to a row (xlabels: one per column), into
+    a PNG at path, through a temporary file: a kill mid-write leaves the previous picture whole."""
+    from matplotlib.figure import Figure  # drawn without pyplot
+    rows = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(4.5 * columns, 3.4 * rows))
+    axes = list(fig.subplots(rows, columns, squeeze=False).flat)
+    for i, (ax, (title, lines)) in enumerate(zip(axes, panels)):
+        for label, points, marker in lines:
+            xs, values = zip(*points)
+            if marker or len(values) < 2 * SMOOTH:
+                ax.plot(xs, values, marker=marker or None, markersize=3, lw=1, label=label)
+            else:  # a faint line per step, a solid one for the trailing mean
+                raw, = ax.plot(xs, values, lw=0.8, alpha=0.3)
+                ax.plot(xs, trailing_mean(values, SMOOTH), lw=1.5, color=raw.get_color(),
+                        label=f"{label} (mean of {SMOOTH} steps)")
+        if log_x:
+            ax.set_xscale("log", base=2)
+        ax.set_title(title, fontsize=10)
+        ax.set(xlabel=xlabels[i % len(xlabels)], ylabel=ylabel)
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    temporary = Path(path).with_name(Path(path).name + ".tmp")
+    fig.savefig(temporary, dpi=100, format="png")
+    temporary.replace(path)
+
+
 def plot_run(run_dir, out_name="curves.png"):
     """Draw run_dir/metrics.jsonl's curves into run_dir/out_name; its path (None without matplotlib, optional)."""
     if importlib.util.find_spec("matplotlib") is None:
@@ -470,23 +465,7 @@ def plot_run(run_dir, out_name="curves.png"):
     panels = curves(read_metrics(run_dir))
     if not panels:
         raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'}: no train or eval rows with data to plot")
-    columns = min(3, len(panels))
-    fig, axes = new_figure(math.ceil(len(panels) / columns), columns, 4.5, 3.4)
-    for ax, (title, lines) in zip(axes.flat, panels):
-        for label, points, marker in lines:
-            steps, values = zip(*points)
-            if marker or len(values) < 2 * SMOOTH:
-                ax.plot(steps, values, marker=marker or None, markersize=3, lw=1, label=label)
-            else:  # a faint line per step, a solid one for the trailing mean
-                raw, = ax.plot(steps, values, lw=0.8, alpha=0.3)
-                ax.plot(steps, trailing_mean(values, SMOOTH), lw=1.5, color=raw.get_color(),
-                        label=f"{label} (mean of {SMOOTH} steps)")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    save_png(fig, Path(run_dir) / out_name)
+    plot_panels(panels, Path(run_dir) / out_name, min(3, len(panels)))
     return Path(run_dir) / out_name
 
 
@@ -518,8 +497,7 @@ def read_json(path, default=None):
 
 
 def changed_constants(run_dir):
-    """([(name, value, default)] of config.json's constants that differ from the defaults, where the defaults
-    came from): defaults.json as the run started, else train.py's module-level constants on this machine."""
+    """([(name, value, default)] of config.json's constants unlike defaults.json's (else train.py's), their source)."""
     config = read_json(run_dir / "config.json", {})
     defaults, source = read_json(run_dir / "defaults.json"), "defaults.json (train.py's, as the run started)"
     if defaults is None:  # a fresh copy of train.py: its module-level constants are the defaults
@@ -634,8 +612,7 @@ def numbers(name, value):
 
 
 def wandb_log(run, row):
-    """One metrics.jsonl row to a wandb run at its global step: numbers as "<kind>/<key>" ("eval/accuracy/3"),
-    an eval row's examples as a table "examples/<stage>"."""
+    """A metrics.jsonl row to wandb at its global step: numbers as "eval/accuracy/3", examples as a table."""
     data = numbers(row.get("kind", "row"), {k: v for k, v in row.items() if k not in ("examples", "global_step")})
     if row.get("examples"):
         import wandb
@@ -646,8 +623,7 @@ def wandb_log(run, row):
 
 
 class MetricsLog:
-    """train.py's metrics.jsonl writer (rank 0 only): on resume rows after keep_until are dropped; every eval row
-    rewrites report.md and curves.png; with a wandb project every row also goes to a wandb run."""
+    """train.py's metrics.jsonl writer (rank 0; on resume rows after keep_until dropped), + report.md and wandb."""
 
     def __init__(self, out_dir, keep_until, config, rank=0, wandb_project=None):
         self.path, self.rank, self.wandb = Path(out_dir) / "metrics.jsonl", rank, None
@@ -682,49 +658,42 @@ def parse_args(argv):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("models", nargs="*", metavar="MODEL", help="local HF folder (e.g. runs/x/checkpoints/final) or hub name")
-    add("--plot", metavar="RUN_DIR", help="draw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl")
-    add("--report", metavar="RUN_DIR", help="write RUN_DIR/report.md (and curves.png) from its files, as train.py does")
+    run_dir = parser.add_mutually_exclusive_group()  # --report also draws the curves
+    run_dir.add_argument("--plot", metavar="RUN_DIR", help="draw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl")
+    run_dir.add_argument("--report", metavar="RUN_DIR", help="write RUN_DIR/report.md and curves.png, as train.py does")
     add("--data", metavar="DIR", help="folder of people{n}_num{k}.jsonl test files (default: a generated split)")
     add("--people", help='puzzle sizes, "a-b" or "a,b,c" (default: 2-8, or every file of --data)')
     add("--per-size", type=int, help=f"puzzles per size (default: {DEFAULT_PER_SIZE} generated, or all of --data)")
     add("--seed", type=int, default=DEFAULT_SEED, help="generated split and sampling seed")
-    add("--template", choices=kk_data.TEMPLATES,
-        help=f"prompt template (default: from mini_logic_rl.json, else {DEFAULT_TEMPLATE})")
+    add("--template", choices=kk_data.TEMPLATES, help=f"prompt: mini_logic_rl.json's, else {DEFAULT_TEMPLATE}")
     add("--samples", type=int, default=1, help="completions per puzzle (pass@k with k = samples)")
     add("--temperature", type=float, help="0 = greedy (default); --search beam: the step temperature (default 1)")
     add("--top-p", type=float, default=1.0)
-    add("--max-new-tokens", type=int, help="generation budget (default: the one the model was trained with, from "
-        f"mini_logic_rl.json, else {DEFAULT_MAX_NEW_TOKENS})")
+    add("--max-new-tokens", type=int, help=f"budget (mini_logic_rl.json's, else {DEFAULT_MAX_NEW_TOKENS})")
     add("--batch-size", type=int, default=EVAL_BATCH, help="completions generated together")
     add("--sampler", choices=("hf", "vllm"), default="hf")
     add("--search", choices=("greedy", "beam", "compare"), default="greedy",
-        help="greedy: decode with the sampler; beam: OREO's value-guided step-level beam search; compare: the "
-             f"test-time compute curve of {', '.join(TTC_METHODS)} at N = --ns, drawn to --png (both need --value)")
+        help=f"beam: OREO's value-guided step-level beam search; compare: {', '.join(TTC_METHODS)} at N = --ns")
     add("--ns", default=",".join(map(str, TTC_NS)), help="--search compare: the Ns, a,b,c")
     add("--png", default="search.png", help="--search compare: the accuracy-vs-N plot")
-    add("--expand", type=int, default=DEFAULT_EXPAND,
-        help="--search beam: next steps sampled per kept candidate (None: --beam, OREO's B x B)")
+    add("--expand", type=int, default=DEFAULT_EXPAND, help="--search beam: next steps per candidate (None: --beam)")
     add("--beam", type=int, default=DEFAULT_BEAM, help="--search beam: beam width B")
-    add("--value", metavar="DIR", help="--search beam: value model folder (oreo.ValueModel.save)")
+    add("--value", metavar="DIR", help="--search beam, compare: the critic (oreo.ValueModel.save's folder)")
     add("--max-expansions", type=int, default=DEFAULT_MAX_EXPANSIONS, help="--search beam: rounds of expansion")
     add("--max-step-tokens", type=int, default=DEFAULT_MAX_STEP_TOKENS, help="--search beam: longest step")
     add("--device", help="cpu, cuda, cuda:1, ... (default: the first GPU if any)")
     add("--out", metavar="FILE", help="write the numbers and settings as JSON")
     add("--completions", metavar="FILE", help="write every scored completion as JSONL")
     args, error = parser.parse_args(argv), parser.error
-    if args.plot and args.report:
-        error("give --plot or --report, not both (--report also draws the curves)")
-    if (args.plot or args.report) and args.models:
-        error(f"{'--plot' if args.plot else '--report'} RUN_DIR takes no MODEL")
-    if not (args.plot or args.report) and not args.models:
-        error("give at least one MODEL (or --plot RUN_DIR, or --report RUN_DIR)")
+    if bool(args.plot or args.report) == bool(args.models):
+        error("give one or more MODELs, or else --plot RUN_DIR or --report RUN_DIR")
     if len(set(args.models)) != len(args.models):
         error("a MODEL is given twice")
     if args.temperature is None:
         args.temperature = 0.0 if args.search == "greedy" else 1.0
+    if (args.search == "greedy") != (args.value is None):
+        error("--search beam and compare need --value DIR (the folder oreo.ValueModel.save wrote); greedy takes none")
     if args.search != "greedy":
-        if args.value is None:
-            error("--search beam needs --value DIR (a folder written by oreo.ValueModel.save)")
         if args.samples != 1 or args.sampler != "hf" or args.temperature == 0:
             error("--search beam runs one search per puzzle with HF generate at a temperature > 0: "
                   "leave --samples at 1 and --sampler at hf, and give --temperature > 0")
@@ -736,8 +705,6 @@ def parse_args(argv):
             error(f"--ns {args.ns!r}: write the Ns as a,b,c")
         if args.ns[0] < 1 or (args.search == "compare" and len(args.models) != 1):
             error("--ns must be >= 1, and --search compare takes one MODEL")
-    elif args.value is not None:
-        error("--value is only used with --search beam or compare")
     sizes = [args.samples, args.batch_size] + [n for n in (args.max_new_tokens, args.per_size) if n is not None]
     if min(sizes) < 1:
         error("--samples, --max-new-tokens, --batch-size and --per-size must be >= 1")
