@@ -1,7 +1,6 @@
 """OREO: Offline REasoning Optimization (arXiv 2412.16145) -- the losses, the value model, training and search.
 
-Spec: ../shared/spec/oreo.md; tests/test_oreo.py checks the losses against the original code (float64 reference case
-../shared/data/oreo_reference_case.json). Reasoning and measurements: NOTES.md.
+Spec: ../shared/spec/oreo.md (tests/test_oreo.py checks the losses against the original code); reasoning: NOTES.md.
 
 The MDP is token-level and undiscounted, with one reward R in {0, 1} at the end; OREO maximises
 E[R] - beta * KL(pi || pi_ref) (pi_ref = the SFT model, beta = 0.03). Soft Bellman consistency,
@@ -29,7 +28,8 @@ from tqdm import tqdm
 from transformers import AutoModel, GenerationConfig
 
 import kk_data
-from model import clip_and_step, encode_pairs, position_ids_from_mask, token_logprobs, warmup_cosine
+from model import (check_finite, check_finite_weights, clip_and_step, encode_pairs, position_ids_from_mask,
+                   restore_trainer_state, token_logprobs, warmup_cosine)
 from reward import score
 from rollout import encode_prompts, generation_mode
 
@@ -305,10 +305,9 @@ def load_offline(path):
 
 # ---- 7. One joint training step on a batch of offline rows -----------------------------------------------------
 def encode_offline_batch(tokenizer, rows, device):
-    """The rows as model inputs; the spec's text is prompt + response + " " + EOS (both appended tokens are actions;
-    a word-level tokenizer has no " " token, so there only EOS):
-        input_ids, attention_mask [B, P + C]: prompt LEFT-padded, then the completion RIGHT-padded
-        completion_ids, mask [B, C] (1 on real tokens, EOS included); n_prompt = P; rewards [B]"""
+    """The rows as model inputs, prompt + response + " " + EOS (the spec's text; without a " " token only EOS):
+    input_ids, attention_mask [B, P + C] (prompt LEFT-, completion RIGHT-padded); completion_ids, mask [B, C]
+    (1 on real tokens, EOS included); n_prompt = P; rewards [B]."""
     input_ids, attention_mask, mask, n_prompt = encode_pairs(
         tokenizer, [row["prompt"] for row in rows], [row["response"] + " " + tokenizer.eos_token for row in rows],
         device)  # [B, P + C] (two), [B, C], P
@@ -335,8 +334,7 @@ def completion_logprobs(model, batch, with_logits):
 
 
 def adam_cosine(module, lr, total_steps, warmup_frac=0.03):
-    """(optimizer, scheduler) as the original code builds them: Adam (0.9, 0.95) without weight decay, and a cosine
-    to 10% after warmup_frac of total_steps of linear warm-up (model.warmup_cosine)."""
+    """As the original code: Adam (0.9, 0.95) without weight decay; warmup_frac linear warm-up, cosine to 10%."""
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup_steps = math.ceil(warmup_frac * total_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
@@ -344,8 +342,7 @@ def adam_cosine(module, lr, total_steps, warmup_frac=0.03):
 
 
 def make_oreo_optimizers(policy, value_model, lr_policy, lr_value, total_steps, warmup_frac=0.03):
-    """(policy_opt, value_opt, policy_scheduler, value_scheduler), each pair from adam_cosine. total_steps counts
-    OPTIMIZER steps, and oreo_step makes one per batch, whatever its micro-batch size (see there)."""
+    """(policy_opt, value_opt, policy_scheduler, value_scheduler) of adam_cosine; total_steps: one a batch."""
     if total_steps < 1:
         raise ValueError(f"make_oreo_optimizers: total_steps must be >= 1, got {total_steps}")
     policy_opt, policy_scheduler = adam_cosine(policy, lr_policy, total_steps, warmup_frac)
@@ -355,10 +352,8 @@ def make_oreo_optimizers(policy, value_model, lr_policy, lr_value, total_steps, 
 
 def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, rows, beta, alpha, level,
               micro_batch, step_ids=None, grad_clip=1.0, kl="full", policy_scheduler=None, value_scheduler=None):
-    """ONE optimizer step of the critic and one of the policy on a batch of offline rows, in micro-batches of
-    `micro_batch` rows weighted by their share (any micro_batch gives the same step). level: LEVELS; step_ids: the
-    tokens that END a step (default step_end_ids); kl: "full" (exact, the paper's) or "k3". Returns the mean
-    value_loss, policy_loss, kl, value_first, reward, completion_length and grad norms (before clipping)."""
+    """ONE optimizer step of the critic and one of the policy on `rows`, in micro-batches weighted by their share (any
+    micro_batch gives the same step); step_ids end a step. Returns the batch means of the losses, kl and more."""
     if kl not in ("full", "k3"):
         raise ValueError(f"kl must be 'full' or 'k3', got {kl!r}")
     if not rows or micro_batch < 1:
@@ -484,11 +479,61 @@ def critic_quality(value_model, tokenizer, rows, batch_size=32):
             "value_first_mean": first.mean().item(), "reward_mean": R.mean().item()}
 
 
-# ---- 8. Test-time search: value-guided step-level beam search --------------------------------------------------
+# ---- 8. A whole run (train.py's ALGO="oreo"): the critic alone, then the critic and the policy jointly ---------
+def train_offline(policy, reference, value_model, tokenizer, rows, heldout, log, evaluate, save, state=None, *,
+                  steps, batch_size, value_steps, value_steps_lr, lr, value_lr, level, kl, micro_batch, grad_clip,
+                  eval_every, save_every, seed, step_offset, progress):
+    """value_steps of fit_critic, then an oreo_step per batch of batch_size shuffled rows (at most `steps`; from a
+    trainer `state` when resuming). log(row) gets each step's metrics (at evaluations with critic_quality on heldout),
+    evaluate(step, global_step) scores the policy, save(step, policy_optimizer, **parts) writes a trainer state,
+    progress["at"] names the step for a non-finite stop. Returns the number of joint steps."""
+    random.Random(seed).shuffle(rows)
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)][:steps]
+    policy_opt, *rest = make_oreo_optimizers(policy, value_model, lr, value_lr, len(batches))  # 1 step a batch
+    parts = dict(zip(("value", "value_optimizer", "scheduler", "value_scheduler"), (value_model, *rest)))
+    first = 0
+    if state is not None:  # the policy and its optimizer as in SFT and RL, the rest in `parts`
+        restore_trainer_state(state, policy, policy_opt)
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+        first = state["step"]  # joint steps done (the critic-only ones come first: global steps)
+
+    def write(metrics, at_eval, stage, step, global_step):
+        quality = critic_quality(value_model, tokenizer, heldout, micro_batch) if at_eval and heldout else {}
+        log({**metrics, **quality, "kind": "train", "stage": stage, "step": step, "global_step": global_step})
+
+    def save_all(step):
+        check_finite_weights(value_model, "value model")
+        save(step, policy_opt, **{name: part.state_dict() for name, part in parts.items()})
+
+    if state is None:  # critic-only steps, then a trainer state at joint step 0 (a kill before it: redone)
+        for step, metrics in enumerate(fit_critic(value_model, tokenizer, rows, value_steps, batch_size,
+                                                  value_steps_lr, level, micro_batch, grad_clip, seed)):
+            at_eval = step == 0 or (step + 1) % eval_every == 0 or step + 1 == value_steps
+            write(metrics, at_eval, "oreo-critic", step + 1, step_offset + step + 1)
+        if value_steps:
+            save_all(0)
+    for step in tqdm(range(first, len(batches)), desc="oreo", initial=first, total=len(batches)):
+        progress["at"] = f"oreo step {step + 1}"
+        metrics = oreo_step(policy, reference, value_model, policy_opt, rest[0], tokenizer, batches[step], BETA,
+                            KL_ALPHA[level], level, micro_batch, grad_clip=grad_clip, kl=kl,
+                            policy_scheduler=rest[1], value_scheduler=rest[2])
+        for name in ("value_loss", "policy_loss", "kl"):  # (a non-finite gradient norm never reached a step)
+            check_finite(metrics[name], f"OREO {name}")
+        at_eval = (step + 1) % eval_every == 0 or step + 1 == len(batches)
+        global_step = step_offset + value_steps + step + 1
+        write(metrics, at_eval, "oreo", step + 1, global_step)
+        if at_eval:
+            evaluate(step + 1, global_step)
+        if (step + 1) % save_every == 0 or step + 1 == len(batches):
+            save_all(step + 1)
+    return len(batches)
+
+
+# ---- 9. Test-time search: value-guided step-level beam search --------------------------------------------------
 # Keep `beam` partial solutions; from each sample next steps (ending at a step-end token or EOS), score each candidate
 # with V at the last token of its prefix (the next step's start state, which the step-level critic is trained on),
 # keep the best `beam`, and move those that ended to a finished pool; return the finished one of highest value.
-
 @dataclass
 class SearchResult:
     text: str            # the chosen completion, decoded without special tokens (as HFSampler's completions)
