@@ -171,8 +171,7 @@ def full_kl(policy_logits, ref_logits, mask):
 def k3_kl(logp, ref_logp, mask):
     """Sampled k3 estimate of KL(pi || pi_ref): exp(x) - x - 1, x = log pi_ref - log pi, reduced as full_kl.  [B, C]"""
     if logp.shape != ref_logp.shape or logp.shape != mask.shape:
-        raise ValueError(f"logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)} and mask "
-                         f"{tuple(mask.shape)} must have the same [B, C] shape")
+        raise ValueError(f"logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)}, mask {tuple(mask.shape)} differ")
     x = ref_logp.detach() - logp                                                        # [B, C]
     return sequence_mean(torch.exp(x) - x - 1, mask.to(logp.dtype))
 
@@ -207,6 +206,7 @@ class ValueModel(nn.Module):
         """Backbone as a Hugging Face folder (a LoRA backbone: its adapters only), head as value_head.safetensors."""
         self.backbone.save_pretrained(out_dir)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, Path(out_dir) / HEAD_FILE)
+        return Path(out_dir)
 
     def hidden_states(self, input_ids, attention_mask):
         """Last hidden states [B, L, H], positions counted from each row's first real token (left padding)."""
