@@ -29,8 +29,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 EXTRA_FILE = "mini_logic_rl.json"  # what save_hf writes `extra` to (run config, step, scores...)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -306,33 +306,6 @@ def scatter_rows(parts, pieces, like):
     for (rows, _, _, width), piece in zip(parts, pieces):
         full[rows, :width] = piece
     return full
-
-
-def shared_prompt_logprobs(model, input_ids, attention, parts, n_prompt, group, temperature=1.0, chunk_size=1024):
-    """part_logprobs of every micro-batch of micro_batches, without a gradient, each prompt's pass run once for the
-    `group` rows that share it (rows i*group .. i*group+group-1, as a Rollout holds them): its keys and values serve
-    those rows' completions, its last hidden state their first token. ~30% of an RL batch's tokens are prompt."""
-    prompt_mask = attention[::group, :n_prompt]  # [B / g, P]
-    pieces = []
-    with torch.no_grad(), head_unit_gathered(model), bf16_compute(model):
-        prompt = model.model(input_ids=input_ids[::group, :n_prompt], attention_mask=prompt_mask,
-                             position_ids=position_ids_from_mask(prompt_mask), use_cache=True)
-        for rows, _, _, width in parts:
-            hidden = prompt.last_hidden_state[rows // group, -1:]  # [b, 1, H]: predicts the first completion token
-            if width > 1:  # the completions (but their last token) after their prompts' keys and values
-                cache = DynamicCache()
-                for i, layer in enumerate(prompt.past_key_values.layers):
-                    cache.update(layer.keys[rows // group], layer.values[rows // group], i)
-                seen = attention[rows, :n_prompt + width - 1]  # [b, P + W - 1]
-                hidden = torch.cat([hidden, model.model(
-                    input_ids=input_ids[rows, n_prompt:n_prompt + width - 1], attention_mask=seen,
-                    position_ids=position_ids_from_mask(seen)[:, n_prompt:], past_key_values=cache,
-                    use_cache=True).last_hidden_state], dim=1)  # [b, W, H]
-            flat, targets = hidden.flatten(0, 1), input_ids[rows, n_prompt:n_prompt + width].flatten()  # [b * W]
-            logp = [chunk_logprobs(flat[i:i + chunk_size], targets[i:i + chunk_size], model.lm_head, temperature,
-                                   False)[0] for i in range(0, len(flat), chunk_size)]
-            pieces.append(torch.cat(logp).view(len(rows), width))  # [b, W]
-    return pieces
 
 
 def bf16_compute(model):

@@ -3,11 +3,13 @@
 The RL loop (../shared/spec/algorithms.md) needs G completions per prompt, their mask, and `logp_old`, each sampled
 token's log_softmax(logits / temperature). A `Rollout` holds them: `prompt_ids [B, P]` LEFT-padded, `completion_ids
 [B, C]` RIGHT-padded, prompt i's samples in rows i*G .. i*G+G-1. Two samplers share `Sampler.generate(...)`:
-1. `HFSampler` samples on the module being trained with `decode` (a growing KV cache; ended rows leave).
+1. `HFSampler` samples on the module being trained with `decode`: the Qwen2 / Llama block written out
+   (`forward_with_cache`), a growing KV cache, each prompt read once for its samples, ended rows leave.
 2. `VLLMSampler`: an in-process vLLM 0.32.0 engine (one per rank) built with dummy weights, which `sync_weights`
    streams in from the trainer (no disk); token ids in and out; it sleeps on a GPU between rollouts.
 Both must give the log-probs `token_logprobs` (model.py) recomputes on `rollout.input_ids()`; `logprob_gap` measures
-the difference during training. Details: NOTES.md.
+the difference during training. `shared_prompt_logprobs` gives a rollout's log-probs under the frozen reference,
+each group's prompt read once. Details: NOTES.md.
 """
 import os
 import tempfile
@@ -20,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.utils.rnn import pad_sequence
+from transformers import DynamicCache
 
-from model import NonFiniteError, copy_full_weights, full_tensor, iter_full_state, pick_dtype, position_ids_from_mask
+from model import (NonFiniteError, bf16_compute, chunk_logprobs, copy_full_weights, full_tensor, head_unit_gathered,
+                   iter_full_state, pick_dtype, position_ids_from_mask)
 
 
 @dataclass
@@ -291,6 +295,33 @@ def full_weights(model):
         yield name, tensor
     if "lm_head.weight" not in names:
         yield "lm_head.weight", full_tensor(model.get_output_embeddings().weight)
+
+
+def shared_prompt_logprobs(model, input_ids, attention, parts, n_prompt, group, temperature=1.0, chunk_size=1024):
+    """part_logprobs of every micro-batch of micro_batches, without a gradient, each prompt's pass run once for the
+    `group` rows that share it (rows i*group .. i*group+group-1, as a Rollout holds them): its keys and values serve
+    those rows' completions, its last hidden state their first token. ~30% of an RL batch's tokens are prompt."""
+    prompt_mask = attention[::group, :n_prompt]  # [B / g, P]
+    pieces = []
+    with torch.no_grad(), head_unit_gathered(model), bf16_compute(model):
+        prompt = model.model(input_ids=input_ids[::group, :n_prompt], attention_mask=prompt_mask,
+                             position_ids=position_ids_from_mask(prompt_mask), use_cache=True)
+        for rows, _, _, width in parts:
+            hidden = prompt.last_hidden_state[rows // group, -1:]  # [b, 1, H]: predicts the first completion token
+            if width > 1:  # the completions (but their last token) after their prompts' keys and values
+                cache = DynamicCache()
+                for i, layer in enumerate(prompt.past_key_values.layers):
+                    cache.update(layer.keys[rows // group], layer.values[rows // group], i)
+                seen = attention[rows, :n_prompt + width - 1]  # [b, P + W - 1]
+                hidden = torch.cat([hidden, model.model(
+                    input_ids=input_ids[rows, n_prompt:n_prompt + width - 1], attention_mask=seen,
+                    position_ids=position_ids_from_mask(seen)[:, n_prompt:], past_key_values=cache,
+                    use_cache=True).last_hidden_state], dim=1)  # [b, W, H]
+            flat, targets = hidden.flatten(0, 1), input_ids[rows, n_prompt:n_prompt + width].flatten()  # [b * W]
+            logp = [chunk_logprobs(flat[i:i + chunk_size], targets[i:i + chunk_size], model.lm_head, temperature,
+                                   False)[0] for i in range(0, len(flat), chunk_size)]
+            pieces.append(torch.cat(logp).view(len(rows), width))  # [b, W]
+    return pieces
 
 
 def logprob_gap(sampler_logprobs, trainer_logprobs, mask) -> float:

@@ -331,7 +331,7 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     # update's first forward gives them (detached), without a separate pass of the policy.
     reuse_update_forward = PPO_EPOCHS == 1 and KL_IN == "loss"
     logp_old = None if reuse_update_forward else logprobs_of(policy)  # [B, C]
-    logp_ref = kk_model.scatter_rows(parts, kk_model.shared_prompt_logprobs(  # [B, C]; each prompt's pass once
+    logp_ref = kk_model.scatter_rows(parts, rollout_lib.shared_prompt_logprobs(  # [B, C]; each prompt's pass once
         reference, input_ids, attention, parts, rollout.prompt_ids.shape[1], GROUP_SIZE, TEMPERATURE), mask)
     clock.append(time.perf_counter())  # logprobs done
 

@@ -230,16 +230,6 @@ def test_micro_batches_group_similar_lengths_and_give_the_whole_batchs_logprobs(
     torch.testing.assert_close(M.scatter_rows(parts, pieces, mask) * mask, whole * mask, atol=1e-5, rtol=0)
 
 
-def test_a_prompt_read_once_for_its_group_gives_each_rows_logprobs(tiny, tok):
-    completions = ["try", "try Zoey knight Oliver knave : ok ; </think>", "try Oliver", "try Zoey knight ok ;"]
-    prompts = [PROMPTS[i // 2] for i in range(4)]  # rows 0, 1 share a prompt, rows 2, 3 the other (group of 2)
-    ids, attention, mask, n_prompt = M.encode_pairs(tok, prompts, completions, "cpu")
-    parts = M.micro_batches(attention, mask, n_prompt, 2)  # rows of different prompts in one micro-batch
-    pieces = M.shared_prompt_logprobs(tiny, ids, attention, parts, n_prompt, 2, 0.7, chunk_size=3)  # [b, W] each
-    whole = M.token_logprobs(tiny, ids, attention, n_prompt, 0.7)
-    torch.testing.assert_close(M.scatter_rows(parts, pieces, mask) * mask, whole * mask, atol=1e-5, rtol=0)
-
-
 @pytest.mark.exercise(4)
 def test_token_logprobs_small_chunks_equal_one_big_chunk(tiny, tok):
     ids, mask, n_prompt = left_padded_batch(tok, PROMPTS, COMPLETIONS)

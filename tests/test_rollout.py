@@ -252,3 +252,13 @@ def test_a_prompt_read_once_for_its_samples_gives_the_samples_of_a_prompt_per_ro
         runs.append(R.decode(tiny.eval(), ids, mask, 1.0, 1.0, 12, tok.eos_token_id, tok.pad_token_id, n))
     assert torch.equal(runs[0][0], runs[1][0])
     assert torch.allclose(runs[0][1], runs[1][1], atol=1e-5)
+
+
+def test_a_prompt_read_once_for_its_group_gives_each_rows_logprobs(tiny, tok):
+    completions = ["try", "try Zoey knight Oliver knave : ok ; </think>", "try Oliver", "try Zoey knight ok ;"]
+    prompts = [PROMPTS[i // 2] for i in range(4)]  # rows 0, 1 share a prompt, rows 2, 3 the other (group of 2)
+    ids, attention, mask, n_prompt = M.encode_pairs(tok, prompts, completions, "cpu")
+    parts = M.micro_batches(attention, mask, n_prompt, 2)  # rows of different prompts in one micro-batch
+    pieces = R.shared_prompt_logprobs(tiny, ids, attention, parts, n_prompt, 2, 0.7, chunk_size=3)  # [b, W] each
+    whole = M.token_logprobs(tiny, ids, attention, n_prompt, 0.7)
+    torch.testing.assert_close(M.scatter_rows(parts, pieces, mask) * mask, whole * mask, atol=1e-5, rtol=0)
