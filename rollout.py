@@ -154,6 +154,8 @@ def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, e
     """Generate up to max_new_tokens after left-padded prompts [B, P] -> (completion ids [B, T], pad after each
     row's EOS; log-probs [B, T], 0 there). Rows i*n .. i*n+n-1 share a prompt, read once; rows that emitted EOS
     leave the batch and the KV cache."""
+    if getattr(model.config, "use_sliding_window", False):  # (forward_with_cache attends to every earlier token)
+        raise ValueError("decode has no sliding-window attention: sample this model with the vLLM sampler")
     batch, device = prompt_ids.shape[0], prompt_ids.device
     completion = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T]
     logprobs = torch.zeros(batch, max_new_tokens, device=device)  # [B, T]

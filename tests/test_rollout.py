@@ -243,6 +243,12 @@ def test_the_written_out_block_gives_hfs_logits_before_and_after_the_cache(tiny,
     torch.testing.assert_close(second, hf[:, -1], atol=1e-5, rtol=0)
 
 
+def test_decoding_refuses_a_sliding_window_model(tiny, tok):
+    tiny.config.use_sliding_window = True  # forward_with_cache would attend beyond the window
+    with pytest.raises(ValueError, match="sliding-window"):
+        sample(tiny, tok)
+
+
 def test_a_prompt_read_once_for_its_samples_gives_the_samples_of_a_prompt_per_row(tiny, tok):
     encoded = R.encode_prompts(tok, PROMPTS)
     ids, mask = encoded["input_ids"].repeat_interleave(3, 0), encoded["attention_mask"].repeat_interleave(3, 0)
