@@ -118,13 +118,13 @@ def forward_with_cache(model, input_ids, positions, attention, caches):
     """Logits [b, V] at the last of the new tokens input_ids [b, t] (positions [b, t]; attention [b, L] over all
     L tokens so far), through a Qwen2 / Llama model's own modules, appending their keys and values to `caches`.
     The same arithmetic as HF's forward, without its ~20 wrapped module calls per layer and token."""
-    embed, b, t = model.model.embed_tokens, *input_ids.shape
-    h = embed(input_ids)  # [b, t, H]
+    b, t = input_ids.shape
+    h = model.model.embed_tokens(input_ids)  # [b, t, H]
     cos, sin = model.model.rotary_emb(h, positions)  # [b, t, d]
     mask = attention.bool()[:, None, None, :]  # [b, 1, 1, L]: attend to real tokens...
     if t > 1:  # ...before the query (the prompt's pass, L = t); a padding query sees itself, so no row is empty
-        causal = torch.ones(t, t, dtype=torch.bool, device=h.device)
-        mask = mask & causal.tril() | causal.diag().diag_embed()  # [b, 1, t, t]
+        causal = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
+        mask = mask & causal | torch.eye(t, dtype=torch.bool, device=h.device)  # [b, 1, t, t]
     for layer, cache in zip(model.model.layers, caches):
         attn, mlp = layer.self_attn, layer.mlp
         x = layer.input_layernorm(h)  # [b, t, H]
