@@ -379,7 +379,6 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     return metrics
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # A stage is a loop of optimizer steps of one kind ("sft" or "rl"), with evaluation and checkpoints.
 def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, log, summary, step_offset,
