@@ -108,6 +108,9 @@ class GrowingKVLayer:
         self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
 
+DECODE_MODEL_TYPES = ("qwen2", "llama")  # the blocks forward_with_cache writes out (Qwen2.5, the tiny model, SmolLM2)
+
+
 def rotate(x, cos, sin):
     """Rotary position embedding of queries or keys x [b, heads, t, d] by angles cos, sin [b, t, d]."""
     half = x.shape[-1] // 2
@@ -154,8 +157,10 @@ def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, e
     """Generate up to max_new_tokens after left-padded prompts [B, P] -> (completion ids [B, T], pad after each
     row's EOS; log-probs [B, T], 0 there). Rows i*n .. i*n+n-1 share a prompt, read once; rows that emitted EOS
     leave the batch and the KV cache."""
-    if getattr(model.config, "use_sliding_window", False):  # (forward_with_cache attends to every earlier token)
-        raise ValueError("decode has no sliding-window attention: sample this model with the vLLM sampler")
+    kind = model.config.model_type  # forward_with_cache writes out these blocks, attending to every earlier token
+    if kind not in DECODE_MODEL_TYPES or getattr(model.config, "use_sliding_window", False):
+        raise ValueError(f"decode writes out the {' / '.join(DECODE_MODEL_TYPES)} block without a sliding window; "
+                         f"sample this {kind} model with the vLLM sampler")
     batch, device = prompt_ids.shape[0], prompt_ids.device
     completion = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T]
     logprobs = torch.zeros(batch, max_new_tokens, device=device)  # [B, T]

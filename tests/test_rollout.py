@@ -243,9 +243,12 @@ def test_the_written_out_block_gives_hfs_logits_before_and_after_the_cache(tiny,
     torch.testing.assert_close(second, hf[:, -1], atol=1e-5, rtol=0)
 
 
-def test_decoding_refuses_a_sliding_window_model(tiny, tok):
+def test_decoding_refuses_a_model_whose_block_it_does_not_write_out(tiny, tok):
     tiny.config.use_sliding_window = True  # forward_with_cache would attend beyond the window
-    with pytest.raises(ValueError, match="sliding-window"):
+    with pytest.raises(ValueError, match="without a sliding window"):
+        sample(tiny, tok)
+    tiny.config.use_sliding_window, tiny.config.model_type = False, "qwen3"  # (per-head q/k norms: another block)
+    with pytest.raises(ValueError, match="qwen3 model with the vLLM sampler"):
         sample(tiny, tok)
 
 
