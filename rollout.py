@@ -20,7 +20,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
@@ -248,7 +248,7 @@ class HFSampler(Sampler):
     def sync_weights(self, model):
         """After an update. On the trainer's own module there is nothing to copy; a sharded trainer (torchrun) has
         its weights copied into this sampler's unsharded model, one all-gathered parameter at a time."""
-        if any(isinstance(module, FSDPModule) for module in model.modules()):  # (shard_model shards model.model)
+        if isinstance(next(model.parameters()), DTensor):  # FSDP2 shards (as model.save_hf tells them)
             copy_full_weights(model, self.model)
         else:
             self.model, self.device = model, model.device

@@ -580,7 +580,7 @@ def main():
         os.replace(f"{warmup}.tmp", warmup)
     kk_model.barrier()
     if ALGO != "sft" or WARMUP_CHECKPOINT:  # Stage 2: ALGO from the warm-up, which is also the frozen reference
-        stage = {"sft": "sft", "oreo": "oreo"}.get(ALGO, "rl")
+        stage = ALGO if ALGO in ("sft", "oreo") else "rl"
         train_from(str(warmup if warmup.exists() else start_path), stage, STEPS, "final", train, test, log, summary,
                    sft_steps, state, score_start=True)
     if RANK == 0:
