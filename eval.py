@@ -46,6 +46,8 @@ EVAL_BATCH = 100  # completions generated together (prompts x samples)
 DEFAULT_BEAM = 7 if torch.cuda.is_available() else 2  # OREO's reported beam width; CPU: 2 (NOTES.md, issue 14)
 DEFAULT_EXPAND = None if torch.cuda.is_available() else 2  # next steps per kept candidate (None: = beam, OREO's)
 DEFAULT_MAX_EXPANSIONS = 20  # OREO's rounds of beam expansion
+SEARCH_TEMPERATURE = 1.0 if torch.cuda.is_available() else 0.7  # OREO's; CPU: the offline data's (NOTES.md, issue 14)
+SEARCH_BATCH = 1 if torch.cuda.is_available() else 8  # puzzles searched in lockstep (GPU: B x B rows of 4k tokens)
 DEFAULT_MAX_STEP_TOKENS = 256  # a step longer than this is cut (and scored as it stands)
 TTC_NS = (1, 2, 4, 8, 16)  # --search compare: candidates per puzzle
 TTC_METHODS = ("beam", "best-of-N", "majority", "random")  # --search compare: how the N candidates are used
@@ -151,21 +153,25 @@ def completion_row(size, position, sample, record, text, length):
 
 def score_beam_search(policy, value_model, tokenizer, records_by_size, template, beam, temperature=1.0,
                       max_new_tokens=DEFAULT_MAX_NEW_TOKENS, max_expansions=DEFAULT_MAX_EXPANSIONS,
-                      max_step_tokens=DEFAULT_MAX_STEP_TOKENS, progress=False, desc="beam search", expand=None):
-    """score_completions' rows (one per puzzle, sample 0, + "generated") with oreo.beam_search instead."""
+                      max_step_tokens=DEFAULT_MAX_STEP_TOKENS, progress=False, desc="beam search", expand=None,
+                      search_batch=SEARCH_BATCH):
+    """score_completions' rows (one per puzzle, sample 0, + "generated") with oreo.beam_search_many instead,
+    search_batch puzzles searched in lockstep."""
     step_ids = oreo.step_end_ids(tokenizer)
     bar = tqdm(total=sum(len(r) for r in records_by_size.values()), desc=desc, unit="puzzle", disable=not progress,
                dynamic_ncols=True)
     rows = []
     for size, records in sorted(records_by_size.items()):
-        for position, record in enumerate(records):
-            prompt = kk_data.make_prompt(record, template, tokenizer)
-            result = oreo.beam_search(policy, value_model, tokenizer, prompt, beam, step_ids,
-                                      max_expansions=max_expansions, max_step_tokens=max_step_tokens,
-                                      temperature=temperature, max_new_tokens=max_new_tokens, expand=expand)
-            rows.append({**completion_row(size, position, 0, record, result.text, len(result.token_ids)),
-                         "generated": result.generated})
-            bar.update(1)
+        for start in range(0, len(records), search_batch):
+            batch = records[start:start + search_batch]
+            prompts = [kk_data.make_prompt(record, template, tokenizer) for record in batch]
+            results = oreo.beam_search_many(policy, value_model, tokenizer, prompts, beam, step_ids,
+                                            max_expansions=max_expansions, max_step_tokens=max_step_tokens,
+                                            temperature=temperature, max_new_tokens=max_new_tokens, expand=expand)
+            for position, (record, result) in enumerate(zip(batch, results), start):
+                rows.append({**completion_row(size, position, 0, record, result.text, len(result.token_ids)),
+                             "generated": result.generated})
+            bar.update(len(batch))
     bar.close()
     return rows
 
@@ -667,7 +673,7 @@ def parse_args(argv):
     add("--seed", type=int, default=DEFAULT_SEED, help="generated split and sampling seed")
     add("--template", choices=kk_data.TEMPLATES, help=f"prompt: mini_logic_rl.json's, else {DEFAULT_TEMPLATE}")
     add("--samples", type=int, default=1, help="completions per puzzle (pass@k with k = samples)")
-    add("--temperature", type=float, help="0 = greedy (default); --search beam: the step temperature (default 1)")
+    add("--temperature", type=float, help=f"0 = greedy (default); --search beam, compare: {SEARCH_TEMPERATURE}")
     add("--top-p", type=float, default=1.0)
     add("--max-new-tokens", type=int, help=f"budget (mini_logic_rl.json's, else {DEFAULT_MAX_NEW_TOKENS})")
     add("--batch-size", type=int, default=EVAL_BATCH, help="completions generated together")
@@ -681,6 +687,7 @@ def parse_args(argv):
     add("--value", metavar="DIR", help="--search beam, compare: the critic (oreo.ValueModel.save's folder)")
     add("--max-expansions", type=int, default=DEFAULT_MAX_EXPANSIONS, help="--search beam: rounds of expansion")
     add("--max-step-tokens", type=int, default=DEFAULT_MAX_STEP_TOKENS, help="--search beam: longest step")
+    add("--search-batch", type=int, default=SEARCH_BATCH, help="--search beam: puzzles searched in lockstep")
     add("--device", help="cpu, cuda, cuda:1, ... (default: the first GPU if any)")
     add("--out", metavar="FILE", help="write the numbers and settings as JSON")
     add("--completions", metavar="FILE", help="write every scored completion as JSONL")
@@ -690,15 +697,15 @@ def parse_args(argv):
     if len(set(args.models)) != len(args.models):
         error("a MODEL is given twice")
     if args.temperature is None:
-        args.temperature = 0.0 if args.search == "greedy" else 1.0
+        args.temperature = 0.0 if args.search == "greedy" else SEARCH_TEMPERATURE
     if (args.search == "greedy") != (args.value is None):
         error("--search beam and compare need --value DIR (the folder oreo.ValueModel.save wrote); greedy takes none")
     if args.search != "greedy":
         if args.samples != 1 or args.sampler != "hf" or args.temperature == 0:
             error("--search beam runs one search per puzzle with HF generate at a temperature > 0: "
                   "leave --samples at 1 and --sampler at hf, and give --temperature > 0")
-        if min(args.beam, args.max_expansions, args.max_step_tokens, args.expand or 1) < 1:
-            error("--beam, --expand, --max-expansions and --max-step-tokens must be >= 1")
+        if min(args.beam, args.max_expansions, args.max_step_tokens, args.expand or 1, args.search_batch) < 1:
+            error("--beam, --expand, --max-expansions, --max-step-tokens and --search-batch must be >= 1")
         try:
             args.ns = sorted({int(n) for n in args.ns.split(",")})
         except ValueError:
@@ -747,7 +754,8 @@ def evaluate_models(args):
     device = torch.device(args.device) if args.device else kk_model.pick_device()
     transformers.utils.logging.disable_progress_bar()  # one bar per model is enough
     value_model = load_value_model(args.value, device) if args.value else None
-    beam_settings = dict(max_expansions=args.max_expansions, max_step_tokens=args.max_step_tokens, expand=args.expand)
+    beam_settings = dict(max_expansions=args.max_expansions, max_step_tokens=args.max_step_tokens, expand=args.expand,
+                         search_batch=args.search_batch)
     results, all_rows = {}, []
     for name in args.models:
         max_new_tokens = read_max_new_tokens(name, args.max_new_tokens)

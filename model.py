@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen2ForCausalLM)
@@ -92,11 +93,13 @@ def has_chat_template(path):
 
 
 def load_model(path, device, dtype=None, gradient_checkpointing=False, attn_implementation=None):
-    """The policy: a causal LM from a hub name or a local folder, on `device`, in train mode (dtype and attention
-    default to pick_dtype / attention_implementation of `device`; load_sharded names them, loading on the CPU)."""
+    """The policy: a causal LM from a hub name or a local folder (save_lora's: its base, adapters merged in), on
+    `device`, in train mode (dtype and attention default to pick_dtype / attention_implementation of `device`)."""
     attention = attn_implementation or attention_implementation(device)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or pick_dtype(device),
+    base = lora_base(path)
+    model = AutoModelForCausalLM.from_pretrained(base or str(path), dtype=dtype or pick_dtype(device),
                                                  attn_implementation=attention)
+    model = merged_lora(model, path) if base else model
     return set_train_mode(model.to(device), gradient_checkpointing)
 
 
@@ -111,6 +114,43 @@ def set_train_mode(model, gradient_checkpointing=False):
 def load_reference(path, device, dtype=None):
     """A frozen copy of the starting policy, used for the KL penalty: no gradients, eval mode."""
     return load_model(path, device, dtype=dtype).requires_grad_(False).eval()
+
+
+# LoRA (peft): adapters injected in place, so the model keeps its class and every code path runs unchanged; saved
+# as a peft adapter folder (adapter_config.json names the base), which load_model merges into that base.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every linear
+
+
+def add_lora(model, rank):
+    """Fresh LoRA adapters (alpha = rank, no dropout, B = 0: the same outputs) on every linear of the blocks, in
+    place; every other weight frozen. W x becomes W x + (alpha / r) B A x, with A [r, in] and B [out, r]."""
+    from peft import LoraConfig, inject_adapter_in_model
+    return inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                                              base_model_name_or_path=model.name_or_path), model)
+
+
+def has_lora(model):
+    return hasattr(model, "peft_config")  # what inject_adapter_in_model (and peft's PeftModel) set
+
+
+def save_lora(model, out_dir):
+    """The adapters only, as peft writes them: adapter_config.json and adapter_model.safetensors."""
+    from peft import get_peft_model_state_dict
+    model.peft_config["default"].save_pretrained(str(out_dir))
+    state = {f"base_model.model.{name}": t.contiguous() for name, t in get_peft_model_state_dict(model).items()}
+    save_file(state, Path(out_dir) / "adapter_model.safetensors")
+
+
+def lora_base(path):
+    """The base model a save_lora folder was trained from, or None if `path` is not such a folder."""
+    config = Path(path) / "adapter_config.json"
+    return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
+
+
+def merged_lora(base_model, path):
+    """base_model with the adapters of the save_lora folder `path` merged in: a plain model again."""
+    from peft import PeftModel
+    return PeftModel.from_pretrained(base_model, str(path)).merge_and_unload()
 
 
 # ---- 3. The tiny model: a word-level tokenizer and a small Qwen2 built from a config ---------------------------
@@ -467,18 +507,30 @@ def full_tensor(tensor):
     return tensor.full_tensor()
 
 
+@torch.no_grad()
+def with_lora_merged(model, name, tensor):
+    """A state_dict entry's full tensor as the plain model has it: a LoRA layer's base weight + (alpha / r) B A."""
+    if not name.endswith(".base_layer.weight"):
+        return tensor
+    return tensor + model.get_submodule(name.removesuffix(".base_layer.weight")).get_delta_weight("default")
+
+
 def iter_full_state(model, cast=None):
     """Yield (Hugging Face name, full tensor, passed through `cast` if given) for every entry of model.state_dict(),
-    one parameter gathered at a time (tied names get one tensor). Sharded: collectives: EVERY rank runs it through."""
+    one parameter gathered at a time (tied names get one tensor; LoRA adapters come merged into the weights they
+    adapt, one at a time). Sharded: collectives: EVERY rank runs it through."""
     state = model.state_dict(keep_vars=True)  # the parameters themselves: tied names share one object
     uses_left = collections.Counter(id(tensor) for tensor in state.values())
     gathered = {}  # a tied parameter's full tensor, kept until its last name has been yielded
     for name, tensor in state.items():
+        if ".lora_" in name:
+            continue  # LoRA adapters: merged into the weight they adapt (with_lora_merged), under its plain name
         key = id(tensor)
         if key not in gathered:
-            gathered[key] = full_tensor(tensor) if cast is None else cast(full_tensor(tensor))
+            full = with_lora_merged(model, name, full_tensor(tensor))
+            gathered[key] = full if cast is None else cast(full)
         uses_left[key] -= 1
-        yield name, gathered[key] if uses_left[key] else gathered.pop(key)
+        yield name.replace(".base_layer.", "."), gathered[key] if uses_left[key] else gathered.pop(key)
 
 
 @torch.no_grad()
@@ -501,13 +553,16 @@ def save_hf(model, tokenizer, out_dir, extra=None):
     sharded = isinstance(next(model.parameters()), DTensor)  # FSDP shards
     writer = not sharded or dist.get_rank() == 0
     to_bf16 = (lambda full: full.to("cpu", torch.bfloat16)) if writer else None  # once a parameter: tied stay tied
-    state = {}
-    for name, tensor in iter_full_state(model, cast=to_bf16):
+    lora, state = has_lora(model), {}  # LoRA: the adapters only (save_lora; load_model merges them into the base)
+    for name, tensor in [] if lora else iter_full_state(model, cast=to_bf16):
         if writer:  # (the other ranks only take part in the all-gathers)
             state[name] = tensor
     if writer:
         live_dtype = model.config.dtype
-        model.save_pretrained(out_dir, state_dict=state)  # (it writes the live weights' dtype into the config,
+        if lora:
+            save_lora(model, out_dir)
+        else:
+            model.save_pretrained(out_dir, state_dict=state)  # (it writes the live weights' dtype into the config,
         model.config.dtype = torch.bfloat16  # so the config is written again with the dtype of the saved ones)
         model.config.save_pretrained(out_dir)
         model.config.dtype = live_dtype

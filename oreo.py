@@ -15,7 +15,6 @@ token (every completion token, alpha = 0.01), step (each step's first token, 0.1
 KL: the exact reverse KL over the vocabulary (the paper's), or the sampled k3 estimate. V: a copy of the starting
 model with a zero-initialised linear head. Tensors: the completion-token layout [B, C] (NOTES.md).
 """
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -25,19 +24,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
-from transformers import AutoModel, GenerationConfig
+from transformers import AutoModel
 
 import kk_data
-from model import (check_finite, check_finite_weights, clip_and_step, encode_pairs, position_ids_from_mask,
-                   restore_trainer_state, token_logprobs, warmup_cosine)
+from model import (add_lora, check_finite, check_finite_weights, clip_and_step, encode_pairs, has_lora, lora_base,
+                   merged_lora, position_ids_from_mask, restore_trainer_state, save_lora, token_logprobs, warmup_cosine)
 from reward import score
-from rollout import encode_prompts, generation_mode
+from rollout import decode, encode_prompts, generation_mode
 
 LEVELS = ("token", "step", "response")
 KL_ALPHA = {"token": 0.01, "step": 0.1, "response": 0.3}  # weight of the KL regulariser per level
 BETA = 0.03  # KL coefficient of the objective in every published run
 HEAD_FILE = "value_head.safetensors"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # LoRA: every linear
 
 
 # ---- 1. Soft Bellman consistency, telescoped -------------------------------------------------------------------
@@ -182,21 +180,17 @@ class ValueModel(nn.Module):
 
     def __init__(self, backbone, lora_rank=0):
         super().__init__()
-        self.backbone = with_lora(backbone, lora_rank) if lora_rank else backbone
+        self.backbone = add_lora(backbone, lora_rank) if lora_rank else backbone
         head_dtype = torch.promote_types(backbone.dtype, torch.float32)
         self.head = nn.Linear(backbone.config.hidden_size, 1, bias=False, device=backbone.device, dtype=head_dtype)
         nn.init.zeros_(self.head.weight)
 
     @classmethod
     def from_pretrained(cls, path, device, dtype=torch.float32, attn_implementation=None, lora_rank=0):
-        """Backbone (of a causal LM, or of a saved ValueModel: LoRA ones too) and saved head; lora_rank: with_lora."""
-        adapter_file = Path(path) / "adapter_config.json"
-        base = json.loads(adapter_file.read_text())["base_model_name_or_path"] if adapter_file.is_file() else path
-        backbone = AutoModel.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
-        if adapter_file.is_file():
-            from peft import PeftModel
-            backbone, lora_rank = PeftModel.from_pretrained(backbone, path), 0
-        model = cls(backbone.to(device), lora_rank)
+        """Backbone (of a causal LM, or of a saved ValueModel: a LoRA one merged) and saved head; lora_rank: add_lora."""
+        base = lora_base(path)
+        backbone = AutoModel.from_pretrained(base or path, dtype=dtype, attn_implementation=attn_implementation)
+        model = cls((merged_lora(backbone, path) if base else backbone).to(device), lora_rank)
         head_file = Path(path) / HEAD_FILE
         if head_file.exists():
             model.head.load_state_dict(load_file(head_file, device=str(device)))
@@ -204,7 +198,10 @@ class ValueModel(nn.Module):
 
     def save(self, out_dir):
         """Backbone as a Hugging Face folder (a LoRA backbone: its adapters only), head as value_head.safetensors."""
-        self.backbone.save_pretrained(out_dir)
+        if has_lora(self.backbone):
+            save_lora(self.backbone, out_dir)
+        else:
+            self.backbone.save_pretrained(out_dir)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, Path(out_dir) / HEAD_FILE)
         return Path(out_dir)
 
@@ -229,12 +226,6 @@ class ValueModel(nn.Module):
         last = input_ids.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)              # [B] column of the last 1
         at_last = hidden[torch.arange(len(last), device=hidden.device), last]           # [B, H]
         return self.head(at_last.to(self.head.weight.dtype)).squeeze(-1)                # [B]
-
-
-def with_lora(model, rank):
-    """model with fresh LoRA adapters (alpha = rank, no dropout, B = 0: same output) on every linear; the rest frozen"""
-    from peft import LoraConfig, get_peft_model
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
 
 
 # ---- 6. Offline data: K sampled completions per training prompt, each with a 0/1 reward ------------------------
@@ -528,32 +519,31 @@ def through_first_stop(tokens, stop_ids):
     return tokens[:ends[0]] if ends else tokens
 
 
-@torch.no_grad()
-def sample_next_steps(policy, tokenizer, prompt_ids, prefixes, n, step_ids, temperature, max_step_tokens):
-    """Per prefix, n sampled next steps (lists of ids, through the step end or EOS) in ONE generate call."""
-    device = next(policy.parameters()).device
-    rows = [prompt_ids + prefix for prefix in prefixes for _ in range(n)]
+def left_padded(rows, pad_id, device):
+    """Token lists of different lengths as (input_ids, attention_mask) [R, L], padded on the left."""
     longest = max(map(len, rows))
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(r)) + r for r in rows], device=device)
-    attention = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)  # [R, L]
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                              max_new_tokens=max_step_tokens, eos_token_id=[tokenizer.eos_token_id] + list(step_ids),
-                              pad_token_id=tokenizer.pad_token_id, use_cache=True)  # stops at EOS and step ends
-    with generation_mode(policy, config):
-        output = policy.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
-    new_tokens = output[:, longest:].tolist()                                           # [R, T], padded after a stop
-    steps = [through_first_stop(tokens, set(config.eos_token_id)) for tokens in new_tokens]
+    input_ids = torch.tensor([[pad_id] * (longest - len(r)) + r for r in rows], device=device)
+    return input_ids, torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)
+
+
+@torch.no_grad()
+def sample_next_steps(policy, tokenizer, contexts, n, step_ids, temperature, max_step_tokens):
+    """Per context (prompt + prefix ids), n sampled next steps (lists of ids, through the step end or EOS) in ONE
+    rollout.decode call."""
+    rows = [context for context in contexts for _ in range(n)]  # rows i*n .. share context i
+    input_ids, attention = left_padded(rows, tokenizer.pad_token_id, next(policy.parameters()).device)  # [R, L]
+    stops = [tokenizer.eos_token_id] + list(step_ids)
+    with generation_mode(policy, policy.generation_config):  # eval mode
+        new_tokens, _ = decode(policy, input_ids, attention, temperature, 1.0, max_step_tokens, stops,
+                               tokenizer.pad_token_id, n)  # [R, T], padded after a stop
+    steps = [through_first_stop(tokens, set(stops)) for tokens in new_tokens.tolist()]
     return [steps[i:i + n] for i in range(0, len(steps), n)]
 
 
 @torch.no_grad()
-def prefix_values(value_model, prompt_ids, prefixes, pad_id):
-    """V at the last token of prompt + prefix, for each prefix: a list of floats."""
-    rows = [prompt_ids + prefix for prefix in prefixes]
-    longest = max(len(row) for row in rows)
-    device = value_model.head.weight.device
-    input_ids = torch.tensor([[pad_id] * (longest - len(row)) + row for row in rows], device=device)       # [N, L]
-    attention = torch.tensor([[0] * (longest - len(row)) + [1] * len(row) for row in rows], device=device)
+def prefix_values(value_model, contexts, pad_id):
+    """V at the last token of each context (prompt + prefix ids): a list of floats."""
+    input_ids, attention = left_padded(contexts, pad_id, value_model.head.weight.device)  # [N, L]
     return value_model.last_value(input_ids, attention).float().tolist()
 
 
@@ -568,33 +558,55 @@ def keep_best(candidates, values, beam, is_finished):
     return partial, finished
 
 
-def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, max_expansions=20, max_step_tokens=256,
-                temperature=1.0, max_new_tokens=4096, expand=None):
-    """Value-guided step-level beam search for one prompt (a SearchResult); expand steps per kept one (default beam)."""
+def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, **settings):
+    """beam_search_many for one prompt: its SearchResult."""
+    return beam_search_many(policy, value_model, tokenizer, [prompt], beam, step_ids, **settings)[0]
+
+
+def beam_search_many(policy, value_model, tokenizer, prompts, beam, step_ids, max_expansions=20, max_step_tokens=256,
+                     temperature=1.0, max_new_tokens=4096, expand=None):
+    """Value-guided step-level beam search, a SearchResult per prompt; expand steps per kept one (default beam),
+    beam x expand from the root, so the first choice is made among as many candidates as every later one. The
+    prompts are searched in lockstep: each round samples all their candidates in one call and scores them in one."""
     expand = beam if expand is None else expand
     if min(beam, expand, max_expansions, max_step_tokens, max_new_tokens) < 1 or temperature <= 0:
         raise ValueError("beam_search needs beam, expand, max_expansions, max_step_tokens, max_new_tokens >= 1 and "
                          f"temperature > 0, got {(beam, expand, max_expansions, max_step_tokens, max_new_tokens)}, "
                          f"{temperature}")
-    prompt_ids = encode_prompts(tokenizer, [prompt])["input_ids"][0].tolist()
+    encoded = encode_prompts(tokenizer, prompts)
+    prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
 
     def is_finished(tokens):
         return tokens[-1] == tokenizer.eos_token_id or len(tokens) >= max_new_tokens
 
-    partial, finished, expansions, generated = [([], None)], [], 0, 0
-    while partial and expansions < max_expansions:
-        prefixes = [prefix for prefix, _ in partial]
-        budget = min(max_step_tokens, max_new_tokens - max(map(len, prefixes)))
-        steps = sample_next_steps(policy, tokenizer, prompt_ids, prefixes, beam if expansions == 0 else expand,
-                                  step_ids, temperature, budget)
-        candidates = [prefix + step for prefix, its_steps in zip(prefixes, steps) for step in its_steps]
-        generated += sum(len(step) for its_steps in steps for step in its_steps)
-        candidates = [list(c) for c in dict.fromkeys(tuple(c) for c in candidates)]      # drop duplicates, keep order
-        before_eos = [c[:-1] if c[-1] == tokenizer.eos_token_id else c for c in candidates]  # scored without EOS
-        values = prefix_values(value_model, prompt_ids, before_eos, tokenizer.pad_token_id)
-        expansions += 1
-        partial, newly_finished = keep_best(candidates, values, beam, is_finished)
-        finished += newly_finished
-    tokens, value = max(finished or partial, key=lambda pair: pair[1])  # the first of the best (partial: none ended)
-    return SearchResult(text=tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens, value=value,
-                        finished=bool(finished), expansions=expansions, generated=generated)
+    searches = range(len(prompts))
+    partial, finished = [[([], None)] for _ in searches], [[] for _ in searches]  # per prompt: (tokens, value)
+    rounds, generated = [0 for _ in searches], [0 for _ in searches]
+    for expansion in range(max_expansions):
+        kept = [(i, prefix) for i in searches for prefix, _ in partial[i]]  # every live prompt's partial candidates
+        if not kept:
+            break
+        budget = min(max_step_tokens, max_new_tokens - min(len(prefix) for _, prefix in kept))
+        n = beam * expand if expansion == 0 else expand  # (the original code samples only B from the root)
+        steps = sample_next_steps(policy, tokenizer, [prompt_ids[i] + prefix for i, prefix in kept], n, step_ids,
+                                  temperature, budget)
+        candidates = {i: [] for i, _ in kept}
+        for (i, prefix), its_steps in zip(kept, steps):
+            generated[i] += sum(map(len, its_steps))
+            candidates[i] += [prefix + step[:max_new_tokens - len(prefix)] for step in its_steps]
+        candidates = {i: [list(c) for c in dict.fromkeys(map(tuple, cs))] for i, cs in candidates.items()}  # no dups
+        scored = [(i, c) for i, cs in candidates.items() for c in cs]
+        values = prefix_values(value_model, [prompt_ids[i] + (c[:-1] if c[-1] == tokenizer.eos_token_id else c)
+                                             for i, c in scored], tokenizer.pad_token_id)  # scored without EOS
+        for i, cs in candidates.items():
+            its_values = [value for (j, _), value in zip(scored, values) if j == i]
+            partial[i], newly_finished = keep_best(cs, its_values, beam, is_finished)
+            finished[i] += newly_finished
+            rounds[i] = expansion + 1
+    results = []
+    for i in searches:
+        tokens, value = max(finished[i] or partial[i], key=lambda pair: pair[1])  # the first of the best
+        results.append(SearchResult(text=tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens,
+                                    value=value, finished=bool(finished[i]), expansions=rounds[i],
+                                    generated=generated[i]))
+    return results

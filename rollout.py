@@ -153,15 +153,16 @@ def hole_filling_order(alive):
     return order, holes, movers
 
 
-def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, eos_id, pad_id, n=1):
+def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, stop_ids, pad_id, n=1):
     """Generate up to max_new_tokens after left-padded prompts [B, P] -> (completion ids [B, T], pad after each
-    row's EOS; log-probs [B, T], 0 there). Rows i*n .. i*n+n-1 share a prompt, read once; rows that emitted EOS
-    leave the batch and the KV cache."""
+    row's stop; log-probs [B, T], 0 there). stop_ids: the EOS id, or a list of ids that end a row (beam search's
+    step ends). Rows i*n .. i*n+n-1 share a prompt, read once; rows that stopped leave the batch and the KV cache."""
     kind = model.config.model_type  # forward_with_cache writes out these blocks, attending to every earlier token
     if kind not in DECODE_MODEL_TYPES or getattr(model.config, "use_sliding_window", False):
         raise ValueError(f"decode writes out the {' / '.join(DECODE_MODEL_TYPES)} block without a sliding window; "
                          f"sample this {kind} model with the vLLM sampler")
     batch, device = prompt_ids.shape[0], prompt_ids.device
+    stops = torch.as_tensor(stop_ids, device=device).reshape(-1)  # [s]
     completion = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, T]
     logprobs = torch.zeros(batch, max_new_tokens, device=device)  # [B, T]
     caches = [GrowingKVLayer() for _ in model.model.layers]
@@ -177,7 +178,7 @@ def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, e
         by_row = running.argsort()  # sampled in the rows' own order: each row's random draw is where it was
         token, logp = (x[by_row.argsort()] for x in next_token(logits[by_row], temperature, top_p))  # [b], [b]
         completion[running, t], logprobs[running, t] = token, logp
-        alive = token != eos_id  # [b]
+        alive = ~torch.isin(token, stops)  # [b]
         if t + 1 == max_new_tokens or not alive.any():
             break
         if not alive.all():  # ended rows leave: the last live rows move into their places

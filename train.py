@@ -100,6 +100,7 @@ OREO_KL = "full"  # full (exact reverse KL over the vocabulary) | k3 (sampled es
 OREO_LR = 5e-6 if ON_GPU else 2e-5  # OREO policy learning rate (the paper's 5e-6; RL's is LR)
 VALUE_LR = 1e-4  # OREO critic learning rate (the paper's for its LoRA critic); both Adam (0.9, 0.95), cosine
 VALUE_LORA_RANK = 64 if ON_GPU else 0  # OREO critic: LoRA rank (peft; the paper's 7B critic: 64), 0 = all weights
+POLICY_LORA_RANK = 0  # the policy of stage 2 (RL, SFT or OREO from the warm-up): LoRA rank (peft), 0 = all weights
 VALUE_STEPS = 0 if ON_GPU else 50  # OREO: critic-only steps (OREO_BATCH rows each) before the joint ones
 VALUE_STEPS_LR = 3e-4  # learning rate of those critic-only steps (their own Adam and cosine schedule)
 OREO_HELDOUT = 0.1  # OREO: share of the offline data's prompts held out to measure the critic (oreo.critic_quality)
@@ -154,7 +155,7 @@ RANGES = {  # allowed values: (test, the numeric constants that must pass it); e
              "MICRO_BATCH MAX_NEW_TOKENS MAX_PROMPT_TOKENS EVAL_BATCH EVAL_EVERY SAVE_EVERY OREO_SAMPLES "
              "OREO_PROMPTS OREO_BATCH CPU_THREADS PASS_K"),
     ">= 0": (lambda x: x >= 0, "STEPS SFT_STEPS WARMUP_LR_STEPS OREO_BALANCE WEIGHT_DECAY CLIP_HIGH KL_COEF "
-             "ENTROPY_COEF PASS_K_PER_SIZE VALUE_STEPS VALUE_LORA_RANK"),
+             "ENTROPY_COEF PASS_K_PER_SIZE VALUE_STEPS VALUE_LORA_RANK POLICY_LORA_RANK"),
     "in [0, 1]": (lambda x: 0 <= x <= 1, "WARMUP_THINK_RATE"),
     "> 0": (lambda x: x > 0, "LR SFT_LR OREO_LR VALUE_LR VALUE_STEPS_LR GRAD_CLIP TEMPERATURE"),
     "in [0, 1)": (lambda x: 0 <= x < 1, "CLIP_LOW OREO_HELDOUT"),
@@ -187,8 +188,11 @@ def check_constants():
     need(GROUP_SIZE >= 2 or ALGO not in GROUP_ALGOS + ("reinforce++-baseline",),
          f"GROUP_SIZE={GROUP_SIZE}: group baselines need >= 2 (ALGO='reinforce++' needs no groups)")
     need(ALGO != "oreo" or WORLD == 1, "ALGO='oreo' runs on one process here (no FSDP2 value model yet)")
-    need(ALGO != "oreo" or not VALUE_LORA_RANK or importlib.util.find_spec("peft"),
-         f"VALUE_LORA_RANK={VALUE_LORA_RANK} needs peft (pip install -r requirements.txt), or use 0")
+    need(not (POLICY_LORA_RANK or ALGO == "oreo" and VALUE_LORA_RANK) or importlib.util.find_spec("peft"),
+         f"POLICY_LORA_RANK={POLICY_LORA_RANK} / VALUE_LORA_RANK={VALUE_LORA_RANK} need peft (pip install -r "
+         "requirements.txt), or use 0")
+    need(not POLICY_LORA_RANK or WORLD == 1, f"POLICY_LORA_RANK={POLICY_LORA_RANK} runs on one process here (FSDP2 "
+         "of LoRA layers is not verified); use 0 under torchrun")
     need(len(ADAM_BETAS) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in ADAM_BETAS),
          f"ADAM_BETAS={ADAM_BETAS!r} must be two numbers in [0, 1)")
     if MODEL not in ("tiny", "smollm2"):
@@ -246,13 +250,15 @@ def initial_model_path(out_dir):
     return str(path)
 
 
-def load_policy_and_reference(path, device, with_reference=True):
-    """The trainable policy in fp32 master weights (computing in bf16 on a GPU) and the frozen reference (or None)."""
+def load_policy_and_reference(path, device, with_reference=True, lora_rank=0):
+    """The trainable policy in fp32 master weights (computing in bf16 on a GPU; lora_rank > 0: LoRA adapters, the
+    base frozen) and the frozen reference (or None)."""
     if WORLD > 1:
         policy = kk_model.load_sharded(path, device, torch.float32, GRADIENT_CHECKPOINTING, CPU_OFFLOAD)
         frozen = kk_model.load_sharded(path, device, cpu_offload=CPU_OFFLOAD, frozen=True) if with_reference else None
         return policy, frozen
     policy = kk_model.load_model(path, device, dtype=torch.float32, gradient_checkpointing=GRADIENT_CHECKPOINTING)
+    policy = kk_model.add_lora(policy, lora_rank) if lora_rank else policy
     return policy, kk_model.load_reference(path, device) if with_reference else None
 
 
@@ -507,10 +513,10 @@ def evaluate_start(stage, sampler, tokenizer, test, log, summary, global_step):
         print(f"{stage} model: accuracy {fmt(summary[stage]['accuracy'])}")
 
 
-def train_from(start, stage, steps, name, train, test, log, summary, offset, state, score_start=False):
+def train_from(start, stage, steps, name, train, test, log, summary, offset, state, score_start=False, lora_rank=0):
     """The policy (and reference) from `start`, `steps` of `stage` (sft, rl or oreo), saved as checkpoints/<name>."""
     tokenizer = kk_model.load_tokenizer(start)
-    policy, reference = load_policy_and_reference(start, DEVICE, with_reference=stage != "sft")
+    policy, reference = load_policy_and_reference(start, DEVICE, stage != "sft", lora_rank)
     sampler = make_sampler(policy, start, tokenizer)
     if score_start:
         evaluate_start("warmup", sampler, tokenizer, test, log, summary, offset)
@@ -582,7 +588,7 @@ def main():
     if ALGO != "sft" or WARMUP_CHECKPOINT:  # Stage 2: ALGO from the warm-up, which is also the frozen reference
         stage = ALGO if ALGO in ("sft", "oreo") else "rl"
         train_from(str(warmup if warmup.exists() else start_path), stage, STEPS, "final", train, test, log, summary,
-                   sft_steps, state, score_start=True)
+                   sft_steps, state, score_start=True, lora_rank=POLICY_LORA_RANK)
     if RANK == 0:
         finish(log, summary, began)
 

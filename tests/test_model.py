@@ -307,6 +307,53 @@ def test_save_hf_reloads_to_trained_weights_up_to_bf16_rounding(tmp_path, tiny_e
     assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) == tied  # an untied head stays its own
 
 
+# ---- LoRA ----------------------------------------------------------------------------------------------------
+def with_trained_lora(model, rank=4, add=True):
+    """model with LoRA adapters (added unless add=False) whose B is no longer 0 (a stand-in for training them)."""
+    if add:
+        M.add_lora(model, rank)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    return model
+
+
+def test_lora_starts_as_the_base_and_only_its_adapters_get_gradients(tiny_dir):
+    ids = torch.tensor([[1, 5, 7, 9, 4]])
+    model = M.load_model(tiny_dir, "cpu", dtype=torch.float32)
+    before = model(input_ids=ids).logits
+    M.add_lora(model, 4)
+    assert torch.equal(model(input_ids=ids).logits, before)  # B = 0: the adapters add nothing yet
+    with_trained_lora(model, add=False)(input_ids=ids).logits.sum().backward()
+    touched = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched and all(".lora_A." in name or ".lora_B." in name for name in touched)
+    assert all(not p.requires_grad for name, p in model.named_parameters() if ".lora_" not in name)
+
+
+def test_iter_full_state_of_a_lora_model_gives_a_plain_model_its_outputs(tiny_either):
+    """The sampler sync's and save_hf's path: W + (alpha / r) B A under the plain names, no adapter entries."""
+    ids = torch.tensor([[1, 5, 7, 9, 4]])
+    plain, base_logits = type(tiny_either)(tiny_either.config), tiny_either(input_ids=ids).logits
+    lora = with_trained_lora(tiny_either)
+    merged = dict(M.iter_full_state(lora))
+    assert set(merged) == set(plain.state_dict())
+    plain.load_state_dict(merged)
+    assert torch.allclose(plain(input_ids=ids).logits, lora(input_ids=ids).logits, atol=1e-5)
+    assert not torch.allclose(lora(input_ids=ids).logits, base_logits, atol=1e-3)  # the adapters do change it
+
+
+def test_save_hf_of_a_lora_model_writes_the_adapters_that_load_model_merges(tmp_path, tiny_dir, tok):
+    ids = torch.tensor([[1, 5, 7, 9, 4]])
+    lora = with_trained_lora(M.load_model(tiny_dir, "cpu", dtype=torch.float32))
+    M.save_hf(lora, tok, tmp_path, extra={"step": 1})
+    assert (tmp_path / "adapter_model.safetensors").is_file() and not (tmp_path / "model.safetensors").exists()
+    assert M.lora_base(tmp_path) == str(tiny_dir) and M.lora_base(tiny_dir) is None
+    reloaded = M.load_model(tmp_path, "cpu", dtype=torch.float32)
+    assert not M.has_lora(reloaded)  # merged: a plain model again
+    assert torch.allclose(reloaded(input_ids=ids).logits, lora(input_ids=ids).logits, atol=1e-5)
+
+
 # ---- resumable trainer state --------------------------------------------------------------------------------
 
 def one_adam_step(model):

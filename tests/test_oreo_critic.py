@@ -101,11 +101,12 @@ def test_fit_critic_separates_right_from_wrong_answers(tiny_dir, rows):
 def test_beam_search_scores_a_finished_candidate_before_its_eos(monkeypatch):
     scored = []
 
-    def prefix_values(value_model, prompt_ids, prefixes, pad):
-        scored.extend(map(tuple, prefixes))
-        return [0.0] * len(prefixes)
+    def prefix_values(value_model, contexts, pad):  # contexts: the prompt [9] + a candidate
+        scored.extend(tuple(context[1:]) for context in contexts)
+        return [0.0] * len(contexts)
 
-    monkeypatch.setattr(oreo, "encode_prompts", lambda tokenizer, prompts: {"input_ids": torch.tensor([[9]])})
+    monkeypatch.setattr(oreo, "encode_prompts", lambda tokenizer, prompts: {"input_ids": torch.tensor([[9]]),
+                                                                           "attention_mask": torch.tensor([[1]])})
     monkeypatch.setattr(oreo, "sample_next_steps", lambda *args: [[[5, 0], [6]]])
     monkeypatch.setattr(oreo, "prefix_values", prefix_values)
     tokenizer = types.SimpleNamespace(eos_token_id=0, pad_token_id=0, decode=lambda ids, skip_special_tokens: "")
@@ -147,14 +148,14 @@ def test_compare_search_methods_and_their_bookkeeping(tiny_dir, monkeypatch):
                                                                                            "tokens": 7}
 
 
-def test_sample_next_steps_batches_prefixes_of_different_lengths(tiny_dir):
-    """One left-padded generate call for several prefixes gives each the steps it gets alone (near-greedy)."""
+def test_sample_next_steps_batches_contexts_of_different_lengths(tiny_dir):
+    """One left-padded decode call for several contexts gives each the steps it gets alone (near-greedy)."""
     policy, tokenizer = M.load_model(tiny_dir, "cpu"), M.load_tokenizer(tiny_dir)
     prompt_ids = tokenizer(kk_data.make_prompt(kk_data.generate(2, 1, seed=0)[0], "tiny"),
                            add_special_tokens=False).input_ids
-    prefixes, args = [[], [5, 6, 7, 8]], (list(range(3, len(tokenizer), 7)), 1e-4, 6)
-    together = oreo.sample_next_steps(policy, tokenizer, prompt_ids, prefixes, 2, *args)
-    alone = [oreo.sample_next_steps(policy, tokenizer, prompt_ids, [p], 2, *args)[0] for p in prefixes]
+    contexts, args = [prompt_ids, prompt_ids + [5, 6, 7, 8]], (list(range(3, len(tokenizer), 7)), 1e-4, 6)
+    together = oreo.sample_next_steps(policy, tokenizer, contexts, 2, *args)
+    alone = [oreo.sample_next_steps(policy, tokenizer, [c], 2, *args)[0] for c in contexts]
     assert together == alone and all(len(steps) == 2 for steps in together)
 
 

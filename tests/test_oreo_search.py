@@ -1,4 +1,5 @@
 """Tests for OREO's test-time search (oreo.beam_search) and its use in eval.py (--search beam), on a tiny model."""
+import importlib.util
 import json
 import types
 
@@ -10,6 +11,7 @@ import kk_data
 import model as M
 import oreo
 import rollout
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -70,21 +72,23 @@ def test_beam_search_rounds_expand_only_the_kept_partial_candidates(monkeypatch)
     finished ones (ending in EOS = 0) to the pool and expands only the kept partial ones."""
     steps = {(): [[1], [2]], (2,): [[4], [0]], (1,): [[3], [5]], (1, 5): [[0], [7]]}
     values = {(1,): 0.1, (2,): 0.9, (2, 4): 0.2, (1, 3): 0.5, (1, 5): 0.8, (1, 5, 7): 0.6}  # [.., 0]: V before EOS
-    expanded = []
+    expanded, asked = [], []
 
-    def sample_next_steps(policy, tokenizer, prompt_ids, prefixes, n, *args):
-        expanded.extend(prefixes)
-        return [steps[tuple(prefix)][:n] for prefix in prefixes]
+    def sample_next_steps(policy, tokenizer, contexts, n, *args):  # contexts: the prompt [9] + a prefix
+        expanded.extend(context[1:] for context in contexts)
+        asked.append(n)
+        return [steps[tuple(context[1:])][:n] for context in contexts]
 
-    monkeypatch.setattr(oreo, "encode_prompts", lambda tokenizer, prompts: {"input_ids": torch.tensor([[9]])})
+    monkeypatch.setattr(oreo, "encode_prompts", lambda tokenizer, prompts: {"input_ids": torch.tensor([[9]]),
+                                                                           "attention_mask": torch.tensor([[1]])})
     monkeypatch.setattr(oreo, "sample_next_steps", sample_next_steps)
-    monkeypatch.setattr(oreo, "prefix_values",
-                        lambda vm, prompt_ids, prefixes, pad: [values[tuple(c)] for c in prefixes])
+    monkeypatch.setattr(oreo, "prefix_values", lambda vm, contexts, pad: [values[tuple(c[1:])] for c in contexts])
     tokenizer = types.SimpleNamespace(eos_token_id=0, pad_token_id=0,
                                       decode=lambda ids, skip_special_tokens: " ".join(map(str, ids)))
     result = oreo.beam_search(None, None, tokenizer, "prompt", 2, [], max_expansions=3, max_new_tokens=100)
     # round 2 expands the kept [2] then [1], best first; round 3 only [1, 5]: [2, 0] finished, [1, 3] and [2, 4] lost
     assert expanded == [[], [2], [1], [1, 5]]
+    assert asked == [4, 2, 2]  # the root gets B x E samples (E = B here), as many as each later round expands
     assert (result.token_ids, result.value, result.finished, result.expansions) == ([2, 0], 0.9, True, 3)
 
 
@@ -93,7 +97,7 @@ def test_sample_next_steps_stop_at_a_step_end(models, prompt):
     step_ids = frequent_step_ends(tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     torch.manual_seed(0)
-    steps, = oreo.sample_next_steps(policy, tokenizer, prompt_ids, [[]], 4, step_ids, 1.0, max_step_tokens=30)
+    steps, = oreo.sample_next_steps(policy, tokenizer, [prompt_ids], 4, step_ids, 1.0, max_step_tokens=30)
     assert len(steps) == 4
     stops = set(step_ids) | {tokenizer.eos_token_id}
     for step in steps:
@@ -117,6 +121,47 @@ def test_beam_one_with_a_constant_value_is_plain_sampling(models, prompt, seed):
     assert result.text == plain.completions[0]
 
 
+def test_lockstep_search_keeps_each_prompts_candidates_apart(monkeypatch):
+    """Two scripted prompts of different lengths (B = 2, E = 1): one sampling and one critic call a round for both,
+    each keeps its own best, and a prompt whose candidates have all finished leaves the later rounds."""
+    steps = {(8,): [[1, 0], [2]], (8, 2): [[3, 0]], (9, 9): [[5], [6]], (9, 9, 6): [[7]], (9, 9, 5): [[0]],
+             (9, 9, 6, 7): [[0]]}
+    values = {(8, 1): 0.5, (8, 2): 0.4, (8, 2, 3): 0.9, (9, 9, 5): 0.1, (9, 9, 6): 0.2, (9, 9, 6, 7): 0.3}
+    calls = []
+
+    def sample_next_steps(policy, tokenizer, contexts, n, *args):
+        calls.append([tuple(c) for c in contexts])
+        return [steps[tuple(c)][:n] for c in contexts]
+
+    monkeypatch.setattr(oreo, "encode_prompts", lambda tokenizer, prompts: {
+        "input_ids": torch.tensor([[0, 8], [9, 9]]), "attention_mask": torch.tensor([[0, 1], [1, 1]])})
+    monkeypatch.setattr(oreo, "sample_next_steps", sample_next_steps)
+    monkeypatch.setattr(oreo, "prefix_values", lambda vm, contexts, pad: [values[tuple(c)] for c in contexts])
+    tokenizer = types.SimpleNamespace(eos_token_id=0, pad_token_id=0, decode=lambda ids, skip_special_tokens: "")
+    a, b = oreo.beam_search_many(None, None, tokenizer, ["a", "b"], 2, [], max_expansions=5, expand=1)
+    assert calls == [[(8,), (9, 9)], [(8, 2), (9, 9, 6), (9, 9, 5)], [(9, 9, 6, 7)]]
+    assert (a.token_ids, a.value, a.expansions, a.generated) == ([2, 3, 0], 0.9, 2, 5)
+    assert (b.token_ids, b.value, b.expansions, b.generated) == ([6, 7, 0], 0.3, 3, 5)
+
+
+def test_prompts_searched_in_lockstep_each_get_the_search_they_get_alone(tiny_dir, models):
+    """beam_search_many over prompts of different lengths = beam_search of each alone (near-greedy, a random V)."""
+    policy, _, tokenizer = models
+    value_model = oreo.ValueModel.from_pretrained(tiny_dir, "cpu")
+    with torch.no_grad():
+        value_model.head.weight.normal_(generator=torch.Generator().manual_seed(0))
+    prompts = [kk_data.make_prompt(r, "tiny") for r in kk_data.generate(2, 2, seed=1) + kk_data.generate(3, 1, seed=1)]
+    args = (2, frequent_step_ends(tokenizer))
+    settings = dict(max_expansions=4, max_step_tokens=5, temperature=1e-4, max_new_tokens=12, expand=2)
+    together = oreo.beam_search_many(policy, value_model, tokenizer, prompts, *args, **settings)
+    alone = [oreo.beam_search(policy, value_model, tokenizer, prompt, *args, **settings) for prompt in prompts]
+    def search(result):
+        return result.token_ids, result.finished, result.expansions, result.generated
+
+    assert [search(r) for r in together] == [search(r) for r in alone] and max(r.expansions for r in together) > 1
+    assert [r.value for r in together] == pytest.approx([r.value for r in alone], abs=1e-5)  # (padding: float noise)
+
+
 def test_beam_search_respects_max_expansions(models, prompt, monkeypatch):
     policy, value_model, tokenizer = models
     rounds, real_prefix_values = [], oreo.prefix_values
@@ -134,9 +179,9 @@ def test_beam_search_returns_the_best_finished_candidate(models, prompt, monkeyp
     policy, value_model, tokenizer = models
     monkeypatch.setattr(value_model, "last_value", lambda ids, attention: ids[:, -1].float())
     scored, real_prefix_values = [], oreo.prefix_values
-    monkeypatch.setattr(oreo, "prefix_values",
-                        lambda vm, prompt_ids, prefixes, pad: scored.append(prefixes) or
-                        real_prefix_values(vm, prompt_ids, prefixes, pad))
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    monkeypatch.setattr(oreo, "prefix_values", lambda vm, contexts, pad: scored.append(
+        [c[n_prompt:] for c in contexts]) or real_prefix_values(vm, contexts, pad))
     torch.manual_seed(0)
     result = oreo.beam_search(policy, value_model, tokenizer, prompt, 3, [], max_expansions=20, max_step_tokens=1,
                               max_new_tokens=2)
@@ -176,6 +221,15 @@ def value_dir(tiny_dir, tmp_path_factory):
     return value_model.save(tmp_path_factory.mktemp("value"))
 
 
+def test_gpu_search_defaults_are_oreos(monkeypatch):
+    """On a GPU, --search beam is the paper's: B = 7, B next steps per kept candidate, temperature 1, 20 rounds."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    spec = importlib.util.spec_from_file_location("eval_on_gpu", ROOT / "eval.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    assert (gpu.DEFAULT_BEAM, gpu.DEFAULT_EXPAND, gpu.SEARCH_TEMPERATURE, gpu.DEFAULT_MAX_EXPANSIONS) == (7, None, 1.0, 20)
+
+
 def test_cli_beam_search_writes_the_json(tiny_dir, value_dir, tmp_path, capsys):
     out, completions = tmp_path / "r.json", tmp_path / "c.jsonl"
     status = E.main([str(tiny_dir), "--search", "beam", "--beam", "2", "--value", str(value_dir), "--people", "2",
@@ -186,11 +240,18 @@ def test_cli_beam_search_writes_the_json(tiny_dir, value_dir, tmp_path, capsys):
     assert set(result) == {"accuracy", "format_rate", "lenient_accuracy", "mean_length", "settings"}
     settings = result["settings"]
     assert (settings["search"], settings["beam"], settings["value"]) == ("beam", 2, str(value_dir))
-    assert settings["temperature"] == 1.0 and settings["puzzles"] == {"2": 2}
+    assert settings["temperature"] == E.SEARCH_TEMPERATURE == 0.7 and settings["puzzles"] == {"2": 2}  # CPU default
     rows = [json.loads(line) for line in completions.read_text().splitlines()]
     assert len(rows) == 2 and all(1 <= row["length"] <= 6 and row["completion"].startswith("<think>")
                                   for row in rows)
     assert "| model | 2 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option", ["--beam", "--search-batch"])
+def test_cli_search_settings_below_one_are_refused(tiny_dir, tmp_path, capsys, option):
+    with pytest.raises(SystemExit):
+        E.parse_args([str(tiny_dir), "--search", "beam", "--value", str(tmp_path), option, "0"])
+    assert "--max-step-tokens and --search-batch must be >= 1" in capsys.readouterr().err
 
 
 def test_cli_beam_search_needs_a_value_model_folder(tiny_dir, tmp_path, capsys):

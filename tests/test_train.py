@@ -179,6 +179,7 @@ def test_ppo_epochs_take_that_many_optimizer_steps_per_rollout_batch(tmp_path):
     ("--SFT_STYLE=prose", "SFT_STYLE='prose'"),
     ("--OREO_LEVEL=word", "OREO_LEVEL='word'"),
     ("--OUT_DIR=", "OUT_DIR='': name a folder"),
+    ("--POLICY_LORA_RANK=-4", "POLICY_LORA_RANK=-4 must be >= 0"),
 ])
 def test_bad_constants_are_refused_with_a_message_naming_them(args, message):
     import train
@@ -313,6 +314,26 @@ def test_sft_from_a_warmup_checkpoint_is_the_sft_instead_of_rl_comparison(tmp_pa
     assert all(torch.equal(start[k], v) for k, v in kk_model.load_model(warmup, "cpu").state_dict().items())
     extra = json.loads((tmp_path / "run" / "checkpoints" / "final" / "mini_logic_rl.json").read_text())
     assert (extra["stage"], extra["step"]) == ("sft", 2)
+
+
+def test_a_lora_policy_trains_only_its_adapters_and_saves_them_for_eval(tmp_path):
+    """POLICY_LORA_RANK > 0: stage 2 trains LoRA adapters on the frozen warm-up; checkpoints/final is a peft adapter
+    folder naming the warm-up as its base, which model.load_model (so eval.py) loads with the adapters merged in."""
+    warmup = kk_model.build_tiny(tmp_path / "warmup", kk_data.corpus_text(), hidden=32, layers=2, heads=2,
+                                 kv_heads=2, ffn=64)
+    run_train(tmp_path / "run", "--ALGO=sft", f"--WARMUP_CHECKPOINT={warmup}", "--STEPS=2", "--POLICY_LORA_RANK=4")
+    state = final_weights(tmp_path / "run")
+    start = kk_model.load_model(warmup, "cpu", dtype=torch.float32).state_dict()
+    base = {name.replace(".base_layer", ""): t for name, t in state.items() if ".lora_" not in name}
+    assert base.keys() == start.keys() and all(torch.equal(t, start[name]) for name, t in base.items())  # frozen
+    assert any(".lora_B." in name and t.abs().sum() > 0 for name, t in state.items())  # the adapters moved
+    final = tmp_path / "run" / "checkpoints" / "final"
+    assert kk_model.lora_base(final) == str(tmp_path / "run" / "checkpoints" / "warmup")
+    trained = kk_model.add_lora(kk_model.load_model(warmup, "cpu", dtype=torch.float32), 4)
+    trained.load_state_dict(state)
+    ids = torch.tensor([[1, 5, 7, 9, 4]])
+    merged = kk_model.load_model(final, "cpu", dtype=torch.float32)
+    assert torch.allclose(merged(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-5)
 
 
 def train_rows(run_dir):

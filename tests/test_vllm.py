@@ -209,6 +209,25 @@ def test_a_sync_without_the_lm_head_is_caught_by_the_gap(stepped):
     assert R.logprob_gap(rollout.sampler_logprobs, trainer_logprobs(policy, rollout), rollout.completion_mask) < MATCH
 
 
+def test_a_lora_policy_reaches_the_engine_as_merged_weights(setup):
+    """POLICY_LORA_RANK > 0: the sync sends W + (alpha / r) B A under the base names (model.iter_full_state)."""
+    policy, _, sampler = setup
+    lora = M.add_lora(copy.deepcopy(policy), 4)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # trained adapters, far enough from B = 0 to move the log-probs
+    try:
+        sampler.sync_weights(lora)
+        rollout = sample(sampler)
+        mask = rollout.completion_mask.bool()
+        torch.testing.assert_close(rollout.sampler_logprobs[mask], trainer_logprobs(lora, rollout)[mask], atol=MATCH,
+                                   rtol=0)
+        assert R.logprob_gap(rollout.sampler_logprobs, trainer_logprobs(policy, rollout), rollout.completion_mask) > STALE
+    finally:
+        sampler.sync_weights(policy)  # the module's engine holds the plain policy again
+
+
 def test_full_weights_always_include_the_tied_lm_head(setup):
     policy, _, _ = setup
     names = [name for name, _ in R.full_weights(policy)]
