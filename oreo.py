@@ -182,7 +182,7 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device, dtype=torch.float32, attn_implementation=None, lora_rank=0):
-        """Backbone of a causal LM or a saved ValueModel (a LoRA one: merged), and the saved head; lora_rank: add_lora."""
+        """Backbone of a causal LM or saved ValueModel (a LoRA one: merged), and its saved head; lora_rank: add_lora."""
         base = lora_base(path)
         backbone = AutoModel.from_pretrained(base or path, dtype=dtype, attn_implementation=attn_implementation)
         model = cls((merged_lora(backbone, path) if base else backbone).to(device), lora_rank)
