@@ -583,7 +583,8 @@ def load_trainer_state(path):
 def restore_trainer_state(state, model, optimizer):
     """Put the weights, optimizer state and torch RNG states of a loaded state back (not the caller's `extra`)."""
     if "folder" in state:  # every rank loads its shards of what save_trainer_state's dcp.save wrote
-        shards = dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        shards = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(shards, checkpoint_id=str(state["folder"]))
         set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
     else:
