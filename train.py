@@ -189,8 +189,7 @@ def check_constants():
          f"GROUP_SIZE={GROUP_SIZE}: group baselines need >= 2 (ALGO='reinforce++' needs no groups)")
     need(ALGO != "oreo" or WORLD == 1, "ALGO='oreo' runs on one process here (no FSDP2 value model yet)")
     need(not (POLICY_LORA_RANK or ALGO == "oreo" and VALUE_LORA_RANK) or importlib.util.find_spec("peft"),
-         f"POLICY_LORA_RANK={POLICY_LORA_RANK} / VALUE_LORA_RANK={VALUE_LORA_RANK} need peft (pip install -r "
-         "requirements.txt), or use 0")
+         "POLICY_LORA_RANK > 0 and VALUE_LORA_RANK > 0 need peft (pip install -r requirements.txt), or use 0")
     need(not POLICY_LORA_RANK or WORLD == 1, f"POLICY_LORA_RANK={POLICY_LORA_RANK} runs on one process here (FSDP2 "
          "of LoRA layers is not verified); use 0 under torchrun")
     need(len(ADAM_BETAS) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in ADAM_BETAS),
@@ -251,8 +250,7 @@ def initial_model_path(out_dir):
 
 
 def load_policy_and_reference(path, device, with_reference=True, lora_rank=0):
-    """The trainable policy in fp32 master weights (computing in bf16 on a GPU; lora_rank > 0: LoRA adapters, the
-    base frozen) and the frozen reference (or None)."""
+    """The trainable policy in fp32 master weights (lora_rank > 0: LoRA adapters on it) and the frozen reference."""
     if WORLD > 1:
         policy = kk_model.load_sharded(path, device, torch.float32, GRADIENT_CHECKPOINTING, CPU_OFFLOAD)
         frozen = kk_model.load_sharded(path, device, cpu_offload=CPU_OFFLOAD, frozen=True) if with_reference else None

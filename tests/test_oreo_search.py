@@ -227,7 +227,8 @@ def test_gpu_search_defaults_are_oreos(monkeypatch):
     spec = importlib.util.spec_from_file_location("eval_on_gpu", ROOT / "eval.py")
     gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu)
-    assert (gpu.DEFAULT_BEAM, gpu.DEFAULT_EXPAND, gpu.SEARCH_TEMPERATURE, gpu.DEFAULT_MAX_EXPANSIONS) == (7, None, 1.0, 20)
+    defaults = gpu.DEFAULT_BEAM, gpu.DEFAULT_EXPAND, gpu.SEARCH_TEMPERATURE, gpu.DEFAULT_MAX_EXPANSIONS
+    assert defaults == (7, None, 1.0, 20) and gpu.SEARCH_BATCH == 1
 
 
 def test_cli_beam_search_writes_the_json(tiny_dir, value_dir, tmp_path, capsys):

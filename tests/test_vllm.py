@@ -223,7 +223,8 @@ def test_a_lora_policy_reaches_the_engine_as_merged_weights(setup):
         mask = rollout.completion_mask.bool()
         torch.testing.assert_close(rollout.sampler_logprobs[mask], trainer_logprobs(lora, rollout)[mask], atol=MATCH,
                                    rtol=0)
-        assert R.logprob_gap(rollout.sampler_logprobs, trainer_logprobs(policy, rollout), rollout.completion_mask) > STALE
+        plain = trainer_logprobs(policy, rollout)
+        assert R.logprob_gap(rollout.sampler_logprobs, plain, rollout.completion_mask) > STALE  # the adapters count
     finally:
         sampler.sync_weights(policy)  # the module's engine holds the plain policy again
 
