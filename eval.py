@@ -702,7 +702,7 @@ def parse_args(argv):
         error("--search beam and compare need --value DIR (the folder oreo.ValueModel.save wrote); greedy takes none")
     if args.search != "greedy":
         if args.samples != 1 or args.sampler != "hf" or args.temperature == 0:
-            error("--search beam runs one search per puzzle with HF generate at a temperature > 0: "
+            error("--search beam samples its steps on the HF model (rollout.decode) at a temperature > 0: "
                   "leave --samples at 1 and --sampler at hf, and give --temperature > 0")
         if min(args.beam, args.max_expansions, args.max_step_tokens, args.expand or 1, args.search_batch) < 1:
             error("--beam, --expand, --max-expansions, --max-step-tokens and --search-batch must be >= 1")
