@@ -586,12 +586,11 @@ def beam_search_many(policy, value_model, tokenizer, prompts, beam, step_ids, ma
             generated[i] += sum(map(len, its_steps))
             candidates[i] += [prefix + step[:max_new_tokens - len(prefix)] for step in its_steps]
         candidates = {i: [list(c) for c in dict.fromkeys(map(tuple, cs))] for i, cs in candidates.items()}  # no dups
-        scored = [(i, c) for i, cs in candidates.items() for c in cs]
-        values = prefix_values(value_model, [prompt_ids[i] + (c[:-1] if c[-1] == tokenizer.eos_token_id else c)
-                                             for i, c in scored], tokenizer.pad_token_id)  # scored without EOS
+        contexts = [prompt_ids[i] + (c[:-1] if c[-1] == tokenizer.eos_token_id else c)  # scored without EOS
+                    for i, cs in candidates.items() for c in cs]
+        values = iter(prefix_values(value_model, contexts, tokenizer.pad_token_id))  # in the candidates' order
         for i, cs in candidates.items():
-            its_values = [value for (j, _), value in zip(scored, values) if j == i]
-            partial[i], newly_finished = keep_best(cs, its_values, beam, is_finished)
+            partial[i], newly_finished = keep_best(cs, [next(values) for _ in cs], beam, is_finished)
             finished[i] += newly_finished
             rounds[i] = expansion + 1
     best = [max(finished[i] or partial[i], key=lambda pair: pair[1]) for i in searches]  # the first of the best
