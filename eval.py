@@ -26,6 +26,7 @@ import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
+from statistics import fmean as mean
 
 import torch
 import torch.distributed as dist
@@ -59,8 +60,7 @@ METRIC_TITLES = {"accuracy": "accuracy (strict reward = 3)", "format_rate": "for
                  "mean_length": "mean completion length (tokens)"}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 1. pass@k: the chance that at least one of k samples is right, estimated from n >= k samples.
+# ---- 1. pass@k: the chance that at least one of k samples is right, estimated from n >= k samples.
 def pass_at_k(n, c, k):
     """Unbiased pass@k of one puzzle with n samples, c of them right: 1 - C(n-c, k) / C(n, k) (arXiv 2107.03374)."""
     if not 0 <= c <= n or not 1 <= k <= n:
@@ -68,18 +68,7 @@ def pass_at_k(n, c, k):
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def mean(values):
-    values = list(values)
-    return sum(values) / len(values)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 2. Test puzzles: {size: [records]}, generated or read from benchmark-format files.
-def generated_split(sizes, per_size, seed=DEFAULT_SEED):
-    """{n: the first per_size puzzles of kk_data.generate(n, ., seed)}: train.py's held-out puzzles for that seed."""
-    return {n: kk_data.generate(n, per_size, seed) for n in sizes}
-
-
+# ---- 2. Test puzzles: {size: [records]}, generated or read from benchmark-format files.
 def load_test_dir(data_dir, sizes=None, per_size=None):
     """{n: the first per_size (or all) records} of a folder's people{n}_num{k}.jsonl files, for `sizes` or all."""
     data_dir = Path(data_dir)
@@ -99,24 +88,26 @@ def load_test_dir(data_dir, sizes=None, per_size=None):
     missing = [n for n in sizes or () if n not in files]
     if missing:
         raise ValueError(f"{data_dir}: no people{{n}}_num{{k}}.jsonl file for n = {missing}")
-    return {n: load_test_file(files[n], n)[:per_size] for n in (sorted(files) if sizes is None else sizes)}
+    records_by_size = {n: kk_data.load_jsonl(files[n], n)[:per_size] for n in sizes or sorted(files)}
+    for n, records in records_by_size.items():
+        if not records:
+            raise ValueError(f"{files[n]}: no records")
+    return records_by_size
 
 
-def load_test_file(path, n_people):
-    """The records of one benchmark-format file, checked to have n_people people; errors name path:line."""
-    def check_record(record):  # kk_data.load_jsonl's check, plus the size the file's name promises
-        kk_data.check_record(record)
-        if len(record["names"]) != n_people:
-            raise ValueError(f"a puzzle with {len(record['names'])} people in a file named for {n_people}")
+def load_test_set(args):
+    """({size: records}, settings describing them): --data's files, else the first --per-size puzzles of
+    kk_data.generate(n, ., --seed) per size (train.py's held-out puzzles for that seed)."""
+    if args.data:
+        records_by_size, data = load_test_dir(args.data, args.people, args.per_size), str(args.data)
+    else:
+        per_size = args.per_size or DEFAULT_PER_SIZE
+        records_by_size = {n: kk_data.generate(n, per_size, args.seed) for n in args.people or kk_data.SIZES}
+        data = f"generated (kk_data.generate, seed {args.seed})"
+    return records_by_size, {"data": data, "puzzles": {n: len(r) for n, r in records_by_size.items()}}
 
-    records = kk_data.read_jsonl(path, check_record, key=lambda record: record["quiz"])  # errors name path:line
-    if not records:
-        raise ValueError(f"{path}: no records")
-    return records
 
-
-# ----------------------------------------------------------------------------------------------------------
-# 3. Generate and score: one row per completion, the only thing the table numbers are computed from.
+# ---- 3. Generate and score: one row per completion, the only thing the table numbers are computed from.
 def score_completions(sampler, records_by_size, template, tokenizer=None, samples=1, temperature=0.0, top_p=1.0,
                       max_new_tokens=DEFAULT_MAX_NEW_TOKENS, batch_size=EVAL_BATCH, progress=False,
                       desc="completions"):
@@ -291,8 +282,7 @@ def evaluate(sampler, records_by_size, template, tokenizer=None, max_new_tokens=
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 4. Models: check the name, find the template it was trained with, load a sampler.
+# ---- 4. Models: check the name, find the template it was trained with, load a sampler.
 def check_model_name(name):
     """Fail before any work unless `name` is a local HF model folder or looks like a hub name ("org/model")."""
     path = Path(name)
@@ -307,32 +297,24 @@ def check_model_name(name):
         raise ValueError(f"{name}: no such model folder (and not a hub name like Qwen/Qwen2.5-7B-Instruct-1M)")
 
 
-def read_extra(model_name):
-    """(what train.py saved in the folder's mini_logic_rl.json, that file); ({}, None) if it has none."""
-    extra_file = Path(model_name) / kk_model.EXTRA_FILE
-    if not extra_file.is_file():
-        return {}, None
-    try:
-        extra = json.loads(extra_file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{extra_file}: not valid JSON ({error})") from None
-    return (extra if isinstance(extra, dict) else {}), extra_file
-
-
-def read_template(model_name, override=None):
-    """(template, where it came from): --template, else mini_logic_rl.json's "template", else "qwen-instruct"."""
-    if override is not None:
-        return override, "--template"
-    extra, extra_file = read_extra(model_name)
-    template = extra.get("template")
-    if template is not None and template not in kk_data.TEMPLATES:
-        raise ValueError(f"{extra_file}: unknown template {template!r}; known: {kk_data.TEMPLATES}")
-    return (DEFAULT_TEMPLATE, "default") if template is None else (template, str(extra_file))
-
-
-def read_max_new_tokens(model_name, override=None):
-    """--max-new-tokens, else the budget the model was trained with (mini_logic_rl.json), else 4096."""
-    return override or read_extra(model_name)[0].get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+def trained_settings(model_name, template=None, max_new_tokens=None):
+    """(template, where it came from, max_new_tokens): the options given, else what train.py saved in the model
+    folder's mini_logic_rl.json, else qwen-instruct and 4096."""
+    extra_file, extra = Path(model_name) / kk_model.EXTRA_FILE, {}
+    if extra_file.is_file() and None in (template, max_new_tokens):
+        try:
+            extra = json.loads(extra_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{extra_file}: not valid JSON ({error})") from None
+    extra = extra if isinstance(extra, dict) else {}
+    budget = max_new_tokens or extra.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+    if template is not None:
+        return template, "--template", budget
+    if extra.get("template") is None:
+        return DEFAULT_TEMPLATE, "default", budget
+    if extra["template"] not in kk_data.TEMPLATES:
+        raise ValueError(f"{extra_file}: unknown template {extra['template']!r}; known: {kk_data.TEMPLATES}")
+    return extra["template"], str(extra_file), budget
 
 
 def load_sampler(kind, model_name, device, max_new_tokens=DEFAULT_MAX_NEW_TOKENS):
@@ -369,8 +351,7 @@ def first_line(error):
     return lines[0] if lines else type(error).__name__
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 5. The table: a row per model, a column per puzzle size, like the paper's.
+# ---- 5. The table: a row per model, a column per puzzle size, like the paper's.
 def markdown_table(rows, metric="accuracy", digits=2):
     """rows: {label: {metric: {size: x}}} -> markdown with sizes as columns; "-" where a model lacks a size."""
     sizes = sorted({int(s) for r in rows.values() for s in r.get(metric, {})})
@@ -382,8 +363,7 @@ def markdown_table(rows, metric="accuracy", digits=2):
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 6. Curves of a run from its metrics.jsonl (train.py writes a "train" row per step, an "eval" row per eval).
+# ---- 6. Curves of a run from its metrics.jsonl (train.py writes a "train" row per step, an "eval" row per eval).
 PANELS = [  # (title, keys of train rows drawn as lines, keys of eval rows drawn per puzzle size)
     ("reward (train samples)", ("reward", "reward_format", "reward_answer"), ()),
     ("accuracy", ("accuracy",), ("accuracy",)),
@@ -475,9 +455,7 @@ def plot_run(run_dir, out_name="curves.png"):
     return Path(run_dir) / out_name
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 7. report.md of a run: a pure function of its folder (config.json, defaults.json, metrics.jsonl, summary.json,
-# curves.png), written by train.py after every evaluation and at the end, and by `eval.py --report RUN_DIR`.
+# ---- 7. report.md of a run: a pure function of its folder, written by train.py and by `eval.py --report RUN_DIR`.
 REPORT_EXAMPLES = 3  # held-out puzzles per size whose greedy completion every train.py evaluation keeps
 REPORT_MAX_EVALS = 8  # report.md shows each such puzzle at most at this many evaluations (first, last, spread)
 REPORT_WIDTH = 110  # completions are wrapped at spaces to this width in report.md (metrics.jsonl has them verbatim)
@@ -608,8 +586,7 @@ def example_sections(evals, labels):
     return lines
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 8. metrics.jsonl, and wandb when train.py's WANDB is on (optional; WANDB_MODE=offline keeps it on disk).
+# ---- 8. metrics.jsonl, and wandb when train.py's WANDB is on (optional; WANDB_MODE=offline keeps it on disk).
 def numbers(name, value):
     """{"name/key/...": number} of the numbers in a nested dict (bools, text and lists left out)."""
     if isinstance(value, dict):
@@ -657,8 +634,7 @@ class MetricsLog:
             self.wandb.finish()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 9. Command line.
+# ---- 9. Command line.
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -734,33 +710,20 @@ def parse_args(argv):
     return args
 
 
-def load_test_set(args):
-    """({size: records}, settings describing them) as the command line asks."""
-    if args.data:
-        records_by_size, data = load_test_dir(args.data, args.people, args.per_size), str(args.data)
-    else:
-        sizes, per_size = args.people or list(kk_data.SIZES), args.per_size or DEFAULT_PER_SIZE
-        records_by_size = generated_split(sizes, per_size, args.seed)
-        data = f"generated (kk_data.generate, seed {args.seed})"
-    return records_by_size, {"data": data, "puzzles": {n: len(r) for n, r in records_by_size.items()}}
-
-
 def evaluate_models(args):
     """Score every model on one test set; returns ({model: numbers + settings}, every completion row)."""
     records_by_size, data_settings = load_test_set(args)
     for name in args.models:  # all names checked before the first (possibly long) evaluation starts
         check_model_name(name)
-    templates = {name: read_template(name, args.template) for name in args.models}
+    trained = {name: trained_settings(name, args.template, args.max_new_tokens) for name in args.models}
     device = torch.device(args.device) if args.device else kk_model.pick_device()
     transformers.utils.logging.disable_progress_bar()  # one bar per model is enough
     value_model = load_value_model(args.value, device) if args.value else None
     beam_settings = dict(max_expansions=args.max_expansions, max_step_tokens=args.max_step_tokens, expand=args.expand,
                          search_batch=args.search_batch)
     results, all_rows = {}, []
-    for name in args.models:
-        max_new_tokens = read_max_new_tokens(name, args.max_new_tokens)
+    for name, (template, template_source, max_new_tokens) in trained.items():
         sampler, tokenizer = load_sampler(args.sampler, name, device, max_new_tokens)
-        template, template_source = templates[name]
         print(f"{name}: template {template!r} (from {template_source})", file=sys.stderr)
         torch.manual_seed(args.seed)  # the same sampling noise for every model
         if args.search == "compare":
@@ -769,12 +732,6 @@ def evaluate_models(args):
             settings = {"model": name, "value": args.value, "ns": args.ns, "temperature": args.temperature,
                         **beam_settings, **data_settings}
             return {name: {"compare": result, "settings": settings}}, []
-        if args.search == "beam":
-            rows = score_beam_search(sampler.model, value_model, tokenizer, records_by_size, template, args.beam,
-                                     args.temperature, max_new_tokens, progress=True, desc=name, **beam_settings)
-        else:
-            rows = score_completions(sampler, records_by_size, template, tokenizer, args.samples, args.temperature,
-                                     args.top_p, max_new_tokens, args.batch_size, progress=True, desc=name)
         k = args.samples if args.samples > 1 else None
         settings = {"model": name, "template": template, "template_from": template_source,
                     "scorer": "reward.score (strict)", "sampler": args.sampler, "device": str(device),
@@ -782,8 +739,13 @@ def evaluate_models(args):
                     "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": max_new_tokens,
                     "batch_size": args.batch_size, "seed": args.seed, "search": args.search, **data_settings}
         if args.search == "beam":
+            rows = score_beam_search(sampler.model, value_model, tokenizer, records_by_size, template, args.beam,
+                                     args.temperature, max_new_tokens, progress=True, desc=name, **beam_settings)
             settings.update(beam=args.beam, value=str(args.value), **beam_settings,
                             step_end_ids=oreo.step_end_ids(tokenizer))
+        else:
+            rows = score_completions(sampler, records_by_size, template, tokenizer, args.samples, args.temperature,
+                                     args.top_p, max_new_tokens, args.batch_size, progress=True, desc=name)
         results[name] = {**summarize_completions(rows, k), "settings": settings}
         all_rows += [{"model": name, **row} for row in rows]
         sampler.close()  # a vLLM engine must be shut down explicitly

@@ -403,9 +403,15 @@ def read_jsonl(path, check_row, key=None, truncated_tail_ok=False):
     return rows
 
 
-def load_jsonl(path):
-    """Records of a benchmark-format JSONL file; a bad row or a repeated quiz raises ValueError naming path:line."""
-    return read_jsonl(path, check_record, key=lambda record: record["quiz"])
+def load_jsonl(path, n_people=None):
+    """Records of a benchmark-format JSONL file (of n_people people each, when given, as a test file's name
+    promises); a bad row or a repeated quiz raises ValueError naming path:line."""
+    def check(record):
+        check_record(record)
+        if n_people is not None and len(record["names"]) != n_people:
+            raise ValueError(f"a puzzle with {len(record['names'])} people in a file named for {n_people}")
+
+    return read_jsonl(path, check, key=lambda record: record["quiz"])
 
 
 def write_atomically(path, text):

@@ -232,25 +232,26 @@ def test_load_test_dir_without_test_files_or_folder(tmp_path):
 
 def test_generated_split_is_train_py_held_out_prefix():
     held_out = kk_data.make_splits([3], 5, 4, seed=7)[1][3]
-    assert E.generated_split([3], 3, seed=7)[3] == held_out[:3]
+    args = E.parse_args(["Qwen/Qwen2.5-7B-Instruct-1M", "--people", "3", "--per-size", "3", "--seed", "7"])
+    assert E.load_test_set(args)[0][3] == held_out[:3]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Templates and tables
 def test_template_comes_from_mini_logic_rl_json(tmp_path, tiny_dir):
-    assert E.read_template(tiny_dir) == ("tiny", str(tiny_dir / M.EXTRA_FILE))
-    assert E.read_template(tiny_dir, override="base") == ("base", "--template")
-    assert E.read_template(tmp_path) == ("qwen-instruct", "default")
+    assert E.trained_settings(tiny_dir)[:2] == ("tiny", str(tiny_dir / M.EXTRA_FILE))
+    assert E.trained_settings(tiny_dir, template="base")[:2] == ("base", "--template")
+    assert E.trained_settings(tmp_path)[:2] == ("qwen-instruct", "default")
     (tmp_path / M.EXTRA_FILE).write_text(json.dumps({"template": "fancy"}))
     with pytest.raises(ValueError, match="unknown template 'fancy'"):
-        E.read_template(tmp_path)
+        E.trained_settings(tmp_path)
 
 
 def test_generation_budget_is_the_trained_one_unless_overridden(tmp_path):
-    assert E.read_max_new_tokens(tmp_path) == E.DEFAULT_MAX_NEW_TOKENS
+    assert E.trained_settings(tmp_path)[2] == E.DEFAULT_MAX_NEW_TOKENS
     (tmp_path / M.EXTRA_FILE).write_text(json.dumps({"template": "tiny", "max_new_tokens": 400}))
-    assert E.read_max_new_tokens(tmp_path) == 400
-    assert E.read_max_new_tokens(tmp_path, override=64) == 64
+    assert E.trained_settings(tmp_path)[2] == 400
+    assert E.trained_settings(tmp_path, max_new_tokens=64)[2] == 64
 
 
 def test_markdown_table_has_a_column_per_size_and_dash_for_missing():
