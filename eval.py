@@ -347,8 +347,7 @@ def load_value_model(path, device):
 
 
 def first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # ---- 5. The table: a row per model, a column per puzzle size, like the paper's.
@@ -480,9 +479,8 @@ def read_json(path, default=None):
     return json.loads(path.read_text()) if path.is_file() else default
 
 
-def changed_constants(run_dir):
-    """([(name, value, default)] of config.json's constants unlike defaults.json's (else train.py's), their source)."""
-    config = read_json(run_dir / "config.json", {})
+def constants_section(run_dir, config):
+    """report.md's lines on the constants in config.json unlike defaults.json's (else a fresh train.py's)."""
     defaults, source = read_json(run_dir / "defaults.json"), "defaults.json (train.py's, as the run started)"
     if defaults is None:  # a fresh copy of train.py: its module-level constants are the defaults
         spec = importlib.util.spec_from_file_location("train_defaults", Path(__file__).with_name("train.py"))
@@ -490,7 +488,12 @@ def changed_constants(run_dir):
         spec.loader.exec_module(train)
         defaults = json.loads(json.dumps({k: getattr(train, k) for k in train.CONSTANTS}))
         source = "train.py's defaults on the machine that wrote this report (the run saved none)"
-    return [(k, v, defaults.get(k)) for k, v in config.items() if defaults.get(k, object()) != v], source
+    changed = [(k, v, defaults.get(k)) for k, v in config.items() if defaults.get(k, object()) != v]
+    if not changed:
+        return [f"None: the run used the defaults ({source})."]
+    lines = ["| constant | this run | default |", "|---|---|---|"]
+    lines += [f"| {k} | {cell(v)} | {cell(d)} |" for k, v, d in changed]
+    return lines + ["", f"Defaults from {source}; every constant is in config.json."]
 
 
 def code_block(text, width=REPORT_WIDTH):
@@ -535,14 +538,7 @@ def report_markdown(run_dir, rows):
              f"{name}` writes it again from this folder's files. Evaluations are greedy, on "
              f"{config.get('TEST_PER_SIZE', 'the')} held-out puzzles per size, scored by `reward.score` (the "
              "training reward).", "", "## Constants that differ from the defaults", ""]
-    changed, source = changed_constants(run_dir)
-    if changed:
-        lines += ["| constant | this run | default |", "|---|---|---|"]
-        lines += [f"| {k} | {cell(v)} | {cell(d)} |" for k, v, d in changed]
-        lines += ["", f"Defaults from {source}; every constant is in config.json."]
-    else:
-        lines += [f"None: the run used the defaults ({source})."]
-    lines += ["", "## Held-out results", ""]
+    lines += constants_section(run_dir, config) + ["", "## Held-out results", ""]
     pass_keys = sorted({k for r in evals for k in r if k.startswith("pass@")}, key=lambda k: int(k[5:]))
     titles = {**METRIC_TITLES, **{k: f"{k} at the rollout temperature (chance that one of {k[5:]} sampled "
                                      "completions is right)" for k in pass_keys},
@@ -781,10 +777,9 @@ def main(argv=None):
     try:
         if args.plot or args.report:
             out = plot_run(args.plot) if args.plot else write_report(args.report)
-            if out is None:  # no matplotlib to plot with
-                return 2
-            print(f"wrote {out}")
-            return 0
+            if out is not None:  # None: no matplotlib to plot with
+                print(f"wrote {out}")
+            return 2 if out is None else 0
         results, rows = evaluate_models(args)
     except (ValueError, OSError) as error:
         print(f"error: {first_line(error)}", file=sys.stderr)
