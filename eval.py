@@ -77,12 +77,11 @@ def load_test_dir(data_dir, sizes=None, per_size=None):
     files = {}
     for path in sorted(data_dir.iterdir()):
         match = DATA_FILE.fullmatch(path.name)
-        if match is None:
-            continue
-        n = int(match.group(1))
+        n = int(match[1]) if match else None
         if n in files:
             raise ValueError(f"{data_dir}: two files for {n} people ({files[n].name} and {path.name})")
-        files[n] = path
+        if match:
+            files[n] = path
     if not files:
         raise ValueError(f"{data_dir}: no test files named people{{n}}_num{{k}}.jsonl")
     missing = [n for n in sizes or () if n not in files]
@@ -748,21 +747,19 @@ def evaluate_models(args):
     return results, all_rows
 
 
-def print_tables(results):
-    if any("compare" in r for r in results.values()):
-        print("\naccuracy (generated tokens per puzzle)\n\n" + compare_table(next(iter(results.values()))["compare"]))
-        return
-    for metric, title in METRIC_TITLES.items():
-        print(f"\n{title}\n\n{markdown_table(results, metric, digits=0 if metric == 'mean_length' else 2)}")
-    if any("pass_at_k" in r for r in results.values()):
-        k = next(r["settings"]["pass_at_k_k"] for r in results.values())
-        print(f"\npass@{k}\n\n{markdown_table(results, 'pass_at_k')}")
-
-
-def write_outputs(args, results, rows):
+def show_results(args, results, rows):
+    """The tables on stdout (--search compare: its table and --png's plot), then --out's JSON and --completions."""
     if args.search == "compare":
-        plot_compare(next(iter(results.values()))["compare"], args.png)
+        curves_by_size = next(iter(results.values()))["compare"]
+        print("\naccuracy (generated tokens per puzzle)\n\n" + compare_table(curves_by_size))
+        plot_compare(curves_by_size, args.png)
         print(f"\nwrote {args.png}")
+    else:
+        for metric, title in METRIC_TITLES.items():
+            print(f"\n{title}\n\n{markdown_table(results, metric, digits=0 if metric == 'mean_length' else 2)}")
+        if any("pass_at_k" in r for r in results.values()):
+            k = next(r["settings"]["pass_at_k_k"] for r in results.values())
+            print(f"\npass@{k}\n\n{markdown_table(results, 'pass_at_k')}")
     if args.out:
         kk_data.write_atomically(args.out, json.dumps(results, indent=1) + "\n")
         print(f"\nwrote {args.out}")
@@ -784,8 +781,7 @@ def main(argv=None):
     except (ValueError, OSError) as error:
         print(f"error: {first_line(error)}", file=sys.stderr)
         return 2
-    print_tables(results)
-    write_outputs(args, results, rows)
+    show_results(args, results, rows)
     return 0
 
 
