@@ -218,6 +218,14 @@ def test_load_jsonl_reads_back_generated_records(tmp_path):
     assert kk_data.load_jsonl(tmp_path / "six.jsonl") == records
 
 
+def test_load_jsonl_checks_the_size_a_test_file_name_promises(tmp_path):
+    path = tmp_path / "people2_num2.jsonl"
+    kk_data.save_jsonl(kk_data.generate(2, 1, seed=0) + kk_data.generate(3, 1, seed=0), path)
+    assert len(kk_data.load_jsonl(path)) == 2  # any size without n_people
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: a puzzle with 3 people in a file named for 2")):
+        kk_data.load_jsonl(path, 2)
+
+
 def good_row(**changes):
     row = sample_records()[0]
     row.update(changes)
