@@ -478,6 +478,10 @@ def read_json(path, default=None):
     return json.loads(path.read_text()) if path.is_file() else default
 
 
+def cell(value):
+    return "`" + json.dumps(value).replace("|", "\\|") + "`"
+
+
 def constants_section(run_dir, config):
     """report.md's lines on the constants in config.json unlike defaults.json's (else a fresh train.py's)."""
     defaults, source = read_json(run_dir / "defaults.json"), "defaults.json (train.py's, as the run started)"
@@ -508,10 +512,6 @@ def spread(items, n):
     if len(items) <= n:
         return items
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
-
-
-def cell(value):
-    return "`" + json.dumps(value).replace("|", "\\|") + "`"
 
 
 def report_markdown(run_dir, rows):
