@@ -3,16 +3,14 @@
     python train.py                       # CPU: the tiny-model story (a warm-up that mostly guesses -> GRPO)
     python train.py --ALGO=reinforce++ --LR=1e-5 --STEPS=50      # any CAPS constant below, from the command line
 
-One RL step (Logic-RL, arXiv 2502.14768; algorithms in ../shared/spec/algorithms.md): PROMPTS_PER_STEP prompts ending
-in the pre-filled "<think>" (kk_data.py), GROUP_SIZE completions each (rollout.py), the strict format + answer reward
-(reward.py), advantages per group (GRPO / Dr. GRPO / RLOO) or per token (REINFORCE++) (grpo.py), then PPO_EPOCHS
-AdamW steps on the clipped policy loss (+ k3 KL to the reference) in micro-batches. main runs it in stages:
-0. score the starting model; 1. a supervised warm-up (or a copy of WARMUP_CHECKPOINT); 2. ALGO from the warm-up: RL,
-more SFT (ALGO="sft", the paper's SFT-vs-RL comparison) or OREO (oreo.py). Every EVAL_EVERY steps: greedy held-out
-accuracy per puzzle size (eval.py). OUT_DIR gets metrics.jsonl, checkpoints (bf16 HF folders + a trainer state for
-exact resume), summary.json, curves.png and report.md.
+An RL step (Logic-RL, arXiv 2502.14768; ../shared/spec/algorithms.md): GROUP_SIZE completions (rollout.py) of each of
+PROMPTS_PER_STEP puzzles (kk_data.py), the rule reward (reward.py), advantages per group (GRPO, Dr. GRPO, RLOO) or per
+token (REINFORCE++) and PPO_EPOCHS steps on the clipped loss + k3 KL (grpo.py). main: 0. score the starting model;
+1. a supervised warm-up (or WARMUP_CHECKPOINT); 2. ALGO from it: RL, more SFT (the paper's SFT-vs-RL) or OREO (oreo.py).
+OUT_DIR gets metrics.jsonl, checkpoints (+ a trainer state for exact resume), summary.json, curves.png, report.md.
 """
 import ast
+import functools
 import importlib.util
 import json
 import math
@@ -37,8 +35,7 @@ import oreo
 from reward import score_batch, summarize
 import rollout as rollout_lib
 
-# ----------------------------------------------------------------------------------------------------------
-# Constants: with a GPU the paper's recipe (REINFORCE++, Qwen2.5-7B-Instruct-1M), on CPU the tiny story.
+# ---- 1. Constants: with a GPU the paper's recipe (REINFORCE++, Qwen2.5-7B-Instruct-1M), on CPU the tiny story ------
 ON_GPU = torch.cuda.is_available()
 MODEL = "Qwen/Qwen2.5-7B-Instruct-1M" if ON_GPU else "tiny"  # hub name, local HF folder, "tiny" or "smollm2"
 TEMPLATE = "qwen-instruct" if ON_GPU else "tiny"  # prompt template (kk_data.TEMPLATES)
@@ -111,9 +108,7 @@ DEVICE = kk_model.pick_device()  # where batches go (under torchrun "cuda" is th
 PROGRESS = {"at": "the start"}  # the step the run is at, for the message of a non-finite stop
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line: --NAME=value overrides a constant; values are Python literals (strings may be bare). Every check
-# runs before any work and stops the run with a one-line error naming the constant to change.
+# ---- 2. The command line; every check runs before any work, with an error naming the constant to change ------------
 def need(ok, message):
     """Stop the run with a one-line error (exit status 1, no traceback) unless ok."""
     if not ok:
@@ -129,6 +124,7 @@ def need_ok(what, check, *args):
 
 
 def parse_overrides(argv):
+    """--NAME=value overrides a constant; values are Python literals (a text constant takes the text as given)."""
     for arg in argv:
         name, sep, text = arg.removeprefix("--").partition("=")
         need(arg.startswith("--") and sep, f"arguments look like --NAME=value, got {arg!r}")
@@ -225,8 +221,7 @@ def check_out_dir(out):
     return config
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data and models.
+# ---- 3. Data and models --------------------------------------------------------------------------------------------
 def initial_model_path(out_dir):
     """MODEL, or a folder made here: "tiny" (a seeded 1M-parameter Qwen2) or "smollm2" (SmolLM2-135M-Instruct)."""
     if MODEL not in ("tiny", "smollm2"):
@@ -273,8 +268,7 @@ def save_trainer_state(out_dir, stage, step, policy, optimizer, summary, **extra
                                 {"stage": stage, "step": step, "summary": summary, **extra})
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One supervised step: next-token loss on prompt -> reasoning trace + answer, token mean over the batch.
+# ---- 4. One SFT step: next-token loss on prompt -> reasoning trace + answer, token mean over the batch -------------
 def sft_step(policy, tokenizer, optimizer, scheduler, records, step):
     prompts = [kk_data.make_prompt(r, TEMPLATE, tokenizer) for r in records]
     styles = sft_styles(len(records), step)
@@ -300,8 +294,7 @@ def sft_styles(count, step):
     return [SFT_STYLE if rng.random() < WARMUP_THINK_RATE else "answer" for _ in range(count)]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One RL step: roll out, score, advantages, clipped policy loss with KL, one optimizer step.
+# ---- 5. One RL step: roll out, score, advantages, clipped policy loss with KL, one optimizer step ------------------
 def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records):
     clock = [time.perf_counter()]  # the start, then the end of each phase
     prompts = [kk_data.make_prompt(r, TEMPLATE, tokenizer) for r in records]
@@ -344,7 +337,7 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
                 logp, logp_first[-1] if reuse_update_forward else logp_old[rows, :width], logp_ref[rows, :width],
                 advantages[rows, :width], mask[rows, :width], clip_low=CLIP_LOW,
                 clip_high=CLIP_HIGH, kl_coef=KL_COEF if KL_IN == "loss" else 0.0, kl_kind=KL_KIND,
-                entropy=entropy, entropy_coef=ENTROPY_COEF, mode=grpo.aggregation_for(ALGO, AGGREGATION),
+                entropy=entropy, entropy_coef=ENTROPY_COEF, mode=AGGREGATION or grpo.OWN_AGGREGATION[ALGO],
                 n_seqs=len(rewards) * WORLD, n_tokens=n_tokens_all, max_len=MAX_NEW_TOKENS)
             kk_model.check_finite(loss, "RL loss")  # before backward: a NaN never reaches the weights
             loss.backward()
@@ -368,8 +361,7 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------------------
-# A stage is a loop of optimizer steps of one kind ("sft" or "rl"), with evaluation and checkpoints.
+# ---- 6. A stage: a loop of optimizer steps of one kind ("sft", "rl", "oreo"), evaluations, checkpoints -------------
 def run_stage(run, stage, steps, policy, reference, sampler, tokenizer, step_offset):
     lr, schedule, batch = (SFT_LR, SFT_SCHEDULE, SFT_BATCH) if stage == "sft" else (LR, LR_SCHEDULE, PROMPTS_PER_STEP)
     optimizer, scheduler = make_optimizer(policy, lr, steps * (PPO_EPOCHS if stage == "rl" else 1), schedule)
@@ -396,8 +388,7 @@ def run_stage(run, stage, steps, policy, reference, sampler, tokenizer, step_off
         bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("sft_loss", "reward", "accuracy", "completion_length")
                          if k in metrics})
         if (step + 1) % EVAL_EVERY == 0 or step + 1 == steps:
-            sampler.sync_weights(policy)  # (an RL step has synced already; an SFT step has not)
-            log_evaluation(run, stage, step + 1, step_offset + step + 1, sampler, tokenizer, step + 1 == steps)
+            log_evaluation(run, stage, step + 1, step_offset + step + 1, sampler, tokenizer, policy, step + 1 == steps)
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
             save_trainer_state(OUT_DIR, stage, step + 1, policy, optimizer, run.summary,
                                scheduler=scheduler.state_dict(), data_rng=data_rng.getstate())
@@ -414,16 +405,13 @@ def run_oreo(run, policy, reference, sampler, tokenizer, step_offset, start_path
     rows, heldout = oreo.split_by_prompt(oreo.load_offline(data_path), OREO_HELDOUT, SEED)
     need(rows, f"OREO_HELDOUT={OREO_HELDOUT} leaves no offline rows to train on")
     value_model = oreo.ValueModel.from_pretrained(start_path, DEVICE, lora_rank=VALUE_LORA_RANK)
-
-    def evaluate_policy(step, global_step):
-        sampler.sync_weights(policy)
-        log_evaluation(run, "oreo", step, global_step, sampler, tokenizer)
+    evaluate = functools.partial(log_evaluation, run, "oreo", sampler=sampler, tokenizer=tokenizer, policy=policy)
 
     def save(step, optimizer, **parts):
         save_trainer_state(OUT_DIR, "oreo", step, policy, optimizer, run.summary, **parts)
 
     steps = oreo.train_offline(
-        policy, reference, value_model, tokenizer, rows, heldout, run.log.write, evaluate_policy, save, run.state,
+        policy, reference, value_model, tokenizer, rows, heldout, run.log.write, evaluate, save, run.state,
         steps=STEPS, batch_size=OREO_BATCH, value_steps=VALUE_STEPS, value_steps_lr=VALUE_STEPS_LR, lr=OREO_LR,
         value_lr=VALUE_LR, level=OREO_LEVEL, kl=OREO_KL, micro_batch=MICRO_BATCH, grad_clip=GRAD_CLIP,
         eval_every=EVAL_EVERY, save_every=SAVE_EVERY, seed=SEED, step_offset=step_offset, progress=PROGRESS)
@@ -431,9 +419,11 @@ def run_oreo(run, policy, reference, sampler, tokenizer, step_offset, start_path
     return steps
 
 
-def log_evaluation(run, stage, step, global_step, sampler, tokenizer, with_pass_at_k=False):
-    """Greedy held-out scores of the sampler's model (with_pass_at_k: also pass@k at TEMPERATURE on PASS_K_PER_SIZE
-    puzzles of each size), into metrics.jsonl and the console (step 0: a starting model); returns them."""
+def log_evaluation(run, stage, step, global_step, sampler, tokenizer, policy=None, with_pass_at_k=False):
+    """Greedy held-out scores of the policy (synced into the sampler) or of a starting model (step 0), with_pass_at_k
+    also pass@k at TEMPERATURE on PASS_K_PER_SIZE puzzles of each size: into metrics.jsonl and the console."""
+    if policy is not None:
+        sampler.sync_weights(policy)  # (an RL step has synced already; SFT and OREO steps do not)
     options = dict(max_new_tokens=MAX_NEW_TOKENS, batch_size=EVAL_BATCH)
     result = kk_eval.evaluate(sampler, run.test, TEMPLATE, tokenizer, examples=kk_eval.REPORT_EXAMPLES, **options)
     if with_pass_at_k and PASS_K_PER_SIZE:
@@ -451,8 +441,7 @@ def log_evaluation(run, stage, step, global_step, sampler, tokenizer, with_pass_
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The run: 0. score the starting model, 1. warm up, 2. train ALGO from the warm-up, then the report.
+# ---- 7. The run: 0. score the starting model, 1. warm up, 2. train ALGO from the warm-up, the report ---------------
 def start_run(defaults, sft_steps):
     """Set up this process, check OUT_DIR, write config.json; returns what every stage shares: the puzzles
     (train, test: {size: [records]}), metrics.jsonl's log, summary.json's scores, the trainer state to resume from
