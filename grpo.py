@@ -21,7 +21,6 @@ OWN_AGGREGATION = {"grpo": "seq-mean", "rloo": "seq-mean", "drgrpo": "constant",
                    "reinforce++": "token-mean", "reinforce++-baseline": "token-mean"}
 
 
-# ---- Input checks ----------------------------------------------------------------------------------------------
 def _check_same_shape(**tensors):
     """Raise ValueError unless every named tensor has the shape of the first one."""
     (first_name, first), *others = tensors.items()

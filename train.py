@@ -308,8 +308,7 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     input_ids, attention = rollout.input_ids().to(DEVICE), rollout.attention_mask().to(DEVICE)  # [B, P + C]
     mask, n_prompt = rollout.completion_mask.to(DEVICE), rollout.prompt_ids.shape[1]  # [B, C], P
     parts = kk_model.micro_batches(attention, mask, n_prompt, MICRO_BATCH)
-    # logp_old: the trainer's own numbers (the ratio is 1 at the first update); with one update and no KL in the
-    # reward, the update's first forward gives them (detached), without a pass of their own.
+    # logp_old, the trainer's own log-probs: with one update and no KL reward, its first forward gives them (detached)
     reuse_update_forward = PPO_EPOCHS == 1 and KL_IN == "loss"
     with torch.no_grad():
         logp_old = None if reuse_update_forward else kk_model.scatter_rows(parts, [kk_model.part_logprobs(  # [B, C]
@@ -443,9 +442,8 @@ def log_evaluation(run, stage, step, global_step, sampler, tokenizer, policy=Non
 
 # ---- 7. The run: 0. score the starting model, 1. warm up, 2. train ALGO from the warm-up, the report ---------------
 def start_run(defaults, sft_steps):
-    """Set up this process, check OUT_DIR, write config.json; returns what every stage shares: the puzzles
-    (train, test: {size: [records]}), metrics.jsonl's log, summary.json's scores, the trainer state to resume from
-    (its stage clears it) and the start time."""
+    """Set up this process, check OUT_DIR, write config.json; returns what the stages share: puzzles (train, test),
+    metrics.jsonl's log, summary.json's scores, the trainer state to resume from (its stage clears it), the start."""
     transformers.utils.logging.disable_progress_bar()  # our own tqdm bars are enough
     random.seed(SEED), torch.manual_seed(SEED + RANK)  # ranks sample different completions
     if not ON_GPU:
