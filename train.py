@@ -191,9 +191,8 @@ def check_constants():
         need_ok(f"TINY_SIZES={TINY_SIZES!r}", kk_model.check_tiny_sizes, TINY_SIZES)
     need(not WARMUP_CHECKPOINT or Path(WARMUP_CHECKPOINT).is_dir(),
          f"WARMUP_CHECKPOINT={WARMUP_CHECKPOINT!r} is not a folder (use '' to run SFT_STEPS of warm-up instead)")
-    start = WARMUP_CHECKPOINT or MODEL  # whose tokenizer writes the prompts (with a warm-up, MODEL's never does)
-    need(TEMPLATE != "chat" or kk_model.has_chat_template(start) is not False,
-         f"TEMPLATE='chat' needs a tokenizer with a chat template; there is none in {start}")
+    need(TEMPLATE != "chat" or kk_model.has_chat_template(WARMUP_CHECKPOINT or MODEL) is not False,
+         f"TEMPLATE='chat' needs a tokenizer with a chat template; there is none in {WARMUP_CHECKPOINT or MODEL}")
     need(OUT_DIR != "", "OUT_DIR='': name a folder for the run's outputs")
     need_ok("OUT_DIR", kk_data.check_writable, OUT_DIR, True)
     need(not WANDB or importlib.util.find_spec("wandb"), "WANDB=True needs the wandb package, which is not installed: "
@@ -467,9 +466,8 @@ def start_run(defaults, sft_steps):
           f"sizes {sorted(train)}; device {DEVICE}")
     keep_until = None if state is None else ((0 if state["stage"] == "sft" else sft_steps) + state["step"]
                                              + (VALUE_STEPS if state["stage"] == "oreo" else 0))  # OREO: critic first
-    log = kk_eval.MetricsLog(out, keep_until, {k: globals()[k] for k in CONSTANTS}, RANK,
-                             WANDB_PROJECT if WANDB else None)
-    return SimpleNamespace(train=train, test=test, log=log, summary=state["summary"] if state else {}, state=state,
+    return SimpleNamespace(train=train, test=test, summary=state["summary"] if state else {}, state=state,
+                           log=kk_eval.MetricsLog(out, keep_until, config, RANK, WANDB_PROJECT if WANDB else None),
                            began=time.perf_counter())  # wall time of this process (a resumed run: its restart)
 
 
@@ -498,17 +496,16 @@ def finish(run):
               **{f"pass@{k}": f"held-out pass@{k} (T = {TEMPERATURE}, {PASS_K} samples a puzzle)"
                  for k in (1, 4, PASS_K)},
               "sampled_length": f"held-out mean response length (T = {TEMPERATURE}, tokens)"}
-    summary = run.summary
     final = [json.loads(r) for r in run.log.path.read_text().splitlines() if '"eval"' in r][-1]
-    summary["final"] = {k: v for k, v in final.items() if k in titles or k == "lenient_accuracy"}
-    summary["seconds"] = time.perf_counter() - run.began
-    kk_data.write_atomically(Path(OUT_DIR) / "summary.json", json.dumps(summary, indent=1))
+    run.summary["final"] = {k: v for k, v in final.items() if k in titles or k == "lenient_accuracy"}
+    run.summary["seconds"] = time.perf_counter() - run.began
+    kk_data.write_atomically(Path(OUT_DIR) / "summary.json", json.dumps(run.summary, indent=1))
     run.log.close()
-    stages = {stage: summary[stage] for stage in ("initial", "warmup", "final") if stage in summary}
+    stages = {stage: run.summary[stage] for stage in ("initial", "warmup", "final") if stage in run.summary}
     for metric, title in titles.items():
         if any(metric in row for row in stages.values()):
             print(f"\n{title}\n" + kk_eval.markdown_table(stages, metric, 1 if "length" in metric else 2))
-    print(f"done in {summary['seconds'] / 60:.1f} min; outputs in {OUT_DIR}/")
+    print(f"done in {run.summary['seconds'] / 60:.1f} min; outputs in {OUT_DIR}/")
 
 
 def main():
