@@ -297,7 +297,7 @@ def sft_styles(count, step):
 def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records):
     clock = [time.perf_counter()]  # the start, then the end of each phase
     prompts = [kk_data.make_prompt(r, TEMPLATE, tokenizer) for r in records]
-    rollout = sampler.generate(prompts, GROUP_SIZE, TEMPERATURE, TOP_P, MAX_NEW_TOKENS)  # GROUP_SIZE per prompt
+    rollout = sampler.generate(prompts, GROUP_SIZE, TEMPERATURE, TOP_P, MAX_NEW_TOKENS)  # n, temperature, top_p, budget
     clock.append(time.perf_counter())  # generate done
     solutions = [r["solution_text_format"] for r in records for _ in range(GROUP_SIZE)]
     scores = score_batch(["<think>" + c for c in rollout.completions], solutions)
@@ -467,8 +467,8 @@ def start_run(defaults, sft_steps):
     keep_until = None if state is None else ((0 if state["stage"] == "sft" else sft_steps) + state["step"]
                                              + (VALUE_STEPS if state["stage"] == "oreo" else 0))  # OREO: critic first
     return SimpleNamespace(train=train, test=test, summary=state["summary"] if state else {}, state=state,
-                           log=kk_eval.MetricsLog(out, keep_until, config, RANK, WANDB_PROJECT if WANDB else None),
-                           began=time.perf_counter())  # wall time of this process (a resumed run: its restart)
+                           began=time.perf_counter(),  # wall time of this process (a resumed run: its restart)
+                           log=kk_eval.MetricsLog(out, keep_until, config, RANK, WANDB_PROJECT if WANDB else None))
 
 
 def train_from(run, start, stage, steps, name, offset, score_start=False, lora_rank=0):
