@@ -2,7 +2,6 @@
 
 Pure functions on tensors (../shared/spec/algorithms.md): `rewards [B]`, prompt i's G samples in rows i*G .. i*G+G-1;
 per-token `[B, C]`: `logp` (policy, with grad), `logp_old` (sampler), `logp_ref` (reference), `mask` (EOS too).
-
 - GRPO (arXiv 2402.03300): `A_i = (R_i - mean_g R) / (std_g R + eps)` on every token of completion i, PPO-clip,
   KL in the loss. Dr. GRPO (2503.20783): `A_i = R_i - mean_g R`. RLOO: baseline = mean of the OTHER G-1 rewards.
 - REINFORCE++ (arXiv 2501.03262): the KL goes into a per-token reward, R onto the last completion token,
@@ -15,16 +14,13 @@ import torch
 import torch.distributed as dist
 
 STD_UNBIASED = True  # GRPO's group std: True = unbiased (÷(G-1)), False = population (÷G)
-
 ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo")
 KL_KINDS = ("k1", "k2", "k3")
 AGGREGATION_MODES = ("seq-mean", "token-mean", "constant")
-# The aggregation each algorithm was published with (spec); RLOO, which has none there, gets GRPO's (NOTES.md).
-OWN_AGGREGATION = {"grpo": "seq-mean", "rloo": "seq-mean", "drgrpo": "constant",
+OWN_AGGREGATION = {"grpo": "seq-mean", "rloo": "seq-mean", "drgrpo": "constant",  # as published (spec); RLOO: GRPO's
                    "reinforce++": "token-mean", "reinforce++-baseline": "token-mean"}
 
 
-# ---- Input checks ----------------------------------------------------------------------------------------------
 def _check_same_shape(**tensors):
     """Raise ValueError unless every named tensor has the shape of the first one."""
     (first_name, first), *others = tensors.items()
@@ -40,8 +36,7 @@ def _rewards_as_groups(rewards, group_size):
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {group_size}")
     if rewards.numel() % group_size != 0:
-        raise ValueError(f"batch of {rewards.numel()} rewards is not divisible by group_size={group_size}; "
-                         f"rows must be whole groups (prompt i's samples are rows i*G..i*G+G-1)")
+        raise ValueError(f"batch of {rewards.numel()} rewards is not divisible by group_size={group_size}")
     return rewards.view(-1, group_size)  # [n_groups, G]
 
 
@@ -61,14 +56,6 @@ def group_advantages(rewards, group_size, estimator="grpo", eps=1e-6):
     else:
         raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {ADVANTAGE_ESTIMATORS}")
     return advantages.reshape(-1)  # [B]
-
-
-def aggregation_for(algo, override=""):
-    """The aggregation mode of `algo`: `override` when given (one of AGGREGATION_MODES), else OWN_AGGREGATION."""
-    mode = override or OWN_AGGREGATION.get(algo)
-    if mode not in AGGREGATION_MODES:
-        raise ValueError(f"no aggregation for algo={algo!r}, override={override!r}: give one of {AGGREGATION_MODES}")
-    return mode
 
 
 def zero_variance_fraction(rewards, group_size):
@@ -208,24 +195,21 @@ def _masked_mean(x, mask):
 
 def policy_loss(logp, logp_old, logp_ref, advantages, mask, *, clip_low=0.2, clip_high=0.2, kl_coef=0.0,
                 kl_kind="k3", entropy=None, entropy_coef=0.0, mode, n_seqs, n_tokens, max_len):
-    """The per-token loss `surrogate + kl_coef * KL - entropy_coef * entropy`, aggregated by `mode`; logp_ref may
-    be None when kl_coef = 0 (REINFORCE++ puts the KL into the reward). Returns (loss, stats): floats, token means
-    over THIS micro-batch: "kl" (with logp_ref), "clip_frac", "ratio_mean", "entropy" (when given)."""
+    """(loss, stats): `surrogate + kl_coef * KL - entropy_coef * entropy` per token, aggregated by `mode` (logp_ref
+    may be None if kl_coef = 0); stats: THIS micro-batch's token means of kl, entropy (given), clip_frac, ratio_mean."""
     _check_same_shape(logp=logp, logp_old=logp_old, mask=mask)
     loss_tok, clipped = clipped_surrogate(logp, logp_old, advantages, clip_low, clip_high)  # [B, C]
     if kl_coef != 0.0 and logp_ref is None:
         raise ValueError(f"policy_loss: kl_coef={kl_coef} needs logp_ref, got None")
     if entropy_coef != 0.0 and entropy is None:
         raise ValueError(f"policy_loss: entropy_coef={entropy_coef} needs the per-token entropy, got None")
+    kl = None if logp_ref is None else kl_estimate(logp, logp_ref.detach(), kl_kind)  # [B, C]
     stats = {}
-    if logp_ref is not None:
-        kl = kl_estimate(logp, logp_ref.detach(), kl_kind)  # [B, C]
-        stats["kl"] = _masked_mean(kl.detach(), mask)
-        loss_tok = loss_tok + kl_coef * kl if kl_coef != 0.0 else loss_tok
-    if entropy is not None:
-        _check_same_shape(logp=logp, entropy=entropy)
-        stats["entropy"] = _masked_mean(entropy.detach(), mask)
-        loss_tok = loss_tok - entropy_coef * entropy if entropy_coef != 0.0 else loss_tok
+    for name, term, coef in (("kl", kl, kl_coef), ("entropy", entropy, -entropy_coef)):  # KL penalty, entropy bonus
+        if term is not None:
+            _check_same_shape(logp=logp, **{name: term})  # [B, C]
+            stats[name] = _masked_mean(term.detach(), mask)
+            loss_tok = loss_tok + coef * term if coef != 0.0 else loss_tok
     stats.update(clip_frac=_masked_mean(clipped.to(logp.dtype), mask),
                  ratio_mean=_masked_mean(torch.exp(logp.detach() - logp_old), mask))
     return aggregate(loss_tok, mask, mode, n_seqs, n_tokens, max_len), stats

@@ -1,19 +1,15 @@
 """The Logic-RL rule reward (arXiv 2502.14768; ../shared/spec/logic_rl.md §3): score one completion.
 
-Format: the assistant turn, *including the `<think>` that the prompt pre-fills*, contains each of TAGS exactly once
-(literal, case-sensitive), in that order: +1, else -1; nothing else is checked. Answer, only when the format passed
-(else -2): the text between the answer tags, stripped, scores -2 if empty, if its count of "knight" plus "knave"
-substrings (lowercased) is not the number of people, or if some person has no match for
-`\\b<Name>\\s+is\\s+a\\s+(knight|knave)\\b` (case-insensitive, first match wins); else +2 all right, -1.5 not.
+Format: the assistant turn, *including the `<think>` the prompt pre-fills*, holds each of TAGS exactly once (literal,
+case-sensitive), in that order: +1, else -1. Answer, only if the format passed (else -2): the stripped text between the
+answer tags scores -2 if empty, if its count of "knight" plus "knave" is not the number of people, or if a person has no
+match for `\\b<Name>\\s+is\\s+a\\s+(knight|knave)\\b` (both in any case, first match wins); else +2 all right, -1.5 not.
 
     total   format  answer   meaning
      3       +1      +2      correct ("accuracy" is the share scoring 3)
     -0.5     +1     -1.5     parsed, some role wrong
     -1       +1     -2       format fine, answer unparseable
     -3       -1     -2       format broken
-
-The caller passes "<think>" + the generated text (no split on "Assistant:", NOTES.md). `Score.lenient_correct`
-(analysis only) applies the answer rule to the text after the LAST `<answer>` (the whole text without one).
 """
 import re
 from dataclasses import dataclass
@@ -35,12 +31,11 @@ class Score:
     format: float  # +1 or -1
     answer: float  # +2, -1.5 or -2
     correct: bool  # total == 3: the strict training reward's notion of "right"
-    lenient_correct: bool  # the last answer block right, whatever the format (module docstring); analysis only
+    lenient_correct: bool  # the last answer block right, whatever the format (lenient_answer_text); analysis only
 
 
 # ---- The ground truth: {name: "knight" | "knave"} --------------------------------------------------------
-# One line of `solution_text_format`, "(2) Oliver is a knave"; the role is loose, to name a wrong one in errors.
-SOLUTION_LINE = re.compile(r"\((\d+)\)\s+(.+?)\s+is\s+a\s+(\S+)")
+SOLUTION_LINE = re.compile(r"\((\d+)\)\s+(.+?)\s+is\s+a\s+(\S+)")  # "(2) Oliver is a knave"; loose role: errors name it
 
 
 def parse_solution(solution) -> dict[str, str]:
@@ -51,14 +46,11 @@ def parse_solution(solution) -> dict[str, str]:
     elif isinstance(solution, dict):
         entries = [(f"solution entry {name!r}", name, value) for name, value in solution.items()]
     else:
-        raise ValueError(f"solution must be a solution_text_format string or a dict of roles, "
-                         f"got {type(solution).__name__}")
+        raise ValueError(f"solution must be a solution_text_format string or a dict, got {type(solution).__name__}")
     roles = {}
     for where, name, role in entries:
-        if isinstance(role, bool):  # a dict's True / False
-            role = "knight" if role else "knave"
+        role = ("knight" if role else "knave") if isinstance(role, bool) else role  # a dict's True / False
         if not isinstance(name, str) or not re.match(r"\w", name) or name != name.strip():
-            # The answer regex anchors the name with \b, which needs a word character to start the name.
             raise ValueError(f"{where}: name {name!r} must be a string starting with a letter or digit")
         if role not in ROLES:
             raise ValueError(f"{where}: role {role!r} must be 'knight' or 'knave'")

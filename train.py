@@ -3,19 +3,14 @@
     python train.py                       # CPU: the tiny-model story (a warm-up that mostly guesses -> GRPO)
     python train.py --ALGO=reinforce++ --LR=1e-5 --STEPS=50      # any CAPS constant below, from the command line
 
-The loop (Logic-RL, arXiv 2502.14768; algorithms in ../shared/spec/algorithms.md):
-  1. take PROMPTS_PER_STEP puzzles, write them as prompts ending in the pre-filled "<think>"   (kk_data.py)
-  2. sample GROUP_SIZE completions of each                                                      (rollout.py)
-  3. score each with the strict format + answer rule reward                                     (reward.py)
-  4. turn rewards into advantages: GRPO / Dr. GRPO / RLOO per group, or REINFORCE++ per token   (grpo.py)
-  5. PPO_EPOCHS (default 1) AdamW steps on the clipped policy loss (+ k3 KL to the reference), in micro-batches
-  6. every EVAL_EVERY steps: greedy accuracy per puzzle size on held-out puzzles                 (eval.py)
-main runs it in stages: 0. score the starting model; 1. a supervised warm-up (or a copy of WARMUP_CHECKPOINT);
-2. ALGO from the warm-up: RL, more SFT (ALGO="sft", the paper's SFT-vs-RL comparison) or OREO (oreo.py). Every run
-writes OUT_DIR/metrics.jsonl, checkpoints (bf16 HF folders + a trainer state for exact resume), summary.json,
-curves.png and report.md.
+An RL step (Logic-RL, arXiv 2502.14768; ../shared/spec/algorithms.md): GROUP_SIZE completions (rollout.py) of each of
+PROMPTS_PER_STEP puzzles (kk_data.py), the rule reward (reward.py), advantages per group (GRPO, Dr. GRPO, RLOO) or per
+token (REINFORCE++) and PPO_EPOCHS steps on the clipped loss + k3 KL (grpo.py). main: 0. score the starting model;
+1. a supervised warm-up (or WARMUP_CHECKPOINT); 2. ALGO from it: RL, more SFT (the paper's SFT-vs-RL) or OREO (oreo.py).
+OUT_DIR gets metrics.jsonl, checkpoints (+ a trainer state for exact resume), summary.json, curves.png, report.md.
 """
 import ast
+import functools
 import importlib.util
 import json
 import math
@@ -24,6 +19,7 @@ import random
 import shutil
 import sys
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -39,17 +35,13 @@ import oreo
 from reward import score_batch, summarize
 import rollout as rollout_lib
 
-# ----------------------------------------------------------------------------------------------------------
-# Constants. With a GPU the defaults are the paper's recipe (REINFORCE++ with k3 KL in the loss, lr 4e-7,
-# 8 prompts x 8 samples, temperature 0.7, KL 0.001, Qwen2.5-7B-Instruct-1M); on CPU they are the tiny story.
+# ---- 1. Constants: with a GPU the paper's recipe (REINFORCE++, Qwen2.5-7B-Instruct-1M), on CPU the tiny story ------
 ON_GPU = torch.cuda.is_available()
 MODEL = "Qwen/Qwen2.5-7B-Instruct-1M" if ON_GPU else "tiny"  # hub name, local HF folder, "tiny" or "smollm2"
 TEMPLATE = "qwen-instruct" if ON_GPU else "tiny"  # prompt template (kk_data.TEMPLATES)
-WARMUP_CHECKPOINT = "" if ON_GPU else "assets/tiny-warmup-mix"  # start RL (or ALGO="sft") here; "" = SFT_STEPS
-                      # first. CPU: answers at once 70% of the time, reasons 30%; assets/tiny-warmup always reasons
+WARMUP_CHECKPOINT = "" if ON_GPU else "assets/tiny-warmup-mix"  # start RL (or ALGO="sft") here; "" = SFT_STEPS first
 ALGO = "reinforce++" if ON_GPU else "grpo"  # grpo | drgrpo | rloo | reinforce++ | reinforce++-baseline | sft
-SAMPLER = "vllm" if ON_GPU else "hf"  # vllm (colocated engine, weights synced in place every step, asleep while
-                                      # training) | hf (rollout.decode; under torchrun a full copy per GPU)
+SAMPLER = "vllm" if ON_GPU else "hf"  # vllm (a colocated engine, synced every step) | hf (rollout.decode)
 PEOPLE = "3-7" if ON_GPU else "3"  # puzzle sizes, "a-b" or "a,b,c" (CPU warm-up: "2-3"; RL: 3, see NOTES.md)
 TRAIN_PER_SIZE = 900 if ON_GPU else 3000  # generated training puzzles per size (2 people has only ~400)
 TEST_PER_SIZE = 100 if ON_GPU else 200  # held-out puzzles per size
@@ -74,8 +66,7 @@ CLIP_LOW, CLIP_HIGH = 0.2, 0.2  # PPO ratio clip range [1 - CLIP_LOW, 1 + CLIP_H
 KL_COEF = 0.001
 KL_KIND = "k3"  # k1 | k2 | k3 estimator of KL(policy || reference)
 KL_IN = "loss"  # "loss" (GRPO, Logic-RL paper) or "reward" (classic REINFORCE++: k1 folded into token rewards)
-AGGREGATION = ""  # "" = the ALGO's own (grpo.OWN_AGGREGATION: seq-mean for grpo and rloo, constant for drgrpo,
-                  # token-mean for reinforce++ and reinforce++-baseline) | seq-mean | token-mean (DAPO) | constant
+AGGREGATION = ""  # "" = the ALGO's own (grpo.OWN_AGGREGATION) | seq-mean | token-mean (DAPO) | constant
 ENTROPY_COEF = 0.001 if ON_GPU else 0.0
 TEMPERATURE = 0.7  # rollout temperature (paper: 0.7); log-probs use the same temperature
 TOP_P = 1.0
@@ -117,9 +108,7 @@ DEVICE = kk_model.pick_device()  # where batches go (under torchrun "cuda" is th
 PROGRESS = {"at": "the start"}  # the step the run is at, for the message of a non-finite stop
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line: --NAME=value overrides a constant; values are Python literals (strings may be bare). Every check
-# runs before any work and stops the run with a one-line error naming the constant to change.
+# ---- 2. The command line; every check runs before any work, with an error naming the constant to change ------------
 def need(ok, message):
     """Stop the run with a one-line error (exit status 1, no traceback) unless ok."""
     if not ok:
@@ -135,6 +124,7 @@ def need_ok(what, check, *args):
 
 
 def parse_overrides(argv):
+    """--NAME=value overrides a constant; values are Python literals (a text constant takes the text as given)."""
     for arg in argv:
         name, sep, text = arg.removeprefix("--").partition("=")
         need(arg.startswith("--") and sep, f"arguments look like --NAME=value, got {arg!r}")
@@ -144,8 +134,7 @@ def parse_overrides(argv):
             value = text if isinstance(old, str) else ast.literal_eval(text)  # --PEOPLE=3 stays the string "3"
         except (ValueError, SyntaxError):
             value = text  # reported below as a type mismatch
-        if isinstance(old, float) and type(value) is int:
-            value = float(value)
+        value = float(value) if isinstance(old, float) and type(value) is int else value  # --LR=1 is 1.0
         need(type(value) is type(old), f"--{name} expects a {type(old).__name__} like {old!r}, got {text!r}")
         globals()[name] = value
 
@@ -202,9 +191,8 @@ def check_constants():
         need_ok(f"TINY_SIZES={TINY_SIZES!r}", kk_model.check_tiny_sizes, TINY_SIZES)
     need(not WARMUP_CHECKPOINT or Path(WARMUP_CHECKPOINT).is_dir(),
          f"WARMUP_CHECKPOINT={WARMUP_CHECKPOINT!r} is not a folder (use '' to run SFT_STEPS of warm-up instead)")
-    start = WARMUP_CHECKPOINT or MODEL  # whose tokenizer writes the prompts (with a warm-up, MODEL's never does)
-    need(TEMPLATE != "chat" or kk_model.has_chat_template(start) is not False,
-         f"TEMPLATE='chat' needs a tokenizer with a chat template; there is none in {start}")
+    need(TEMPLATE != "chat" or kk_model.has_chat_template(WARMUP_CHECKPOINT or MODEL) is not False,
+         f"TEMPLATE='chat' needs a tokenizer with a chat template; there is none in {WARMUP_CHECKPOINT or MODEL}")
     need(OUT_DIR != "", "OUT_DIR='': name a folder for the run's outputs")
     need_ok("OUT_DIR", kk_data.check_writable, OUT_DIR, True)
     need(not WANDB or importlib.util.find_spec("wandb"), "WANDB=True needs the wandb package, which is not installed: "
@@ -232,8 +220,7 @@ def check_out_dir(out):
     return config
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data and models.
+# ---- 3. Data and models --------------------------------------------------------------------------------------------
 def initial_model_path(out_dir):
     """MODEL, or a folder made here: "tiny" (a seeded 1M-parameter Qwen2) or "smollm2" (SmolLM2-135M-Instruct)."""
     if MODEL not in ("tiny", "smollm2"):
@@ -270,9 +257,8 @@ def make_sampler(policy, path, tokenizer):
 def make_optimizer(policy, lr, total_steps, schedule):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY)
     floor = 1.0 if schedule == "constant" else 0.1  # after WARMUP_LR_STEPS: constant, or a cosine down to 10%
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: kk_model.warmup_cosine(s, total_steps, WARMUP_LR_STEPS, floor))
-    return optimizer, scheduler
 
 
 def save_trainer_state(out_dir, stage, step, policy, optimizer, summary, **extra):
@@ -281,8 +267,7 @@ def save_trainer_state(out_dir, stage, step, policy, optimizer, summary, **extra
                                 {"stage": stage, "step": step, "summary": summary, **extra})
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One supervised step: next-token loss on prompt -> reasoning trace + answer, token mean over the batch.
+# ---- 4. One SFT step: next-token loss on prompt -> reasoning trace + answer, token mean over the batch -------------
 def sft_step(policy, tokenizer, optimizer, scheduler, records, step):
     prompts = [kk_data.make_prompt(r, TEMPLATE, tokenizer) for r in records]
     styles = sft_styles(len(records), step)
@@ -308,44 +293,35 @@ def sft_styles(count, step):
     return [SFT_STYLE if rng.random() < WARMUP_THINK_RATE else "answer" for _ in range(count)]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One RL step: roll out, score, advantages, clipped policy loss with KL, one optimizer step.
+# ---- 5. One RL step: roll out, score, advantages, clipped policy loss with KL, one optimizer step ------------------
 def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records):
     clock = [time.perf_counter()]  # the start, then the end of each phase
     prompts = [kk_data.make_prompt(r, TEMPLATE, tokenizer) for r in records]
-    rollout = sampler.generate(prompts, n=GROUP_SIZE, temperature=TEMPERATURE, top_p=TOP_P,
-                               max_new_tokens=MAX_NEW_TOKENS)
+    rollout = sampler.generate(prompts, GROUP_SIZE, TEMPERATURE, TOP_P, MAX_NEW_TOKENS)  # n, temperature, top_p, budget
     clock.append(time.perf_counter())  # generate done
     solutions = [r["solution_text_format"] for r in records for _ in range(GROUP_SIZE)]
     scores = score_batch(["<think>" + c for c in rollout.completions], solutions)
     rewards = torch.tensor([s.total for s in scores], dtype=torch.float32, device=DEVICE)  # [B]
     clock.append(time.perf_counter())  # score done
 
-    input_ids, attention = rollout.input_ids().to(DEVICE), rollout.attention_mask().to(DEVICE)
-    mask = rollout.completion_mask.to(DEVICE)  # [B, C]
-    parts = kk_model.micro_batches(attention, mask, rollout.prompt_ids.shape[1], MICRO_BATCH)
-
-    def logprobs_of(model):  # [B, C], no gradient
-        with torch.no_grad():
-            return kk_model.scatter_rows(parts, [kk_model.part_logprobs(
-                model, input_ids, attention, part, TEMPERATURE) for part in parts], mask)
-
-    # logp_old: the trainer's own numbers (the ratio must be 1 against them at the first update; the sampler's are
-    # only compared, as sampler_logprob_diff). With one optimizer step per batch and no KL in the reward, the
-    # update's first forward gives them (detached), without a separate pass of the policy.
+    input_ids, attention = rollout.input_ids().to(DEVICE), rollout.attention_mask().to(DEVICE)  # [B, P + C]
+    mask, n_prompt = rollout.completion_mask.to(DEVICE), rollout.prompt_ids.shape[1]  # [B, C], P
+    parts = kk_model.micro_batches(attention, mask, n_prompt, MICRO_BATCH)
+    # logp_old, the trainer's own log-probs: with one update and no KL reward, its first forward gives them (detached)
     reuse_update_forward = PPO_EPOCHS == 1 and KL_IN == "loss"
-    logp_old = None if reuse_update_forward else logprobs_of(policy)  # [B, C]
-    logp_ref = kk_model.scatter_rows(parts, rollout_lib.shared_prompt_logprobs(  # [B, C]; each prompt's pass once
-        reference, input_ids, attention, parts, rollout.prompt_ids.shape[1], GROUP_SIZE, TEMPERATURE), mask)
+    with torch.no_grad():
+        logp_old = None if reuse_update_forward else kk_model.scatter_rows(parts, [kk_model.part_logprobs(  # [B, C]
+            policy, input_ids, attention, part, TEMPERATURE) for part in parts], mask)
+        logp_ref = kk_model.scatter_rows(parts, rollout_lib.shared_prompt_logprobs(  # [B, C]; each prompt's pass once
+            reference, input_ids, attention, parts, n_prompt, GROUP_SIZE, TEMPERATURE), mask)
     clock.append(time.perf_counter())  # logprobs done
 
     if ALGO in GROUP_ALGOS:
         advantages = grpo.group_advantages(rewards, GROUP_SIZE, ALGO)[:, None].expand_as(mask)  # [B, C]
-    else:
-        kl_reward_coef = KL_COEF if KL_IN == "reward" else 0.0
-        baseline_group = GROUP_SIZE if ALGO == "reinforce++-baseline" else None
-        logp_kl = logp_ref if logp_old is None else logp_old  # logp_old only enters the KL reward (then computed)
-        advantages = grpo.reinforce_pp_advantages(rewards, logp_kl, logp_ref, mask, kl_reward_coef, baseline_group)
+    else:  # REINFORCE++: logp_old only enters the KL reward (and is then computed)
+        advantages = grpo.reinforce_pp_advantages(  # [B, C]
+            rewards, logp_ref if logp_old is None else logp_old, logp_ref, mask, KL_COEF if KL_IN == "reward" else 0.0,
+            GROUP_SIZE if ALGO == "reinforce++-baseline" else None)
 
     stats_sum, logp_first = {}, []
     n_tokens, n_tokens_all = mask.sum(), kk_model.all_reduce_sum(mask.sum())  # the loss's: of ALL ranks' rows
@@ -359,7 +335,7 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
                 logp, logp_first[-1] if reuse_update_forward else logp_old[rows, :width], logp_ref[rows, :width],
                 advantages[rows, :width], mask[rows, :width], clip_low=CLIP_LOW,
                 clip_high=CLIP_HIGH, kl_coef=KL_COEF if KL_IN == "loss" else 0.0, kl_kind=KL_KIND,
-                entropy=entropy, entropy_coef=ENTROPY_COEF, mode=grpo.aggregation_for(ALGO, AGGREGATION),
+                entropy=entropy, entropy_coef=ENTROPY_COEF, mode=AGGREGATION or grpo.OWN_AGGREGATION[ALGO],
                 n_seqs=len(rewards) * WORLD, n_tokens=n_tokens_all, max_len=MAX_NEW_TOKENS)
             kk_model.check_finite(loss, "RL loss")  # before backward: a NaN never reaches the weights
             loss.backward()
@@ -383,24 +359,22 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------------------
-# A stage is a loop of optimizer steps of one kind ("sft" or "rl"), with evaluation and checkpoints.
-def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, log, summary, step_offset,
-              resume_state=None):
+# ---- 6. A stage: a loop of optimizer steps of one kind ("sft", "rl", "oreo"), evaluations, checkpoints -------------
+def run_stage(run, stage, steps, policy, reference, sampler, tokenizer, step_offset):
     lr, schedule, batch = (SFT_LR, SFT_SCHEDULE, SFT_BATCH) if stage == "sft" else (LR, LR_SCHEDULE, PROMPTS_PER_STEP)
     optimizer, scheduler = make_optimizer(policy, lr, steps * (PPO_EPOCHS if stage == "rl" else 1), schedule)
     data_rng = random.Random(f"{SEED}-{stage}" + (f"-rank{RANK}" if WORLD > 1 else ""))  # own prompts per rank
-    first = resume_state["step"] if resume_state else 0
-    if resume_state is not None:
-        kk_model.restore_trainer_state(resume_state, policy, optimizer)
-        scheduler.load_state_dict(resume_state["scheduler"])
-        data_rng.setstate(resume_state["data_rng"])
+    first = run.state["step"] if run.state else 0
+    if run.state:
+        kk_model.restore_trainer_state(run.state, policy, optimizer)
+        scheduler.load_state_dict(run.state["scheduler"])
+        data_rng.setstate(run.state["data_rng"])
         sampler.sync_weights(policy)
     bar = tqdm(range(first, steps), desc=stage, initial=first, total=steps, dynamic_ncols=True, disable=RANK > 0)
     for step in bar:
         PROGRESS["at"], start = f"{stage} step {step + 1}", time.perf_counter()
-        size = data_rng.choice(sorted(train))  # one puzzle size per batch keeps the padding (wasted compute) small
-        records = [data_rng.choice(train[size]) for _ in range(batch // WORLD)]
+        size = data_rng.choice(sorted(run.train))  # one puzzle size per batch keeps the padding (wasted compute) small
+        records = [data_rng.choice(run.train[size]) for _ in range(batch // WORLD)]
         if stage == "sft":
             metrics = sft_step(policy, tokenizer, optimizer, scheduler, records, step)
         else:
@@ -408,38 +382,34 @@ def run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, 
         metrics = kk_model.mean_over_ranks(metrics)
         metrics.update(kind="train", stage=stage, step=step + 1, global_step=step_offset + step + 1,
                        lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start)
-        log.write(metrics)
+        run.log.write(metrics)
         bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("sft_loss", "reward", "accuracy", "completion_length")
                          if k in metrics})
         if (step + 1) % EVAL_EVERY == 0 or step + 1 == steps:
-            log_evaluation(stage, step + 1, step_offset + step + 1, sampler, policy, tokenizer, test, log,
-                           with_pass_at_k=step + 1 == steps)
+            log_evaluation(run, stage, step + 1, step_offset + step + 1, sampler, tokenizer, policy, step + 1 == steps)
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
-            save_trainer_state(log.path.parent, stage, step + 1, policy, optimizer, summary,
+            save_trainer_state(OUT_DIR, stage, step + 1, policy, optimizer, run.summary,
                                scheduler=scheduler.state_dict(), data_rng=data_rng.getstate())
 
 
-def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, step_offset, start_path,
-             resume_state=None):
+def run_oreo(run, policy, reference, sampler, tokenizer, step_offset, start_path):
     """OREO (oreo.py): offline data sampled once from the start, VALUE_STEPS of the critic alone, then both."""
     data_path = Path(OUT_DIR) / "offline.jsonl"
     if not data_path.exists():
-        per_size = math.ceil(OREO_PROMPTS / len(train))  # distinct records, as many of each size as it has
-        records = [r for size in sorted(train) for r in train[size][:per_size]][:OREO_PROMPTS]
+        per_size = math.ceil(OREO_PROMPTS / len(run.train))  # distinct records, as many of each size as it has
+        records = [r for size in sorted(run.train) for r in run.train[size][:per_size]][:OREO_PROMPTS]
         oreo.save_offline(oreo.sample_offline_data(sampler, records, TEMPLATE, tokenizer, OREO_SAMPLES, TEMPERATURE,
                                                    MAX_NEW_TOKENS, OREO_BALANCE or None, progress=True), data_path)
     rows, heldout = oreo.split_by_prompt(oreo.load_offline(data_path), OREO_HELDOUT, SEED)
     need(rows, f"OREO_HELDOUT={OREO_HELDOUT} leaves no offline rows to train on")
     value_model = oreo.ValueModel.from_pretrained(start_path, DEVICE, lora_rank=VALUE_LORA_RANK)
-
-    def evaluate_policy(step, global_step):
-        log_evaluation("oreo", step, global_step, sampler, policy, tokenizer, test, log)
+    evaluate = functools.partial(log_evaluation, run, "oreo", sampler=sampler, tokenizer=tokenizer, policy=policy)
 
     def save(step, optimizer, **parts):
-        save_trainer_state(OUT_DIR, "oreo", step, policy, optimizer, summary, **parts)
+        save_trainer_state(OUT_DIR, "oreo", step, policy, optimizer, run.summary, **parts)
 
     steps = oreo.train_offline(
-        policy, reference, value_model, tokenizer, rows, heldout, log.write, evaluate_policy, save, resume_state,
+        policy, reference, value_model, tokenizer, rows, heldout, run.log.write, evaluate, save, run.state,
         steps=STEPS, batch_size=OREO_BATCH, value_steps=VALUE_STEPS, value_steps_lr=VALUE_STEPS_LR, lr=OREO_LR,
         value_lr=VALUE_LR, level=OREO_LEVEL, kl=OREO_KL, micro_batch=MICRO_BATCH, grad_clip=GRAD_CLIP,
         eval_every=EVAL_EVERY, save_every=SAVE_EVERY, seed=SEED, step_offset=step_offset, progress=PROGRESS)
@@ -447,38 +417,32 @@ def run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, s
     return steps
 
 
-def log_evaluation(stage, step, global_step, sampler, policy, tokenizer, test, log, with_pass_at_k=False):
-    """Held-out scores of the policy now, into metrics.jsonl and the console."""
-    sampler.sync_weights(policy)  # (an RL step has synced already; SFT and OREO steps do not)
-    result = evaluate(sampler, tokenizer, test, with_pass_at_k)
-    log.write({"kind": "eval", "stage": stage, "step": step, "global_step": global_step, **result})
-    tqdm.write(f"[{stage} {step}] held-out accuracy {fmt(result['accuracy'])} format {fmt(result['format_rate'])}")
-
-
-def evaluate(sampler, tokenizer, test, with_pass_at_k=False):
-    """Greedy held-out scores; with_pass_at_k also pass@k at TEMPERATURE on PASS_K_PER_SIZE puzzles of each size."""
-    result = kk_eval.evaluate(sampler, test, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS,
-                              batch_size=EVAL_BATCH, examples=kk_eval.REPORT_EXAMPLES)  # completions for report.md
+def log_evaluation(run, stage, step, global_step, sampler, tokenizer, policy=None, with_pass_at_k=False):
+    """Greedy held-out scores of the policy (synced into the sampler) or of a starting model (step 0), with_pass_at_k
+    also pass@k at TEMPERATURE on PASS_K_PER_SIZE puzzles of each size: into metrics.jsonl and the console."""
+    if policy is not None:
+        sampler.sync_weights(policy)  # (an RL step has synced already; SFT and OREO steps do not)
+    options = dict(max_new_tokens=MAX_NEW_TOKENS, batch_size=EVAL_BATCH)
+    result = kk_eval.evaluate(sampler, run.test, TEMPLATE, tokenizer, examples=kk_eval.REPORT_EXAMPLES, **options)
     if with_pass_at_k and PASS_K_PER_SIZE:
-        subset = {size: records[:PASS_K_PER_SIZE] for size, records in test.items()}
+        subset = {size: records[:PASS_K_PER_SIZE] for size, records in run.test.items()}
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if ON_GPU else []):
             torch.manual_seed(SEED + RANK)  # the same draws before and after training; training's own RNG untouched
-            sampled = kk_eval.evaluate(sampler, subset, TEMPLATE, tokenizer, max_new_tokens=MAX_NEW_TOKENS,
-                                       temperature=TEMPERATURE, top_p=TOP_P, samples=PASS_K, batch_size=EVAL_BATCH,
-                                       pass_ks=sorted({1, min(4, PASS_K), PASS_K}))
+            sampled = kk_eval.evaluate(sampler, subset, TEMPLATE, tokenizer, temperature=TEMPERATURE, top_p=TOP_P,
+                                       samples=PASS_K, pass_ks=sorted({1, min(4, PASS_K), PASS_K}), **options)
         result.update({k: v for k, v in sampled.items() if k.startswith("pass@")},
                       sampled_length=sampled["mean_length"])
+    run.log.write({"kind": "eval", "stage": stage, "step": step, "global_step": global_step, **result})
+    shown = {k: " ".join(f"{n}p={x:.2f}" for n, x in sorted(result[k].items())) for k in ("accuracy", "format_rate")}
+    where = f"{stage} model:" if step == 0 else f"[{stage} {step}]"
+    tqdm.write(f"{where} held-out accuracy {shown['accuracy']} format {shown['format_rate']}")
     return result
 
 
-def fmt(per_size):
-    return " ".join(f"{n}p={x:.2f}" for n, x in sorted(per_size.items()))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The run: 0. score the starting model, 1. warm up, 2. train ALGO from the warm-up, then the report.
-def start_run(defaults):
-    """Set up this process, check OUT_DIR, write config.json, make the puzzles; the trainer state if resuming."""
+# ---- 7. The run: 0. score the starting model, 1. warm up, 2. train ALGO from the warm-up, the report ---------------
+def start_run(defaults, sft_steps):
+    """Set up this process, check OUT_DIR, write config.json; returns what the stages share: puzzles (train, test),
+    metrics.jsonl's log, summary.json's scores, the trainer state to resume from (its stage clears it), the start."""
     transformers.utils.logging.disable_progress_bar()  # our own tqdm bars are enough
     random.seed(SEED), torch.manual_seed(SEED + RANK)  # ranks sample different completions
     if not ON_GPU:
@@ -500,59 +464,48 @@ def start_run(defaults):
         (out / "summary.json").unlink(missing_ok=True)  # an earlier run's; report.md reads it as "finished"
     print(f"data: {sum(map(len, train.values()))} training puzzles, {sum(map(len, test.values()))} held-out, "
           f"sizes {sorted(train)}; device {DEVICE}")
-    return out, state, train, test
+    keep_until = None if state is None else ((0 if state["stage"] == "sft" else sft_steps) + state["step"]
+                                             + (VALUE_STEPS if state["stage"] == "oreo" else 0))  # OREO: critic first
+    return SimpleNamespace(train=train, test=test, summary=state["summary"] if state else {}, state=state,
+                           began=time.perf_counter(),  # wall time of this process (a resumed run: its restart)
+                           log=kk_eval.MetricsLog(out, keep_until, config, RANK, WANDB_PROJECT if WANDB else None))
 
 
-def evaluate_start(stage, sampler, tokenizer, test, log, summary, global_step):
-    """Score a starting model ("initial" or "warmup") once: summary.json keeps it, so a resumed run skips it."""
-    if stage not in summary:
-        summary[stage] = evaluate(sampler, tokenizer, test, with_pass_at_k=stage == "warmup")
-        log.write({"kind": "eval", "stage": stage, "step": 0, "global_step": global_step, **summary[stage]})
-        print(f"{stage} model: accuracy {fmt(summary[stage]['accuracy'])}")
-
-
-def train_from(start, stage, steps, name, train, test, log, summary, offset, state, score_start=False, lora_rank=0):
+def train_from(run, start, stage, steps, name, offset, score_start=False, lora_rank=0):
     """The policy (and reference) from `start`, `steps` of `stage` (sft, rl or oreo), saved as checkpoints/<name>."""
     tokenizer = kk_model.load_tokenizer(start)
     policy, reference = load_policy_and_reference(start, DEVICE, stage != "sft", lora_rank)
     sampler = make_sampler(policy, start, tokenizer)
-    if score_start:
-        evaluate_start("warmup", sampler, tokenizer, test, log, summary, offset)
+    if score_start and "warmup" not in run.summary:  # scored once: summary.json keeps it, a resumed run skips it
+        run.summary["warmup"] = log_evaluation(run, "warmup", 0, offset, sampler, tokenizer, with_pass_at_k=True)
     if stage == "oreo":
-        steps = run_oreo(policy, reference, sampler, tokenizer, train, test, log, summary, offset, start, state)
+        steps = run_oreo(run, policy, reference, sampler, tokenizer, offset, start)
     else:
-        run_stage(stage, steps, policy, reference, sampler, tokenizer, train, test, log, summary, offset, state)
-    kind = "sft" if stage == "sft" else "rl"
+        run_stage(run, stage, steps, policy, reference, sampler, tokenizer, offset)
+    run.state = None  # resumed: a later stage starts afresh
+    kind, algo = ("sft", "sft") if stage == "sft" else ("rl", ALGO)
     kk_model.save_hf(policy, tokenizer, Path(OUT_DIR) / "checkpoints" / name, extra={
-        "template": TEMPLATE, "stage": kind, "step": steps, "algo": ALGO if kind == "rl" else "sft",
-        "max_new_tokens": MAX_NEW_TOKENS})
+        "template": TEMPLATE, "stage": kind, "step": steps, "algo": algo, "max_new_tokens": MAX_NEW_TOKENS})
     sampler.close()  # a vLLM engine must be shut down explicitly
 
 
-def finish(log, summary, began):
+def finish(run):
     """summary.json, the final report.md and curves.png, and the before/after tables (columns: puzzle sizes)."""
     titles = {"accuracy": "held-out accuracy (greedy)", "format_rate": "held-out format rate (greedy)",
               "mean_length": "held-out mean response length (greedy, tokens)",
               **{f"pass@{k}": f"held-out pass@{k} (T = {TEMPERATURE}, {PASS_K} samples a puzzle)"
                  for k in (1, 4, PASS_K)},
               "sampled_length": f"held-out mean response length (T = {TEMPERATURE}, tokens)"}
-    final = [json.loads(r) for r in log.path.read_text().splitlines() if '"eval"' in r][-1]
-    summary["final"] = {k: v for k, v in final.items() if k in titles or k == "lenient_accuracy"}
-    summary["seconds"] = time.perf_counter() - began
-    kk_data.write_atomically(log.path.parent / "summary.json", json.dumps(summary, indent=1))
-    log.close()
-    stages = {stage: summary[stage] for stage in ("initial", "warmup", "final") if stage in summary}
+    final = [json.loads(r) for r in run.log.path.read_text().splitlines() if '"eval"' in r][-1]
+    run.summary["final"] = {k: v for k, v in final.items() if k in titles or k == "lenient_accuracy"}
+    run.summary["seconds"] = time.perf_counter() - run.began
+    kk_data.write_atomically(Path(OUT_DIR) / "summary.json", json.dumps(run.summary, indent=1))
+    run.log.close()
+    stages = {stage: run.summary[stage] for stage in ("initial", "warmup", "final") if stage in run.summary}
     for metric, title in titles.items():
         if any(metric in row for row in stages.values()):
             print(f"\n{title}\n" + kk_eval.markdown_table(stages, metric, 1 if "length" in metric else 2))
-    print(f"done in {summary['seconds'] / 60:.1f} min; outputs in {OUT_DIR}/")
-
-
-def state_global_step(state):
-    if state is None:
-        return None
-    rl_offset = (0 if WARMUP_CHECKPOINT else SFT_STEPS) if state["stage"] != "sft" else 0
-    return rl_offset + state["step"] + (VALUE_STEPS if state["stage"] == "oreo" else 0)  # OREO: critic steps first
+    print(f"done in {run.summary['seconds'] / 60:.1f} min; outputs in {OUT_DIR}/")
 
 
 def main():
@@ -561,34 +514,27 @@ def main():
     parse_overrides(sys.argv[1:])
     RANK, WORLD = kk_model.init_distributed()  # (0, 1) without torchrun
     check_constants()
-    out, state, train, test = start_run(defaults)
-    began = time.perf_counter()  # wall time of this process (a resumed run counts from its restart)
-    start_path = initial_model_path(out)
-    summary = state["summary"] if state else {}
-    log = kk_eval.MetricsLog(out, state_global_step(state), {k: globals()[k] for k in CONSTANTS}, RANK,
-                             WANDB_PROJECT if WANDB else None)
-    if not WARMUP_CHECKPOINT and "initial" not in summary:  # Stage 0: the starting model, scored once
+    sft_steps = 0 if WARMUP_CHECKPOINT else (STEPS if ALGO == "sft" else SFT_STEPS)  # ALGO="sft": the whole run
+    run = start_run(defaults, sft_steps)
+    start_path = initial_model_path(OUT_DIR)
+    if not WARMUP_CHECKPOINT and "initial" not in run.summary:  # Stage 0: the starting model, scored once
         tokenizer = kk_model.load_tokenizer(start_path)
         sampler = rollout_lib.HFSampler(kk_model.load_model(start_path, DEVICE), tokenizer)
-        evaluate_start("initial", sampler, tokenizer, test, log, summary, 0)
+        run.summary["initial"] = log_evaluation(run, "initial", 0, 0, sampler, tokenizer)
         del sampler
-    # Stage 1: SFT_STEPS of supervised warm-up (ALGO="sft": STEPS of them, the whole run), or WARMUP_CHECKPOINT
-    sft_steps = 0 if WARMUP_CHECKPOINT else (STEPS if ALGO == "sft" else SFT_STEPS)
-    if sft_steps and (state is None or state["stage"] == "sft"):  # (a state of a later stage: the warm-up is done)
-        train_from(start_path, "sft", sft_steps, "final" if ALGO == "sft" else "warmup", train, test, log, summary,
-                   0, state)
-        state = None
-    warmup = out / "checkpoints" / "warmup"
+    # Stage 1: sft_steps of supervised warm-up (unless the trainer state is of a later stage), or WARMUP_CHECKPOINT
+    if sft_steps and (run.state is None or run.state["stage"] == "sft"):
+        train_from(run, start_path, "sft", sft_steps, "final" if ALGO == "sft" else "warmup", 0)
+    warmup = Path(OUT_DIR) / "checkpoints" / "warmup"
     if WARMUP_CHECKPOINT and RANK == 0 and not warmup.exists():  # copied whole, then renamed: never a half copy
         shutil.copytree(WARMUP_CHECKPOINT, f"{warmup}.tmp", dirs_exist_ok=True)
         os.replace(f"{warmup}.tmp", warmup)
     kk_model.barrier()
     if ALGO != "sft" or WARMUP_CHECKPOINT:  # Stage 2: ALGO from the warm-up, which is also the frozen reference
-        stage = ALGO if ALGO in ("sft", "oreo") else "rl"
-        train_from(str(warmup if warmup.exists() else start_path), stage, STEPS, "final", train, test, log, summary,
-                   sft_steps, state, score_start=True, lora_rank=POLICY_LORA_RANK)
+        train_from(run, str(warmup if warmup.exists() else start_path), ALGO if ALGO in ("sft", "oreo") else "rl",
+                   STEPS, "final", sft_steps, score_start=True, lora_rank=POLICY_LORA_RANK)
     if RANK == 0:
-        finish(log, summary, began)
+        finish(run)
 
 
 if __name__ == "__main__":

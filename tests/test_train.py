@@ -440,7 +440,7 @@ def test_gpu_defaults_follow_the_specs(monkeypatch):
     gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu)
     assert gpu.SAMPLER == "vllm"  # HF generate keeps every step's logits (~40 GB per GPU at 7B)
-    assert (gpu.ALGO, grpo.aggregation_for(gpu.ALGO, gpu.AGGREGATION)) == ("reinforce++", "token-mean")
+    assert (gpu.ALGO, gpu.AGGREGATION or grpo.OWN_AGGREGATION[gpu.ALGO]) == ("reinforce++", "token-mean")
     assert (gpu.LR, gpu.OREO_LR, gpu.VALUE_LR, gpu.OREO_BATCH) == (4e-7, 5e-6, 1e-4, 128)
     assert (gpu.VALUE_LORA_RANK, gpu.VALUE_STEPS) == (64, 0)  # the paper's LoRA critic (spec: lr 1e-4), no warm-up
     loaded = []
@@ -450,4 +450,4 @@ def test_gpu_defaults_follow_the_specs(monkeypatch):
     monkeypatch.undo()
     import train
     importlib.reload(train)  # the CPU constants: the default run is unchanged
-    assert train.SAMPLER == "hf" and grpo.aggregation_for(train.ALGO, train.AGGREGATION) == "seq-mean"
+    assert train.SAMPLER == "hf" and (train.AGGREGATION or grpo.OWN_AGGREGATION[train.ALGO]) == "seq-mean"
