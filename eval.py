@@ -24,6 +24,7 @@ import math
 import re
 import sys
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 from statistics import fmean as mean
@@ -457,6 +458,7 @@ def plot_run(run_dir, out_name="curves.png"):
 REPORT_EXAMPLES = 3  # held-out puzzles per size whose greedy completion every train.py evaluation keeps
 REPORT_MAX_EVALS = 8  # report.md shows each such puzzle at most at this many evaluations (first, last, spread)
 REPORT_WIDTH = 110  # completions are wrapped at spaces to this width in report.md (metrics.jsonl has them verbatim)
+REPLOT_SECONDS = 60  # train.py redraws curves.png (~2 s of CPU) after an evaluation once the last drawing is this old
 SCORE_MEANING = {3.0: "correct", -0.5: "parsed, a role wrong", -1.0: "format fine, answer unparseable",
                  -3.0: "format broken"}
 STAGE_LABELS = {"initial": "initial model", "warmup": "warm-up (start of RL)"}
@@ -605,6 +607,7 @@ class MetricsLog:
 
     def __init__(self, out_dir, keep_until, config, rank=0, wandb_project=None):
         self.path, self.rank, self.wandb = Path(out_dir) / "metrics.jsonl", rank, None
+        self.drawn_at = time.monotonic()  # curves.png: redrawn after evaluations REPLOT_SECONDS apart, and at the end
         rows = read_metrics(out_dir) if self.path.exists() and keep_until is not None else []
         if rank == 0:
             kk_data.save_jsonl([r for r in rows if r["global_step"] <= keep_until], self.path)
@@ -620,7 +623,9 @@ class MetricsLog:
         if self.wandb:
             wandb_log(self.wandb, row)
         if row["kind"] == "eval":
-            write_report(self.path.parent)
+            plot = time.monotonic() - self.drawn_at >= REPLOT_SECONDS
+            self.drawn_at = time.monotonic() if plot else self.drawn_at
+            write_report(self.path.parent, plot)
 
     def close(self):
         """At the end, after summary.json: the final report.md, and the wandb run finished."""

@@ -438,6 +438,21 @@ def test_cli_compares_models_and_reports_pass_at_k(tiny_dir, tmp_path, capsys):
     assert f"| {tiny_dir} |" in printed and f"| {other} |" in printed and "pass@2" in printed
 
 
+def test_metrics_log_redraws_curves_after_an_evaluation_only_when_the_last_drawing_is_old(tmp_path, monkeypatch):
+    log = E.MetricsLog(tmp_path, None, {})
+    log.write({"kind": "train", "stage": "rl", "step": 1, "global_step": 1, "reward": 0.5})
+    log.write({"kind": "eval", "stage": "rl", "step": 1, "global_step": 1, "accuracy": {"3": 0.2}})
+    assert (tmp_path / "report.md").is_file() and not (tmp_path / "curves.png").exists()  # drawn < 60 s ago
+    monkeypatch.setattr(E, "REPLOT_SECONDS", 0)
+    log.write({"kind": "eval", "stage": "rl", "step": 2, "global_step": 2, "accuracy": {"3": 0.3}})
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+    (tmp_path / "curves.png").unlink()
+    monkeypatch.setattr(E, "REPLOT_SECONDS", 3600)
+    log.close()  # the end: always drawn
+    assert (tmp_path / "curves.png").is_file()
+    assert "![training curves](curves.png)" in (tmp_path / "report.md").read_text()
+
+
 def test_cli_plot(tmp_path, capsys):
     synthetic_metrics(tmp_path)
     assert E.main(["--plot", str(tmp_path)]) == 0
