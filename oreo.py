@@ -525,7 +525,7 @@ def sample_next_steps(policy, tokenizer, contexts, n, step_ids, temperature, max
     rows = [context for context in contexts for _ in range(n)]  # rows i*n .. share context i
     input_ids, attention = left_padded(rows, tokenizer.pad_token_id, next(policy.parameters()).device)  # [R, L]
     stops = [tokenizer.eos_token_id] + list(step_ids)
-    with generation_mode(policy, policy.generation_config):  # eval mode
+    with generation_mode(policy):
         new_tokens, _ = decode(policy, input_ids, attention, temperature, 1.0, max_step_tokens, stops,
                                tokenizer.pad_token_id, n)  # [R, T], padded after a stop
     steps = [through_first_stop(tokens, set(stops)) for tokens in new_tokens.tolist()]
