@@ -2,8 +2,7 @@
 
 Spec: ../shared/spec/oreo.md (tests/test_oreo.py checks the losses against the original code); reasoning: NOTES.md.
 A token-level undiscounted MDP, one reward R in {0, 1} at the end; OREO maximises E[R] - beta * KL(pi || pi_ref),
-pi_ref = the SFT model. Soft Bellman consistency, V(s_t) - V(s_{t+1}) = r_t - beta * log pi(a_t|s_t) / pi_ref(a_t|s_t),
-telescopes to
+pi_ref the SFT model. Soft Bellman, V(s_t) - V(s_{t+1}) = r_t - beta * log pi(a_t|s_t) / pi_ref(a_t|s_t), telescopes:
 
     V(s_t) = R - beta * A_t,        A_t = sum_{i >= t} log pi(a_i|s_i) / pi_ref(a_i|s_i).
 
@@ -225,6 +224,7 @@ class ValueModel(nn.Module):
 
 # ---- 6. Offline data: K sampled completions per training prompt, each with a 0/1 reward ------------------------
 OFFLINE_FIELDS = {"prompt": str, "response": str, "reward": (int, float), "size": int, "index": int}
+save_offline = kk_data.save_jsonl  # (rows, path): one JSON object per line, written atomically
 
 
 def binary_reward(response, solution):
@@ -263,11 +263,6 @@ def sample_offline_data(sampler, records, template, tokenizer, k, temperature=1.
                              "size": len(record["names"]), "index": record["index"]})
             bar.update(len(out.completions))
     return rows if balance is None else balance_rows(rows, balance)
-
-
-def save_offline(rows, path):
-    """One JSON object per line, written atomically (a kill mid-write leaves no truncated file to reuse)."""
-    kk_data.save_jsonl(rows, path)
 
 
 def check_offline_row(row):
