@@ -65,8 +65,6 @@ def step_end_ids(tokenizer):
 
 def step_starts_from_newlines(completion_ids, mask, newline_ids):
     """1 on the first completion token and on each token right after a newline_ids one.  [B, C] -> [B, C]"""
-    if completion_ids.shape != mask.shape:
-        raise ValueError(f"completion_ids {tuple(completion_ids.shape)} and mask {tuple(mask.shape)} differ in shape")
     newline_ids = torch.as_tensor(list(newline_ids), dtype=completion_ids.dtype, device=completion_ids.device)
     ends_step = torch.isin(completion_ids, newline_ids)                                 # [B, C]
     after_newline = torch.cat([torch.ones_like(ends_step[:, :1]), ends_step[:, :-1]], -1)  # and the first token
@@ -162,8 +160,6 @@ def full_kl(policy_logits, ref_logits, mask):
 
 def k3_kl(logp, ref_logp, mask):
     """Sampled k3 estimate of KL(pi || pi_ref): exp(x) - x - 1, x = log pi_ref - log pi, reduced as full_kl.  [B, C]"""
-    if logp.shape != ref_logp.shape or logp.shape != mask.shape:
-        raise ValueError(f"logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)}, mask {tuple(mask.shape)} differ")
     x = ref_logp.detach() - logp                                                        # [B, C]
     return sequence_mean(torch.exp(x) - x - 1, mask.to(logp.dtype))
 
