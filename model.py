@@ -89,7 +89,7 @@ def has_chat_template(path):
 
 
 def load_model(path, device, dtype=None, gradient_checkpointing=False, attn_implementation=None):
-    """The policy: a causal LM (hub name, local folder, or save_lora folder: merged) on `device`, in train mode."""
+    """The policy: a causal LM (hub name, local folder, or LoRA folder: merged) on `device`, in train mode."""
     attention = attn_implementation or attention_implementation(device)
     base = lora_base(path)
     model = AutoModelForCausalLM.from_pretrained(base or str(path), dtype=dtype or pick_dtype(device),
@@ -126,8 +126,10 @@ def has_lora(model):
     return hasattr(model, "peft_config")  # what inject_adapter_in_model (and peft's PeftModel) set
 
 
-def save_lora(model, out_dir):
-    """The adapters only, as peft writes them: adapter_config.json and adapter_model.safetensors."""
+def save_weights(model, out_dir, state_dict=None):
+    """model.save_pretrained(out_dir, state_dict=...); a LoRA model: its adapters only, as peft writes them."""
+    if not has_lora(model):
+        return model.save_pretrained(out_dir, state_dict=state_dict)
     from peft import get_peft_model_state_dict
     model.peft_config["default"].save_pretrained(str(out_dir))
     state = {f"base_model.model.{name}": t.contiguous() for name, t in get_peft_model_state_dict(model).items()}
@@ -135,13 +137,13 @@ def save_lora(model, out_dir):
 
 
 def lora_base(path):
-    """The base model a save_lora folder was trained from, or None if `path` is not such a folder."""
+    """The base model a LoRA folder (save_weights) was trained from, or None if `path` is not such a folder."""
     config = Path(path) / "adapter_config.json"
     return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
 
 
 def merged_lora(base_model, path):
-    """base_model with the adapters of the save_lora folder `path` merged in: a plain model again."""
+    """base_model with the adapters of the LoRA folder `path` (save_weights) merged in: a plain model again."""
     from peft import PeftModel
     return PeftModel.from_pretrained(base_model, str(path)).merge_and_unload()
 
@@ -504,13 +506,10 @@ def save_hf(model, tokenizer, out_dir, extra=None):
     sharded = isinstance(next(model.parameters()), DTensor)  # FSDP shards
     writer = not sharded or dist.get_rank() == 0
     to_bf16 = (lambda full: full.to("cpu", torch.bfloat16)) if writer else None  # once a parameter: tied stay tied
-    lora = has_lora(model)  # LoRA: the adapters only (save_lora; load_model merges them into the base)
+    lora = has_lora(model)  # LoRA: the adapters only (save_weights; load_model merges them into the base)
     state = {} if lora else {name: t for name, t in iter_full_state(model, cast=to_bf16) if writer}  # all gather
     if writer:
-        if lora:
-            save_lora(model, out_dir)
-        else:
-            model.save_pretrained(out_dir, state_dict=state)  # (it writes the live weights' dtype into the config,
+        save_weights(model, out_dir, state)  # (save_pretrained writes the live weights' dtype into the config,
         bf16_config = copy.deepcopy(model.config)  # so the config is written again with the dtype of the saved ones)
         bf16_config.dtype = torch.bfloat16
         bf16_config.save_pretrained(out_dir)

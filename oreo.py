@@ -9,7 +9,6 @@ pi_ref the SFT model. Soft Bellman, V(s_t) - V(s_{t+1}) = r_t - beta * log pi(a_
 With delta_t = beta * A_t + V(s_t) - R, L_V and L_pi both are mean_b(sum_t delta_t^2 / n_b) over the scored states
 (level token: every completion token; step: each step's first; response: the first). L_V's gradient goes into V
 only, L_pi's into log pi of the tokens each state owns (up to the next state); L_pi adds alpha * KL (exact or k3).
-V: the starting model with a zero-initialised linear head. Tensors: the completion-token layout [B, C] (NOTES.md).
 """
 import math
 import random
@@ -23,8 +22,8 @@ from tqdm import tqdm
 from transformers import AutoModel
 
 import kk_data
-from model import (add_lora, check_finite, check_finite_weights, clip_and_step, encode_pairs, has_lora, lora_base,
-                   merged_lora, position_ids_from_mask, restore_trainer_state, save_lora, token_logprobs, warmup_cosine)
+from model import (add_lora, check_finite, check_finite_weights, clip_and_step, encode_pairs, lora_base, merged_lora,
+                   position_ids_from_mask, restore_trainer_state, save_weights, token_logprobs, warmup_cosine)
 from reward import score
 from rollout import decode, encode_prompts, generation_mode
 
@@ -188,10 +187,7 @@ class ValueModel(nn.Module):
 
     def save(self, out_dir):
         """Backbone as a Hugging Face folder (a LoRA backbone: its adapters only), head as value_head.safetensors."""
-        if has_lora(self.backbone):
-            save_lora(self.backbone, out_dir)
-        else:
-            self.backbone.save_pretrained(out_dir)
+        save_weights(self.backbone, out_dir)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, Path(out_dir) / HEAD_FILE)
         return Path(out_dir)
 
