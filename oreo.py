@@ -323,11 +323,10 @@ def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, 
     if not rows or micro_batch < 1:
         raise ValueError(f"oreo_step needs at least one row and micro_batch >= 1, got {len(rows)} rows, "
                          f"micro_batch={micro_batch}")
-    device = next(policy.parameters()).device
     step_ids = step_end_ids(tokenizer) if level == "step" and step_ids is None else step_ids
     totals = {}
     for part in by_length(rows, micro_batch):                                          # micro-batches
-        batch, starts = encode_with_step_starts(tokenizer, part, device, level, step_ids)
+        batch, starts = encode_with_step_starts(tokenizer, part, next(policy.parameters()).device, level, step_ids)
         rewards, mask = batch["rewards"], batch["mask"]                                 # [b], [b, C]
         share = len(part) / len(rows)                                                   # micro-batch means -> batch
         # 1. log-probs without gradient: the critic's targets are data
