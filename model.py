@@ -441,9 +441,9 @@ def load_sharded(path, device, dtype=None, gradient_checkpointing=False, cpu_off
     """load_model for FSDP: every rank shards a meta-device model; rank 0 reads the checkpoint and broadcasts it."""
     dtype = dtype or pick_dtype(device)
     attention = attention_implementation(device)
+    config = AutoConfig.from_pretrained(str(path))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=dtype,
-                                                 attn_implementation=attention)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     set_train_mode(model, gradient_checkpointing)
     if frozen:
         model.requires_grad_(False).eval()

@@ -212,8 +212,8 @@ class Sampler:
             raise ValueError(f"generate needs n >= 1, max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1, got "
                              f"n={n}, max_new_tokens={max_new_tokens}, temperature={temperature}, top_p={top_p}")
         encoded = encode_prompts(self.tokenizer, prompts)
-        prompt_ids, prompt_mask = (encoded[key].repeat_interleave(n, dim=0).to(self.device)
-                                   for key in ("input_ids", "attention_mask"))  # [B, P] each, B = len(prompts) * n
+        prompt_ids = encoded["input_ids"].repeat_interleave(n, dim=0).to(self.device)  # [B, P], B = len(prompts) * n
+        prompt_mask = encoded["attention_mask"].repeat_interleave(n, dim=0).to(self.device)  # [B, P]
         ids, mask, logprobs = self.sample(prompt_ids, prompt_mask, n, temperature, top_p, max_new_tokens)  # [B, C] each
         completions = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return Rollout(prompt_ids, prompt_mask, ids, mask, logprobs, completions)
