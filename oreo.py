@@ -2,15 +2,13 @@
 
 Spec: ../shared/spec/oreo.md (tests/test_oreo.py checks the losses against the original code); reasoning: NOTES.md.
 A token-level undiscounted MDP, one reward R in {0, 1} at the end; OREO maximises E[R] - beta * KL(pi || pi_ref),
-pi_ref = the SFT model. Soft Bellman consistency, V(s_t) - V(s_{t+1}) = r_t - beta * log pi(a_t|s_t) / pi_ref(a_t|s_t),
-telescopes to
+pi_ref the SFT model. Soft Bellman, V(s_t) - V(s_{t+1}) = r_t - beta * log pi(a_t|s_t) / pi_ref(a_t|s_t), telescopes:
 
     V(s_t) = R - beta * A_t,        A_t = sum_{i >= t} log pi(a_i|s_i) / pi_ref(a_i|s_i).
 
 With delta_t = beta * A_t + V(s_t) - R, L_V and L_pi both are mean_b(sum_t delta_t^2 / n_b) over the scored states
 (level token: every completion token; step: each step's first; response: the first). L_V's gradient goes into V
 only, L_pi's into log pi of the tokens each state owns (up to the next state); L_pi adds alpha * KL (exact or k3).
-V: the starting model with a zero-initialised linear head. Tensors: the completion-token layout [B, C] (NOTES.md).
 """
 import math
 import random
@@ -24,8 +22,8 @@ from tqdm import tqdm
 from transformers import AutoModel
 
 import kk_data
-from model import (add_lora, check_finite, check_finite_weights, clip_and_step, encode_pairs, has_lora, lora_base,
-                   merged_lora, position_ids_from_mask, restore_trainer_state, save_lora, token_logprobs, warmup_cosine)
+from model import (add_lora, check_finite, check_finite_weights, clip_and_step, encode_pairs, lora_base, merged_lora,
+                   position_ids_from_mask, restore_trainer_state, save_weights, token_logprobs, warmup_cosine)
 from reward import score
 from rollout import decode, encode_prompts, generation_mode
 
@@ -66,8 +64,6 @@ def step_end_ids(tokenizer):
 
 def step_starts_from_newlines(completion_ids, mask, newline_ids):
     """1 on the first completion token and on each token right after a newline_ids one.  [B, C] -> [B, C]"""
-    if completion_ids.shape != mask.shape:
-        raise ValueError(f"completion_ids {tuple(completion_ids.shape)} and mask {tuple(mask.shape)} differ in shape")
     newline_ids = torch.as_tensor(list(newline_ids), dtype=completion_ids.dtype, device=completion_ids.device)
     ends_step = torch.isin(completion_ids, newline_ids)                                 # [B, C]
     after_newline = torch.cat([torch.ones_like(ends_step[:, :1]), ends_step[:, :-1]], -1)  # and the first token
@@ -163,8 +159,6 @@ def full_kl(policy_logits, ref_logits, mask):
 
 def k3_kl(logp, ref_logp, mask):
     """Sampled k3 estimate of KL(pi || pi_ref): exp(x) - x - 1, x = log pi_ref - log pi, reduced as full_kl.  [B, C]"""
-    if logp.shape != ref_logp.shape or logp.shape != mask.shape:
-        raise ValueError(f"logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)}, mask {tuple(mask.shape)} differ")
     x = ref_logp.detach() - logp                                                        # [B, C]
     return sequence_mean(torch.exp(x) - x - 1, mask.to(logp.dtype))
 
@@ -193,10 +187,7 @@ class ValueModel(nn.Module):
 
     def save(self, out_dir):
         """Backbone as a Hugging Face folder (a LoRA backbone: its adapters only), head as value_head.safetensors."""
-        if has_lora(self.backbone):
-            save_lora(self.backbone, out_dir)
-        else:
-            self.backbone.save_pretrained(out_dir)
+        save_weights(self.backbone, out_dir)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, Path(out_dir) / HEAD_FILE)
         return Path(out_dir)
 
@@ -225,6 +216,7 @@ class ValueModel(nn.Module):
 
 # ---- 6. Offline data: K sampled completions per training prompt, each with a 0/1 reward ------------------------
 OFFLINE_FIELDS = {"prompt": str, "response": str, "reward": (int, float), "size": int, "index": int}
+save_offline = kk_data.save_jsonl  # (rows, path): one JSON object per line, written atomically
 
 
 def binary_reward(response, solution):
@@ -263,11 +255,6 @@ def sample_offline_data(sampler, records, template, tokenizer, k, temperature=1.
                              "size": len(record["names"]), "index": record["index"]})
             bar.update(len(out.completions))
     return rows if balance is None else balance_rows(rows, balance)
-
-
-def save_offline(rows, path):
-    """One JSON object per line, written atomically (a kill mid-write leaves no truncated file to reuse)."""
-    kk_data.save_jsonl(rows, path)
 
 
 def check_offline_row(row):
@@ -336,11 +323,10 @@ def oreo_step(policy, reference, value_model, policy_opt, value_opt, tokenizer, 
     if not rows or micro_batch < 1:
         raise ValueError(f"oreo_step needs at least one row and micro_batch >= 1, got {len(rows)} rows, "
                          f"micro_batch={micro_batch}")
-    device = next(policy.parameters()).device
     step_ids = step_end_ids(tokenizer) if level == "step" and step_ids is None else step_ids
     totals = {}
     for part in by_length(rows, micro_batch):                                          # micro-batches
-        batch, starts = encode_with_step_starts(tokenizer, part, device, level, step_ids)
+        batch, starts = encode_with_step_starts(tokenizer, part, next(policy.parameters()).device, level, step_ids)
         rewards, mask = batch["rewards"], batch["mask"]                                 # [b], [b, C]
         share = len(part) / len(rows)                                                   # micro-batch means -> batch
         # 1. log-probs without gradient: the critic's targets are data
@@ -525,7 +511,7 @@ def sample_next_steps(policy, tokenizer, contexts, n, step_ids, temperature, max
     rows = [context for context in contexts for _ in range(n)]  # rows i*n .. share context i
     input_ids, attention = left_padded(rows, tokenizer.pad_token_id, next(policy.parameters()).device)  # [R, L]
     stops = [tokenizer.eos_token_id] + list(step_ids)
-    with generation_mode(policy, policy.generation_config):  # eval mode
+    with generation_mode(policy):
         new_tokens, _ = decode(policy, input_ids, attention, temperature, 1.0, max_step_tokens, stops,
                                tokenizer.pad_token_id, n)  # [R, T], padded after a stop
     steps = [through_first_stop(tokens, set(stops)) for tokens in new_tokens.tolist()]

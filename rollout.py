@@ -3,13 +3,9 @@
 The RL loop (../shared/spec/algorithms.md) needs G completions per prompt, their mask, and `logp_old`, each sampled
 token's log_softmax(logits / temperature). A `Rollout` holds them: `prompt_ids [B, P]` LEFT-padded, `completion_ids
 [B, C]` RIGHT-padded, prompt i's samples in rows i*G .. i*G+G-1. Two samplers share `Sampler.generate(...)`:
-1. `HFSampler` samples on the module being trained with `decode`: the Qwen2 / Llama block written out
-   (`forward_with_cache`), a growing KV cache, each prompt read once for its samples, ended rows leave.
-2. `VLLMSampler`: an in-process vLLM 0.32.0 engine (one per rank) built with dummy weights, which `sync_weights`
-   streams in from the trainer (no disk); token ids in and out; it sleeps on a GPU between rollouts.
-Both must give the log-probs `token_logprobs` (model.py) recomputes on `rollout.input_ids()`; `logprob_gap` measures
-the difference during training. `shared_prompt_logprobs` gives a rollout's log-probs under the frozen reference,
-each group's prompt read once. Details: NOTES.md.
+`HFSampler` (the trainer's module, through `decode`'s written-out Qwen2 / Llama block and growing KV cache) and
+`VLLMSampler` (an in-process vLLM 0.32.0 engine whose weights `sync_weights` streams in). Both must give the
+log-probs `token_logprobs` (model.py) recomputes; `logprob_gap` measures the gap. Details: NOTES.md.
 """
 import os
 import tempfile
@@ -53,9 +49,8 @@ def mask_through_first_eos(completion_ids, eos_id):
 
 
 def next_token(logits, temperature, top_p):
-    """One token per row from logits [b, V] and its log-prob [b] under log_softmax(logits / temperature): the argmax
-    (scored at temperature 1) at temperature 0, else a sample from the top-p nucleus (the tokens whose mass before
-    them is < top_p; no top-k), scored under the full distribution, as the trainer recomputes it."""
+    """(token [b], its log-prob [b] under log_softmax(logits [b, V] / temperature)): the argmax (scored at temperature
+    1) at temperature 0, else a draw from the top-p nucleus (no top-k), scored under the full distribution."""
     logp_all = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # [b, V]
     if temperature == 0:
         token = logp_all.argmax(dim=-1)  # [b]
@@ -90,10 +85,8 @@ class GrowingKVLayer:
 
     def rebuffer(self, rows, room):
         """New buffers of `room` columns holding the filled columns of `rows` (a slice or an index tensor)."""
-        keys, values = self.key_buffer[rows, :, :self.length], self.value_buffer[rows, :, :self.length]
-        self.key_buffer = keys.new_empty(*keys.shape[:2], room, keys.shape[-1])
-        self.value_buffer = values.new_empty(*values.shape[:2], room, values.shape[-1])
-        self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length] = keys, values
+        self.key_buffer, self.value_buffer = (F.pad(buffer[rows, :, :self.length], (0, 0, 0, room - self.length))
+                                              for buffer in (self.key_buffer, self.value_buffer))  # [b, heads, room, d]
         self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
     def select_rows(self, indices):
@@ -119,8 +112,7 @@ def rotate(x, cos, sin):
 
 def forward_with_cache(model, input_ids, positions, attention, caches):
     """Logits [b, V] at the last of the new tokens input_ids [b, t] (positions [b, t]; attention [b, L] over all
-    L tokens so far), through a Qwen2 / Llama model's own modules, appending their keys and values to `caches`.
-    The same arithmetic as HF's forward, without its ~20 wrapped module calls per layer and token."""
+    L tokens so far), through a Qwen2 / Llama model's own modules (HF's arithmetic), appending to `caches`."""
     b, t = input_ids.shape
     h = model.model.embed_tokens(input_ids)  # [b, t, H]
     cos, sin = model.model.rotary_emb(h, positions)  # [b, t, d]
@@ -140,17 +132,6 @@ def forward_with_cache(model, input_ids, positions, attention, caches):
         x = layer.post_attention_layernorm(h)
         h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))  # SwiGLU
     return model.lm_head(model.model.norm(h[:, -1]))  # [b, V]
-
-
-def hole_filling_order(alive):
-    """Where the k live rows of a batch go: the first k positions, each ended row's place taken by one of the
-    last live rows. (order [k]: the old position of each new one; holes, movers: the positions that change.)"""
-    k = int(alive.sum())
-    holes = (~alive[:k]).nonzero().squeeze(-1)  # [h] ended rows among the first k
-    movers = alive[k:].nonzero().squeeze(-1) + k  # [h] live rows after them
-    order = torch.arange(k, device=alive.device)
-    order[holes] = movers
-    return order, holes, movers
 
 
 def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, stop_ids, pad_id, n=1):
@@ -181,8 +162,12 @@ def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, s
         alive = ~torch.isin(token, stops)  # [b]
         if t + 1 == max_new_tokens or not alive.any():
             break
-        if not alive.all():  # ended rows leave: the last live rows move into their places
-            order, holes, movers = hole_filling_order(alive)
+        if not alive.all():  # ended rows leave: the k live rows are the first k, the last ones moved into the holes
+            k = int(alive.sum())
+            holes = (~alive[:k]).nonzero().squeeze(-1)  # [h] ended rows among the first k
+            movers = alive[k:].nonzero().squeeze(-1) + k  # [h] live rows after them
+            order = torch.arange(k, device=device)  # [k] the old position of each new row
+            order[holes] = movers
             running, token, attention, positions = running[order], token[order], attention[order], positions[order]
             for cache in caches:
                 cache.fill_holes(holes, movers, len(order))
@@ -192,18 +177,13 @@ def decode(model, prompt_ids, prompt_mask, temperature, top_p, max_new_tokens, s
 
 
 @contextmanager
-def generation_mode(model, generation_config):
-    """Eval mode, KV cache on, and only `generation_config` visible to HF `generate` (none of the checkpoint's
-    own defaults, such as top_k=20, can change the distribution); all restored afterwards."""
-    was_training, used_cache, own_generation_config = model.training, model.config.use_cache, model.generation_config
+def generation_mode(model):
+    """Eval mode (no dropout) while `decode` runs, the mode before restored afterwards."""
+    was_training = model.training
     model.eval()
-    model.config.use_cache = True
-    model.generation_config = generation_config
     try:
         yield
     finally:
-        model.generation_config = own_generation_config
-        model.config.use_cache = used_cache
         model.train(was_training)
 
 
@@ -247,8 +227,7 @@ class HFSampler(Sampler):
         self.sync_weights(model)
 
     def sync_weights(self, model):
-        """After an update. On the trainer's own module there is nothing to copy; a sharded trainer (torchrun) has
-        its weights copied into this sampler's unsharded model, one all-gathered parameter at a time."""
+        """After an update: nothing to copy from the trainer's own module; a sharded one's weights are gathered in."""
         if isinstance(next(model.parameters()), DTensor):  # FSDP2 shards (as model.save_hf tells them)
             copy_full_weights(model, self.model)
         else:
@@ -260,7 +239,7 @@ class HFSampler(Sampler):
     def sample(self, prompt_ids, prompt_mask, n, temperature, top_p, max_new_tokens):
         """(completion ids, mask, log-probs), each [B, C], C the longest row's length (its EOS included)."""
         try:  # eval mode (no dropout, no gradient checkpointing) until decode is done
-            with generation_mode(self.model, self.model.generation_config):
+            with generation_mode(self.model):
                 completion_ids, logprobs = decode(self.model, prompt_ids, prompt_mask, temperature, top_p,
                                                   max_new_tokens, self.tokenizer.eos_token_id,
                                                   self.tokenizer.pad_token_id, n)  # [B, T]
@@ -306,9 +285,8 @@ def full_weights(model):
 
 
 def shared_prompt_logprobs(model, input_ids, attention, parts, n_prompt, group, temperature=1.0, chunk_size=1024):
-    """part_logprobs of every micro-batch of micro_batches, without a gradient, each prompt's pass run once for the
-    `group` rows that share it (rows i*group .. i*group+group-1, as a Rollout holds them): its keys and values serve
-    those rows' completions, its last hidden state their first token. ~30% of an RL batch's tokens are prompt."""
+    """part_logprobs of every micro-batch of micro_batches, without a gradient, each prompt read once for the `group`
+    rows that share it (rows i*group .. i*group+group-1): its keys and values serve all their completions."""
     prompt_mask = attention[::group, :n_prompt]  # [B / g, P]
     pieces = []
     with torch.no_grad(), head_unit_gathered(model), bf16_compute(model):
@@ -338,10 +316,9 @@ def logprob_gap(sampler_logprobs, trainer_logprobs, mask) -> float:
     if not sampler_logprobs.shape == trainer_logprobs.shape == mask.shape:
         raise ValueError(f"logprob_gap needs three tensors of one shape [B, C], got {tuple(sampler_logprobs.shape)}, "
                          f"{tuple(trainer_logprobs.shape)} and {tuple(mask.shape)}")
-    mask = mask.bool()
-    if not mask.any():
+    if not mask.bool().any():
         raise ValueError("logprob_gap: the mask selects no token")
-    return (sampler_logprobs.float() - trainer_logprobs.float())[mask].abs().mean().item()
+    return (sampler_logprobs.float() - trainer_logprobs.float())[mask.bool()].abs().mean().item()
 
 
 @contextmanager
@@ -385,15 +362,13 @@ class VLLMSampler(Sampler):
             generation_config="vllm",  # ignore any generation_config.json defaults (top_k, penalties, ...)
             logprobs_mode="processed_logprobs",  # log_softmax(logits / temperature) of each sampled token
             dtype=dtype or pick_dtype("cuda" if on_gpu else "cpu"),
-            seed=seed + rank // tensor_parallel_size,  # each data-parallel rank draws different samples
-            tensor_parallel_size=tensor_parallel_size,
+            seed=seed + rank // tensor_parallel_size, tensor_parallel_size=tensor_parallel_size,  # ranks: own draws
             distributed_executor_backend="external_launcher" if self.under_torchrun else None,
             gpu_memory_utilization=gpu_memory_utilization,  # a GPU's share; the CPU backend takes bytes:
             kv_cache_memory_bytes=kv_cache_memory_bytes or (None if on_gpu else CPU_KV_CACHE_BYTES),
             enable_sleep_mode=enable_sleep_mode,  # default: on a GPU only
             enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,  # default: eager on CPU only
-            max_model_len=max_model_len or model.config.max_position_embeddings,
-        )
+            max_model_len=max_model_len or model.config.max_position_embeddings)
         self.sync_weights(model)
 
     def load_weights(self, named_tensors):
@@ -429,10 +404,8 @@ class VLLMSampler(Sampler):
 
         token_rows, logprob_rows = [], []  # B = len(prompts) * n tensors [c] of different lengths
         for output in outputs:
-            samples = sorted(output.outputs, key=lambda sample: sample.index)
-            if temperature == 0:
-                samples = samples * n  # greedy: the n samples of a prompt are identical
-            for sample in samples:
+            samples = sorted(output.outputs, key=lambda sample: sample.index)  # greedy: 1, the n samples identical
+            for sample in samples * (n if temperature == 0 else 1):
                 token_rows.append(torch.tensor(sample.token_ids, dtype=torch.long))  # [c]
                 logprob_rows.append(torch.tensor([top[t].logprob for top, t in zip(sample.logprobs, sample.token_ids)]))
         completion_ids = pad_sequence(token_rows, batch_first=True, padding_value=self.tokenizer.pad_token_id)  # [B, C]
