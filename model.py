@@ -533,7 +533,8 @@ def save_trainer_state(path, model, optimizer, extra: dict):
     previous = load_trainer_state(path) if world > 1 and rank == 0 else None  # its shards go once the pointer moved
     if world > 1:
         folder = path.parent / f"sharded_{extra.get('stage', '')}_{extra.get('step', 0)}"
-        dcp.save(dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))), checkpoint_id=str(folder))
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards, in one file a rank
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
         torch.save(state, folder / f"rank{rank}.pt")
         barrier()  # every rank's part is on disk before the pointer moves
         state = {"folder": folder.name, "world_size": world}
@@ -565,7 +566,8 @@ def load_trainer_state(path):
 def restore_trainer_state(state, model, optimizer):
     """Put the weights, optimizer state and torch RNG states of a loaded state back (not the caller's `extra`)."""
     if "folder" in state:  # every rank loads its shards of what save_trainer_state's dcp.save wrote
-        shards = dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        shards = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(shards, checkpoint_id=str(state["folder"]))
         set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
     else:
