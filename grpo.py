@@ -36,7 +36,8 @@ def _rewards_as_groups(rewards, group_size):
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {group_size}")
     if rewards.numel() % group_size != 0:
-        raise ValueError(f"batch of {rewards.numel()} rewards is not divisible by group_size={group_size}")
+        raise ValueError(f"batch of {rewards.numel()} rewards is not divisible by group_size={group_size}; "
+                         f"rows must be whole groups (prompt i's samples are rows i*G..i*G+G-1)")
     return rewards.view(-1, group_size)  # [n_groups, G]
 
 
@@ -203,13 +204,15 @@ def policy_loss(logp, logp_old, logp_ref, advantages, mask, *, clip_low=0.2, cli
         raise ValueError(f"policy_loss: kl_coef={kl_coef} needs logp_ref, got None")
     if entropy_coef != 0.0 and entropy is None:
         raise ValueError(f"policy_loss: entropy_coef={entropy_coef} needs the per-token entropy, got None")
-    kl = None if logp_ref is None else kl_estimate(logp, logp_ref.detach(), kl_kind)  # [B, C]
     stats = {}
-    for name, term, coef in (("kl", kl, kl_coef), ("entropy", entropy, -entropy_coef)):  # KL penalty, entropy bonus
-        if term is not None:
-            _check_same_shape(logp=logp, **{name: term})  # [B, C]
-            stats[name] = _masked_mean(term.detach(), mask)
-            loss_tok = loss_tok + coef * term if coef != 0.0 else loss_tok
+    if logp_ref is not None:  # the KL penalty
+        kl = kl_estimate(logp, logp_ref.detach(), kl_kind)  # [B, C]
+        stats["kl"] = _masked_mean(kl.detach(), mask)
+        loss_tok = loss_tok + kl_coef * kl if kl_coef != 0.0 else loss_tok
+    if entropy is not None:  # the entropy bonus
+        _check_same_shape(logp=logp, entropy=entropy)
+        stats["entropy"] = _masked_mean(entropy.detach(), mask)
+        loss_tok = loss_tok - entropy_coef * entropy if entropy_coef != 0.0 else loss_tok
     stats.update(clip_frac=_masked_mean(clipped.to(logp.dtype), mask),
                  ratio_mean=_masked_mean(torch.exp(logp.detach() - logp_old), mask))
     return aggregate(loss_tok, mask, mode, n_seqs, n_tokens, max_len), stats
