@@ -78,11 +78,12 @@ def load_test_dir(data_dir, sizes=None, per_size=None):
     files = {}
     for path in sorted(data_dir.iterdir()):
         match = DATA_FILE.fullmatch(path.name)
-        n = int(match[1]) if match else None
+        if match is None:
+            continue
+        n = int(match[1])
         if n in files:
             raise ValueError(f"{data_dir}: two files for {n} people ({files[n].name} and {path.name})")
-        if match:
-            files[n] = path
+        files[n] = path
     if not files:
         raise ValueError(f"{data_dir}: no test files named people{{n}}_num{{k}}.jsonl")
     missing = [n for n in sizes or () if n not in files]
