@@ -93,7 +93,7 @@ def test_sampler_logprobs_equal_teacher_forcing_and_completions_score(tok, smol,
 def test_one_rl_step_of_train_py_on_smollm2(tmp_path):
     args = ["--MODEL=smollm2", "--TEMPLATE=chat", "--WARMUP_CHECKPOINT=", "--SFT_STEPS=0", "--PEOPLE=2",
             "--TRAIN_PER_SIZE=20", "--TEST_PER_SIZE=2", "--STEPS=1", "--PROMPTS_PER_STEP=2", "--GROUP_SIZE=2",
-            "--MICRO_BATCH=2", "--MAX_NEW_TOKENS=8", "--LR=1e-6", f"--OUT_DIR={tmp_path}"]
+            "--MICRO_BATCH=2", "--MAX_NEW_TOKENS=8", "--LR=1e-6", "--PASS_K_PER_SIZE=0", f"--OUT_DIR={tmp_path}"]
     result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
