@@ -348,7 +348,8 @@ def load_value_model(path, device):
 
 
 def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 # ---- 5. The table: a row per model, a column per puzzle size, like the paper's.
@@ -780,9 +781,10 @@ def main(argv=None):
     try:
         if args.plot or args.report:
             out = plot_run(args.plot) if args.plot else write_report(args.report)
-            if out is not None:  # None: no matplotlib to plot with
-                print(f"wrote {out}")
-            return 2 if out is None else 0
+            if out is None:  # no matplotlib to plot with
+                return 2
+            print(f"wrote {out}")
+            return 0
         results, rows = evaluate_models(args)
     except (ValueError, OSError) as error:
         print(f"error: {first_line(error)}", file=sys.stderr)

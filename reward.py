@@ -46,10 +46,12 @@ def parse_solution(solution) -> dict[str, str]:
     elif isinstance(solution, dict):
         entries = [(f"solution entry {name!r}", name, value) for name, value in solution.items()]
     else:
-        raise ValueError(f"solution must be a solution_text_format string or a dict, got {type(solution).__name__}")
+        raise ValueError(f"solution must be a solution_text_format string or a dict of roles, "
+                         f"got {type(solution).__name__}")
     roles = {}
     for where, name, role in entries:
-        role = ("knight" if role else "knave") if isinstance(role, bool) else role  # a dict's True / False
+        if isinstance(role, bool):  # a dict's True / False
+            role = "knight" if role else "knave"
         if not isinstance(name, str) or not re.match(r"\w", name) or name != name.strip():
             raise ValueError(f"{where}: name {name!r} must be a string starting with a letter or digit")
         if role not in ROLES:

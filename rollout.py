@@ -85,8 +85,10 @@ class GrowingKVLayer:
 
     def rebuffer(self, rows, room):
         """New buffers of `room` columns holding the filled columns of `rows` (a slice or an index tensor)."""
-        self.key_buffer, self.value_buffer = (F.pad(buffer[rows, :, :self.length], (0, 0, 0, room - self.length))
-                                              for buffer in (self.key_buffer, self.value_buffer))  # [b, heads, room, d]
+        keys, values = self.key_buffer[rows, :, :self.length], self.value_buffer[rows, :, :self.length]
+        self.key_buffer = keys.new_empty(*keys.shape[:2], room, keys.shape[-1])  # [b, heads, room, d]
+        self.value_buffer = values.new_empty(*values.shape[:2], room, values.shape[-1])
+        self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length] = keys, values
         self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
     def select_rows(self, indices):
@@ -404,8 +406,10 @@ class VLLMSampler(Sampler):
 
         token_rows, logprob_rows = [], []  # B = len(prompts) * n tensors [c] of different lengths
         for output in outputs:
-            samples = sorted(output.outputs, key=lambda sample: sample.index)  # greedy: 1, the n samples identical
-            for sample in samples * (n if temperature == 0 else 1):
+            samples = sorted(output.outputs, key=lambda sample: sample.index)
+            if temperature == 0:
+                samples = samples * n  # greedy: the n samples of a prompt are identical
+            for sample in samples:
                 token_rows.append(torch.tensor(sample.token_ids, dtype=torch.long))  # [c]
                 logprob_rows.append(torch.tensor([top[t].logprob for top, t in zip(sample.logprobs, sample.token_ids)]))
         completion_ids = pad_sequence(token_rows, batch_first=True, padding_value=self.tokenizer.pad_token_id)  # [B, C]

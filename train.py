@@ -310,18 +310,21 @@ def rl_step(policy, reference, sampler, tokenizer, optimizer, scheduler, records
     # logp_old, the trainer's own log-probs: with one update and no KL reward, its first forward gives them (detached)
     reuse_update_forward = PPO_EPOCHS == 1 and KL_IN == "loss"
     with torch.no_grad():
-        logp_old = None if reuse_update_forward else kk_model.scatter_rows(parts, [kk_model.part_logprobs(  # [B, C]
-            policy, input_ids, attention, part, TEMPERATURE) for part in parts], mask)
+        logp_old = None
+        if not reuse_update_forward:  # a pass of the policy itself
+            pieces = [kk_model.part_logprobs(policy, input_ids, attention, part, TEMPERATURE) for part in parts]
+            logp_old = kk_model.scatter_rows(parts, pieces, mask)  # [B, C]
         logp_ref = kk_model.scatter_rows(parts, rollout_lib.shared_prompt_logprobs(  # [B, C]; each prompt's pass once
             reference, input_ids, attention, parts, n_prompt, GROUP_SIZE, TEMPERATURE), mask)
     clock.append(time.perf_counter())  # logprobs done
 
     if ALGO in GROUP_ALGOS:
         advantages = grpo.group_advantages(rewards, GROUP_SIZE, ALGO)[:, None].expand_as(mask)  # [B, C]
-    else:  # REINFORCE++: logp_old only enters the KL reward (and is then computed)
-        advantages = grpo.reinforce_pp_advantages(  # [B, C]
-            rewards, logp_ref if logp_old is None else logp_old, logp_ref, mask, KL_COEF if KL_IN == "reward" else 0.0,
-            GROUP_SIZE if ALGO == "reinforce++-baseline" else None)
+    else:  # REINFORCE++
+        kl_reward_coef = KL_COEF if KL_IN == "reward" else 0.0
+        baseline_group = GROUP_SIZE if ALGO == "reinforce++-baseline" else None
+        logp_kl = logp_ref if logp_old is None else logp_old  # logp_old only enters the KL reward (then computed)
+        advantages = grpo.reinforce_pp_advantages(rewards, logp_kl, logp_ref, mask, kl_reward_coef, baseline_group)
 
     stats_sum, logp_first = {}, []
     n_tokens, n_tokens_all = mask.sum(), kk_model.all_reduce_sum(mask.sum())  # the loss's: of ALL ranks' rows
@@ -386,7 +389,8 @@ def run_stage(run, stage, steps, policy, reference, sampler, tokenizer, step_off
         bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("sft_loss", "reward", "accuracy", "completion_length")
                          if k in metrics})
         if (step + 1) % EVAL_EVERY == 0 or step + 1 == steps:
-            log_evaluation(run, stage, step + 1, step_offset + step + 1, sampler, tokenizer, policy, step + 1 == steps)
+            log_evaluation(run, stage, step + 1, step_offset + step + 1, sampler, tokenizer, policy,
+                           with_pass_at_k=step + 1 == steps)
         if (step + 1) % SAVE_EVERY == 0 or step + 1 == steps:
             save_trainer_state(OUT_DIR, stage, step + 1, policy, optimizer, run.summary,
                                scheduler=scheduler.state_dict(), data_rng=data_rng.getstate())
@@ -464,8 +468,10 @@ def start_run(defaults, sft_steps):
         (out / "summary.json").unlink(missing_ok=True)  # an earlier run's; report.md reads it as "finished"
     print(f"data: {sum(map(len, train.values()))} training puzzles, {sum(map(len, test.values()))} held-out, "
           f"sizes {sorted(train)}; device {DEVICE}")
-    keep_until = None if state is None else ((0 if state["stage"] == "sft" else sft_steps) + state["step"]
-                                             + (VALUE_STEPS if state["stage"] == "oreo" else 0))  # OREO: critic first
+    keep_until = None  # the global step of the resumed state: metrics.jsonl keeps the rows up to it
+    if state is not None:
+        earlier = 0 if state["stage"] == "sft" else sft_steps  # the warm-up's steps
+        keep_until = earlier + state["step"] + (VALUE_STEPS if state["stage"] == "oreo" else 0)  # OREO: critic first
     return SimpleNamespace(train=train, test=test, summary=state["summary"] if state else {}, state=state,
                            began=time.perf_counter(),  # wall time of this process (a resumed run: its restart)
                            log=kk_eval.MetricsLog(out, keep_until, config, RANK, WANDB_PROJECT if WANDB else None))
