@@ -89,10 +89,12 @@ def load_test_dir(data_dir, sizes=None, per_size=None):
     missing = [n for n in sizes or () if n not in files]
     if missing:
         raise ValueError(f"{data_dir}: no people{{n}}_num{{k}}.jsonl file for n = {missing}")
-    records_by_size = {n: kk_data.load_jsonl(files[n], n)[:per_size] for n in sizes or sorted(files)}
-    for n, records in records_by_size.items():
+    records_by_size = {}
+    for n in sorted(files) if sizes is None else sizes:
+        records = kk_data.load_jsonl(files[n], n)  # errors name file:line
         if not records:
             raise ValueError(f"{files[n]}: no records")
+        records_by_size[n] = records[:per_size]
     return records_by_size
 
 

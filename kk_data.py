@@ -4,10 +4,13 @@
 2502.14768). Knights always tell the truth, knaves always lie; each of n people makes one statement. generate()
 keeps seeded puzzles with exactly one solution as records in the benchmark's JSONL format; make_prompt() gives the
 Logic-RL prompts, ending with a pre-filled "<think>"; local_trace() / sft_completion() what a model writes after it.
-Statements are the benchmark's own tuples, person i 0-based, True meaning "knight": ("telling-truth", i) "i is a
-knight", ("lying", i) "i is a knave", ("not", s), ("and", s1, s2, ...), ("or", s1, s2, ...), ("->", a, b) and
-("<=>", a, b). The command line writes {out}/train/people{n}_num{k}.jsonl and {out}/test/people{n}_num{k}.jsonl:
 
+Statements are the benchmark's own tuples, person i being 0-based and True meaning "knight":
+    ("telling-truth", i)  "i is a knight"        ("lying", i)      "i is a knave"
+    ("not", s)            ("and", s1, s2, ...)   ("or", s1, s2, ...)
+    ("->", a, b)          ("<=>", a, b)
+
+Command line (writes {out}/train/people{n}_num{train}.jsonl and {out}/test/people{n}_num{test}.jsonl):
     python kk_data.py --people 3-7 --train 900 --test 100 --seed 1234 --out data/kk
 """
 import argparse
@@ -247,11 +250,19 @@ def make_record(statements, names, frames, index):
     if len(solutions) != 1:
         raise ValueError(f"puzzle {statements!r} has {len(solutions)} solutions, not exactly one")
     solution = list(solutions[0])
-    return {"quiz": quiz_text(statements, names, frames), "names": list(names), "knight_knave": dict(KNIGHT_KNAVE),
-            "solution": solution, "solution_text": solution_text(names, solution),
-            "solution_text_format": solution_text_format(names, solution), "cot_head": COT_HEAD,
-            "cot_repeat_steps": cot_steps(statements, names), "cot_foot": COT_FOOT, "statements": str(statements),
-            "index": index}
+    return {
+        "quiz": quiz_text(statements, names, frames),
+        "names": list(names),
+        "knight_knave": dict(KNIGHT_KNAVE),
+        "solution": solution,
+        "solution_text": solution_text(names, solution),
+        "solution_text_format": solution_text_format(names, solution),
+        "cot_head": COT_HEAD,
+        "cot_repeat_steps": cot_steps(statements, names),
+        "cot_foot": COT_FOOT,
+        "statements": str(statements),
+        "index": index,
+    }
 
 
 def generate(n_people, count, seed, strict=True, progress=False, max_failed_draws=MAX_FAILED_DRAWS):

@@ -318,9 +318,10 @@ def logprob_gap(sampler_logprobs, trainer_logprobs, mask) -> float:
     if not sampler_logprobs.shape == trainer_logprobs.shape == mask.shape:
         raise ValueError(f"logprob_gap needs three tensors of one shape [B, C], got {tuple(sampler_logprobs.shape)}, "
                          f"{tuple(trainer_logprobs.shape)} and {tuple(mask.shape)}")
-    if not mask.bool().any():
+    mask = mask.bool()
+    if not mask.any():
         raise ValueError("logprob_gap: the mask selects no token")
-    return (sampler_logprobs.float() - trainer_logprobs.float())[mask.bool()].abs().mean().item()
+    return (sampler_logprobs.float() - trainer_logprobs.float())[mask].abs().mean().item()
 
 
 @contextmanager
